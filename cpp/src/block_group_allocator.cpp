@@ -1,0 +1,422 @@
+#include "kvswitch/block_group_allocator.hpp"
+
+#include <algorithm>
+#include <iterator>
+#include <limits>
+#include <unordered_set>
+
+namespace kvswitch {
+
+namespace {
+
+std::string seq_name(SeqId seq) { return "sequence " + std::to_string(seq); }
+
+// Under memory pressure a new group reserves at most this fraction of the blocks in free
+// groups, so reservations shrink as the pool fills instead of pushing other sequences into
+// scattered blocks (paper 3.1: the size adapts to "the current availability of free KV").
+constexpr BlockId kFreeShareDivisor = 8;
+
+}  // namespace
+
+BlockGroupAllocator::BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks)
+    : num_blocks_(num_blocks), initial_group_blocks_(initial_group_blocks) {
+    if (num_blocks <= 0)
+        throw std::invalid_argument("num_blocks must be positive, got " +
+                                    std::to_string(num_blocks));
+    if (initial_group_blocks <= 0)
+        throw std::invalid_argument("initial_group_blocks must be positive, got " +
+                                    std::to_string(initial_group_blocks));
+    insert_free(0, num_blocks);
+    if (per_block_mode())
+        for (BlockId b = 0; b < num_blocks; ++b) free_list_.push_back(b);
+}
+
+// ---------------------------------------------------------------------------------------
+// Free groups
+
+void BlockGroupAllocator::insert_free(BlockId start, BlockId length) {
+    free_in_groups_ += length;
+    auto next = free_by_start_.lower_bound(start);
+    if (next != free_by_start_.end() && next->first == start + length) {
+        length += next->second;
+        auto gone = next++;
+        free_by_length_.erase({gone->second, gone->first});
+        free_by_start_.erase(gone);
+    }
+    if (next != free_by_start_.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second == start) {
+            start = prev->first;
+            length += prev->second;
+            free_by_length_.erase({prev->second, prev->first});
+            free_by_start_.erase(prev);
+        }
+    }
+    free_by_start_.emplace(start, length);
+    free_by_length_.emplace(length, start);
+}
+
+void BlockGroupAllocator::erase_free(std::map<BlockId, BlockId>::iterator it) {
+    free_in_groups_ -= it->second;
+    free_by_length_.erase({it->second, it->first});
+    free_by_start_.erase(it);
+}
+
+BlockId BlockGroupAllocator::carve_free(std::map<BlockId, BlockId>::iterator it, BlockId take) {
+    const BlockId start = it->first;
+    const BlockId length = it->second;
+    erase_free(it);
+    if (take < length) {
+        // The remainder has no free neighbour (free groups are never adjacent): no merge.
+        free_by_start_.emplace(start + take, length - take);
+        free_by_length_.emplace(length - take, start + take);
+        free_in_groups_ += length - take;
+    }
+    return start;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reservations (reserved tails of active groups)
+
+void BlockGroupAllocator::set_reservation(SeqId seq, Sequence& s, Extent r) {
+    if (s.reserved.length > 0) {
+        reserved_by_length_.erase({s.reserved.length, seq});
+        num_reserved_ -= s.reserved.length;
+    }
+    s.reserved = r;
+    if (r.length > 0) {
+        reserved_by_length_.emplace(r.length, seq);
+        num_reserved_ += r.length;
+    }
+}
+
+void BlockGroupAllocator::release_reservation(SeqId seq, Sequence& s) {
+    const Extent r = s.reserved;
+    if (r.length == 0) return;
+    set_reservation(seq, s, Extent{r.start, 0});
+    insert_free(r.start, r.length);
+}
+
+void BlockGroupAllocator::reclaim_reservations(BlockId deficit) {
+    while (deficit > 0 && !reserved_by_length_.empty()) {
+        const auto [length, victim] = *reserved_by_length_.rbegin();
+        Sequence& v = seqs_.at(victim);
+        const BlockId take = std::min(length, deficit);
+        // Split off the far end of the tail: the part next to the victim's table stays.
+        const Extent kept{v.reserved.start, length - take};
+        set_reservation(victim, v, kept);
+        insert_free(kept.end(), take);
+        deficit -= take;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Allocation
+
+void BlockGroupAllocator::append_run(Sequence& s, BlockId start, BlockId length,
+                                     BlockId*& out) {
+    for (BlockId b = start; b < start + length; ++b) {
+        s.table.push_back(b);
+        *out++ = b;
+    }
+    if (!s.groups.empty() && s.groups.back().end() == start)
+        s.groups.back().length += length;
+    else
+        s.groups.push_back(Extent{start, length});
+}
+
+BlockId BlockGroupAllocator::expected_group_blocks(const Sequence& s, BlockId needed) const {
+    // First group: the configured size. Later groups: as large as the sequence already is
+    // (buddy-like doubling), since a long sequence tends to keep growing.
+    const BlockId by_length =
+        std::max<BlockId>(initial_group_blocks_, static_cast<BlockId>(s.table.size()));
+    const BlockId by_free = free_in_groups_ / kFreeShareDivisor;
+    return std::max(needed, std::min(by_length, by_free));
+}
+
+void BlockGroupAllocator::allocate(SeqId seq, BlockId n, BlockId* out) {
+    if (n <= 0)
+        throw std::invalid_argument("allocate: number of blocks must be positive, got " +
+                                    std::to_string(n));
+    if (n > num_free_blocks())
+        throw OutOfBlocks("allocate: " + seq_name(seq) + " needs " + std::to_string(n) +
+                          " blocks but only " + std::to_string(num_free_blocks()) +
+                          " of " + std::to_string(num_blocks_) +
+                          " lie outside all block tables");
+    // From here on the request is served in full; nothing below throws but bad_alloc.
+    Sequence& s = seqs_[seq];
+    if (per_block_mode())
+        allocate_per_block(s, n, out);
+    else
+        allocate_groups(seq, s, n, out);
+}
+
+void BlockGroupAllocator::allocate_per_block(Sequence& s, BlockId n, BlockId* out) {
+    for (BlockId i = 0; i < n; ++i) {
+        const BlockId b = free_list_.front();
+        free_list_.pop_front();
+        auto it = std::prev(free_by_start_.upper_bound(b));  // the free group holding b
+        const BlockId start = it->first, length = it->second;
+        erase_free(it);
+        if (b > start) {
+            free_by_start_.emplace(start, b - start);
+            free_by_length_.emplace(b - start, start);
+            free_in_groups_ += b - start;
+        }
+        if (b + 1 < start + length) {
+            free_by_start_.emplace(b + 1, start + length - b - 1);
+            free_by_length_.emplace(start + length - b - 1, b + 1);
+            free_in_groups_ += start + length - b - 1;
+        }
+        append_run(s, b, 1, out);
+    }
+}
+
+void BlockGroupAllocator::allocate_groups(SeqId seq, Sequence& s, BlockId n, BlockId* out) {
+    BlockId remaining = n;
+
+    // 1. The reserved tail of the active group.
+    if (s.reserved.length > 0) {
+        const BlockId take = std::min(remaining, s.reserved.length);
+        append_run(s, s.reserved.start, take, out);
+        set_reservation(seq, s, Extent{s.reserved.start + take, s.reserved.length - take});
+        remaining -= take;
+    }
+    if (remaining == 0) return;
+
+    // 2. Extend the active group in place when the blocks after it are free.
+    if (!s.table.empty()) {
+        auto it = free_by_start_.find(s.table.back() + 1);
+        if (it != free_by_start_.end()) {
+            const BlockId take = std::min(it->second, expected_group_blocks(s, remaining));
+            const BlockId start = carve_free(it, take);
+            const BlockId used = std::min(remaining, take);
+            append_run(s, start, used, out);
+            set_reservation(seq, s, Extent{start + used, take - used});
+            remaining -= used;
+        }
+    }
+
+    // 3. New groups: best fit over free groups, splitting reserved tails off under pressure.
+    while (remaining > 0) {
+        if (free_in_groups_ < remaining) reclaim_reservations(remaining - free_in_groups_);
+        const BlockId expected = expected_group_blocks(s, remaining);
+        auto fit = free_by_length_.lower_bound({expected, 0});
+        if (fit == free_by_length_.end()) fit = std::prev(free_by_length_.end());  // largest
+        const BlockId take = std::min(fit->first, expected);
+        const BlockId start = carve_free(free_by_start_.find(fit->second), take);
+        const BlockId used = std::min(remaining, take);
+        append_run(s, start, used, out);
+        set_reservation(seq, s, Extent{start + used, take - used});
+        remaining -= used;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Release
+
+BlockGroupAllocator::Sequence& BlockGroupAllocator::known(SeqId seq) {
+    auto it = seqs_.find(seq);
+    if (it == seqs_.end()) throw UnknownSequence(seq_name(seq) + " is not allocated");
+    return it->second;
+}
+
+const BlockGroupAllocator::Sequence& BlockGroupAllocator::known(SeqId seq) const {
+    auto it = seqs_.find(seq);
+    if (it == seqs_.end()) throw UnknownSequence(seq_name(seq) + " is not allocated");
+    return it->second;
+}
+
+BlockId BlockGroupAllocator::free(SeqId seq) {
+    Sequence& s = known(seq);
+    const BlockId released = static_cast<BlockId>(s.table.size());
+    release_reservation(seq, s);
+    for (const Extent& g : s.groups) insert_free(g.start, g.length);
+    if (per_block_mode())
+        // vLLM frees in reverse so that a sequence's tail blocks are reused first.
+        free_list_.insert(free_list_.end(), s.table.rbegin(), s.table.rend());
+    seqs_.erase(seq);
+    return released;
+}
+
+void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t n) {
+    Sequence& s = known(seq);
+    std::unordered_set<BlockId> chosen;
+    chosen.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const BlockId b = ids[i];
+        if (b < 0 || b >= num_blocks_)
+            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
+                                        " is out of range [0, " +
+                                        std::to_string(num_blocks_) + ")");
+        if (!chosen.insert(b).second)
+            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
+                                        " is given twice");
+    }
+    std::size_t found = 0;
+    for (BlockId b : s.table) found += chosen.count(b);
+    if (found != chosen.size()) {
+        std::unordered_set<BlockId> owned(s.table.begin(), s.table.end());
+        for (std::size_t i = 0; i < n; ++i)
+            if (!owned.count(ids[i]))
+                throw std::invalid_argument("free_blocks: block id " + std::to_string(ids[i]) +
+                                            " is not in the block table of " +
+                                            seq_name(seq));
+    }
+    if (n == 0) return;
+
+    // Validated: now change state. The reservation must stay adjacent to the last block.
+    const BlockId old_last = s.table.back();
+    std::vector<BlockId> kept;
+    kept.reserve(s.table.size() - n);
+    std::vector<BlockId> gone;
+    gone.reserve(n);
+    for (BlockId b : s.table) (chosen.count(b) ? gone : kept).push_back(b);
+    if (kept.empty() || kept.back() != old_last) release_reservation(seq, s);
+
+    s.table = std::move(kept);
+    s.groups.clear();
+    for (BlockId b : s.table) {
+        if (!s.groups.empty() && s.groups.back().end() == b)
+            ++s.groups.back().length;
+        else
+            s.groups.push_back(Extent{b, 1});
+    }
+    // Release the freed blocks as runs, so each run costs one merge.
+    std::sort(gone.begin(), gone.end());
+    for (std::size_t i = 0; i < gone.size();) {
+        std::size_t j = i + 1;
+        while (j < gone.size() && gone[j] == gone[j - 1] + 1) ++j;
+        insert_free(gone[i], static_cast<BlockId>(j - i));
+        i = j;
+    }
+    if (per_block_mode()) free_list_.insert(free_list_.end(), gone.rbegin(), gone.rend());
+}
+
+// ---------------------------------------------------------------------------------------
+// Queries
+
+const std::vector<BlockId>& BlockGroupAllocator::block_table(SeqId seq) const {
+    return known(seq).table;
+}
+
+const std::vector<Extent>& BlockGroupAllocator::groups(SeqId seq) const {
+    return known(seq).groups;
+}
+
+Extent BlockGroupAllocator::reservation(SeqId seq) const { return known(seq).reserved; }
+
+std::vector<Extent> BlockGroupAllocator::free_groups() const {
+    std::vector<Extent> out;
+    out.reserve(free_by_start_.size());
+    for (const auto& [start, length] : free_by_start_) out.push_back(Extent{start, length});
+    return out;
+}
+
+std::vector<SeqId> BlockGroupAllocator::sequences() const {
+    std::vector<SeqId> out;
+    out.reserve(seqs_.size());
+    for (const auto& kv : seqs_) out.push_back(kv.first);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+AllocatorStats BlockGroupAllocator::stats() const {
+    AllocatorStats st;
+    st.num_sequences = static_cast<std::int64_t>(seqs_.size());
+    std::int64_t used = 0;
+    for (const auto& kv : seqs_) {
+        for (const Extent& g : kv.second.groups) {
+            ++st.num_groups;
+            used += g.length;
+            std::size_t bucket = 0;
+            while ((BlockId{2} << bucket) <= g.length) ++bucket;
+            if (st.group_length_histogram.size() <= bucket)
+                st.group_length_histogram.resize(bucket + 1, 0);
+            ++st.group_length_histogram[bucket];
+        }
+    }
+    st.mean_group_blocks = st.num_groups ? static_cast<double>(used) / st.num_groups : 0.0;
+    st.num_free_groups = static_cast<std::int64_t>(free_by_start_.size());
+    st.largest_free_group = free_by_length_.empty() ? 0 : free_by_length_.rbegin()->first;
+    st.fragmentation =
+        free_in_groups_ ? 1.0 - static_cast<double>(st.largest_free_group) / free_in_groups_
+                        : 0.0;
+    return st;
+}
+
+void BlockGroupAllocator::check_invariants() const {
+    auto fail = [](const std::string& what) { throw InvariantViolation(what); };
+    // Where each block is: 0 nowhere yet, 1 free group, 2 reserved tail, 3 block table.
+    std::vector<std::uint8_t> place(static_cast<std::size_t>(num_blocks_), 0);
+    auto mark = [&](BlockId start, BlockId length, std::uint8_t where, const char* what) {
+        if (length <= 0 || start < 0 || start + length > num_blocks_)
+            fail(std::string(what) + " [" + std::to_string(start) + ", +" +
+                 std::to_string(length) + ") is empty or out of range");
+        for (BlockId b = start; b < start + length; ++b) {
+            if (place[b] != 0)
+                fail("block " + std::to_string(b) + " is in two places (" + what + ")");
+            place[b] = where;
+        }
+    };
+
+    BlockId free_total = 0;
+    BlockId prev_end = -1;
+    for (const auto& [start, length] : free_by_start_) {
+        if (start <= prev_end)
+            fail("free groups adjacent or overlapping at block " + std::to_string(start));
+        if (!free_by_length_.count({length, start}))
+            fail("free group at " + std::to_string(start) + " missing from length index");
+        mark(start, length, 1, "free group");
+        free_total += length;
+        prev_end = start + length;
+    }
+    if (free_by_length_.size() != free_by_start_.size())
+        fail("free length index has stale entries");
+    if (free_total != free_in_groups_) fail("free block count is stale");
+
+    BlockId reserved_total = 0;
+    for (const auto& [seq, s] : seqs_) {
+        std::unordered_set<BlockId> seen;
+        for (BlockId b : s.table)
+            if (!seen.insert(b).second)
+                fail(seq_name(seq) + " holds block " + std::to_string(b) + " twice");
+        std::size_t i = 0;
+        for (std::size_t g = 0; g < s.groups.size(); ++g) {
+            const Extent e = s.groups[g];
+            if (g > 0 && s.groups[g - 1].end() == e.start)
+                fail(seq_name(seq) + ": groups " + std::to_string(g - 1) + " and " +
+                     std::to_string(g) + " are one run");
+            mark(e.start, e.length, 3, "block group");
+            for (BlockId b = e.start; b < e.end(); ++b, ++i)
+                if (i >= s.table.size() || s.table[i] != b)
+                    fail(seq_name(seq) + ": groups do not cover the block table");
+        }
+        if (i != s.table.size()) fail(seq_name(seq) + ": groups do not cover the block table");
+        if (s.reserved.length > 0) {
+            if (s.table.empty() || s.reserved.start != s.table.back() + 1)
+                fail(seq_name(seq) + ": reserved tail is not after its last block");
+            if (!reserved_by_length_.count({s.reserved.length, seq}))
+                fail(seq_name(seq) + ": reserved tail missing from index");
+            mark(s.reserved.start, s.reserved.length, 2, "reserved tail");
+            reserved_total += s.reserved.length;
+        }
+    }
+    if (reserved_total != num_reserved_) fail("reserved block count is stale");
+    for (const auto& [length, seq] : reserved_by_length_) {
+        auto it = seqs_.find(seq);
+        if (it == seqs_.end() || it->second.reserved.length != length)
+            fail("reservation index has a stale entry for " + seq_name(seq));
+    }
+    for (BlockId b = 0; b < num_blocks_; ++b)
+        if (place[b] == 0) fail("block " + std::to_string(b) + " is lost");
+    if (per_block_mode()) {
+        if (free_list_.size() != static_cast<std::size_t>(free_total))
+            fail("free list and free groups disagree in size");
+        for (BlockId b : free_list_)
+            if (place[b] != 1) fail("free list holds block " + std::to_string(b) +
+                                    " that is not free");
+    }
+}
+
+}  // namespace kvswitch
