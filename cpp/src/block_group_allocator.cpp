@@ -83,7 +83,7 @@ void BlockGroupAllocator::set_reservation(SeqId seq, Sequence& s, Extent r) {
         reserved_by_length_.erase({s.reserved.length, seq});
         num_reserved_ -= s.reserved.length;
     }
-    s.reserved = r;
+    s.reserved = r.length > 0 ? r : Extent{};  // an empty tail reads as (0, 0)
     if (r.length > 0) {
         reserved_by_length_.emplace(r.length, seq);
         num_reserved_ += r.length;
@@ -139,8 +139,8 @@ void BlockGroupAllocator::allocate(SeqId seq, BlockId n, BlockId* out) {
         throw std::invalid_argument("allocate: number of blocks must be positive, got " +
                                     std::to_string(n));
     if (n > num_free_blocks())
-        throw OutOfBlocks("allocate: " + seq_name(seq) + " needs " + std::to_string(n) +
-                          " blocks but only " + std::to_string(num_free_blocks()) +
+        throw OutOfBlocks("allocate: " + std::to_string(n) + " blocks requested but only " +
+                          std::to_string(num_free_blocks()) +
                           " of " + std::to_string(num_blocks_) +
                           " lie outside all block tables");
     // From here on the request is served in full; nothing below throws but bad_alloc.
@@ -260,8 +260,7 @@ void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t
         for (std::size_t i = 0; i < n; ++i)
             if (!owned.count(ids[i]))
                 throw std::invalid_argument("free_blocks: block id " + std::to_string(ids[i]) +
-                                            " is not in the block table of " +
-                                            seq_name(seq));
+                                            " is not in the sequence's block table");
     }
     if (n == 0) return;
 

@@ -1,6 +1,11 @@
-"""kvswitch: KV-cache context switching for LLM serving (FastSwitch, arXiv 2411.18424)."""
+"""kvswitch: KV-cache context switching for LLM serving.
 
-from kvswitch._core import OutOfBlocksError
+Implements the mechanisms of FastSwitch (Shen et al., arXiv 2411.18424) as reusable parts:
 
-__all__ = ["OutOfBlocksError"]
+* :class:`BlockGroupAllocator`: contiguous block groups with split and merge (section 3.1).
+"""
+
+from kvswitch.allocator import AllocatorStats, BlockGroupAllocator, OutOfBlocksError
+
+__all__ = ["AllocatorStats", "BlockGroupAllocator", "OutOfBlocksError"]
 __version__ = "0.1.0"

@@ -1,0 +1,309 @@
+"""Block-group allocation of a KV pool (FastSwitch section 3.1, "Dynamic Block Group Manager").
+
+A :class:`BlockGroupAllocator` hands out block ids of one pool (the GPU pool or the host pool)
+so that each sequence's KV sits in a few contiguous *block groups*. A swap then moves a
+sequence in a few large copies instead of one copy per block, per layer, per K/V.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kvswitch import _core
+
+__all__ = ["AllocatorStats", "BlockGroupAllocator", "OutOfBlocksError"]
+
+OutOfBlocksError = _core.OutOfBlocksError
+"""Raised by :meth:`BlockGroupAllocator.allocate` when fewer blocks lie outside all block
+tables than requested. A subclass of :class:`MemoryError`. The allocator is unchanged."""
+
+#: Expected size of a sequence's first block group: 60 blocks, about 1,000 tokens at block
+#: size 16 (FastSwitch section 3.1).
+DEFAULT_INITIAL_GROUP_BLOCKS = 60
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    """A snapshot of an allocator's block groups.
+
+    Attributes:
+        num_sequences: sequences that hold a block table.
+        num_groups: block groups over all block tables.
+        mean_group_blocks: mean length of those groups, in blocks (0.0 when none). This is
+            the mean blocks per copy a swap of every sequence would reach.
+        group_length_histogram: entry ``k`` counts groups of ``[2**k, 2**(k+1))`` blocks.
+        num_free_groups: free groups (reserved tails not included).
+        largest_free_group: length of the largest free group, in blocks.
+        fragmentation: ``1 - largest_free_group / blocks in free groups``; 0.0 when nothing
+            is free. 0 means all free blocks form one run.
+    """
+
+    num_sequences: int
+    num_groups: int
+    mean_group_blocks: float
+    group_length_histogram: tuple[int, ...]
+    num_free_groups: int
+    largest_free_group: int
+    fragmentation: float
+
+
+class BlockGroupAllocator:
+    """Buddy-like allocator of contiguous block groups over one pool of ``num_blocks`` blocks.
+
+    Each sequence (any hashable id, e.g. an engine's request id) owns a *block table*: the
+    int32 block ids of its KV in token order, as paged attention consumes it. The table is
+    covered by the sequence's *block groups*, maximal runs of contiguous ids.
+
+    Allocation policy (FastSwitch section 3.1):
+
+    * A sequence's most recent group is its *active group*. It may hold a *reserved tail*:
+      blocks after the last used one, held for the sequence's growth and in no block table.
+      ``allocate`` first takes blocks from that tail, then extends the group in place when
+      the blocks after it are free.
+    * Otherwise it starts a new group of an expected size: ``initial_group_blocks`` for the
+      first group, the sequence's current length for later ones (buddy-like doubling), and
+      at most an eighth of the blocks in free groups, so reservations shrink as the pool
+      fills. The group is cut by best fit from the free groups (the smallest free group that
+      holds the expected size, split at its start); when none is that large, the largest
+      free group is taken.
+    * Reserved tails of other sequences count as free: when the free groups hold fewer
+      blocks than needed, tails are split off, largest first. ``allocate`` therefore fails
+      only when fewer blocks than requested lie outside all block tables.
+    * Freed blocks merge with adjacent free groups at once.
+
+    ``initial_group_blocks=1`` selects *per-block mode*: no reservation, and blocks come from
+    a FIFO free list with freed blocks appended in reverse table order, as in vLLM's block
+    pool (``vllm/v1/core/block_pool.py``). It is the baseline that the benchmark compares
+    against.
+
+    Every method either succeeds or raises and leaves the allocator unchanged.
+
+    Args:
+        num_blocks: blocks in the pool (> 0).
+        initial_group_blocks: expected size of a sequence's first group, in blocks (> 0).
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+
+    __slots__ = ("_core", "_ids", "_names", "_next_id")
+
+    def __init__(
+        self, num_blocks: int, *, initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS
+    ) -> None:
+        self._core = _core.BlockGroupAllocator(
+            _as_count(num_blocks, "num_blocks"),
+            _as_count(initial_group_blocks, "initial_group_blocks"),
+        )
+        # Sequence ids are mapped to dense ints for the C++ core.
+        self._ids: dict[Hashable, int] = {}
+        self._names: dict[int, Hashable] = {}
+        self._next_id = 0
+
+    @classmethod
+    def per_block(cls, num_blocks: int) -> BlockGroupAllocator:
+        """An allocator in per-block mode (vLLM's free-list behaviour), the baseline."""
+        return cls(num_blocks, initial_group_blocks=1)
+
+    # -- allocation --------------------------------------------------------------------
+
+    def allocate(self, seq_id: Hashable, num_blocks: int) -> npt.NDArray[np.int32]:
+        """Append ``num_blocks`` blocks to ``seq_id``'s block table.
+
+        A sequence not seen before is created.
+
+        Args:
+            seq_id: the sequence (any hashable).
+            num_blocks: blocks to add (> 0).
+
+        Returns:
+            The new block ids in table order: int32 array of shape ``[num_blocks]``.
+
+        Raises:
+            ValueError: ``num_blocks`` is not positive.
+            OutOfBlocksError: fewer than ``num_blocks`` blocks lie outside all block tables.
+        """
+        sid = self._ids.get(seq_id)
+        if sid is not None:
+            return self._core.allocate(sid, num_blocks)
+        sid = self._next_id
+        blocks = self._core.allocate(sid, num_blocks)  # raises before any change
+        self._next_id += 1
+        self._ids[seq_id] = sid
+        self._names[sid] = seq_id
+        return blocks
+
+    def free(self, seq_id: Hashable) -> int:
+        """Release all blocks of ``seq_id`` and its reserved tail; forget the sequence.
+
+        Returns:
+            The number of blocks that were in its block table.
+
+        Raises:
+            KeyError: unknown sequence (also on a second free).
+        """
+        released = self._core.free(self._sid(seq_id))
+        del self._names[self._ids.pop(seq_id)]
+        return released
+
+    def free_blocks(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
+        """Release some blocks of ``seq_id`` and remove them from its block table.
+
+        The rest of the table keeps its order; the sequence stays known even when its table
+        becomes empty. The reuse tracker uses this to reclaim part of a CPU copy.
+
+        Args:
+            seq_id: the sequence.
+            block_ids: integer array-like of shape ``[n]``: ids in the sequence's table,
+                each at most once, in any order.
+
+        Raises:
+            KeyError: unknown sequence.
+            TypeError: ``block_ids`` is not integer.
+            ValueError: an id out of ``[0, num_blocks)``, given twice, or not in the
+                sequence's block table.
+        """
+        sid = self._sid(seq_id)
+        ids = np.asarray(block_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"block_ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size == 0:
+            return
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"block_ids must be integers, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_blocks:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"free_blocks: block id {bad} is out of range [0, {self.num_blocks})"
+            )
+        self._core.free_blocks(sid, np.ascontiguousarray(ids, dtype=np.int32))
+
+    # -- queries -----------------------------------------------------------------------
+
+    def block_table(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
+        """The block ids of ``seq_id`` in token order: a new int32 array ``[num_table_blocks]``.
+
+        Raises:
+            KeyError: unknown sequence.
+        """
+        return self._core.block_table(self._sid(seq_id))
+
+    def num_table_blocks(self, seq_id: Hashable) -> int:
+        """Length of ``seq_id``'s block table, in blocks. Raises KeyError if unknown."""
+        return self._core.num_table_blocks(self._sid(seq_id))
+
+    def groups(self, seq_id: Hashable) -> list[tuple[int, int]]:
+        """``seq_id``'s block groups as ``(start, length)`` in blocks, in table order.
+
+        They are maximal runs of contiguous block ids and cover the block table exactly, so
+        ``len(groups)`` is the number of copies per region that a swap of it needs.
+
+        Raises:
+            KeyError: unknown sequence.
+        """
+        return self._core.groups(self._sid(seq_id))
+
+    def reservation(self, seq_id: Hashable) -> tuple[int, int]:
+        """The reserved tail of ``seq_id``'s active group as ``(start, length)``; length 0 if
+        none. Raises KeyError if unknown."""
+        return self._core.reservation(self._sid(seq_id))
+
+    def free_groups(self) -> list[tuple[int, int]]:
+        """Free groups as ``(start, length)``, sorted by start; reserved tails excluded."""
+        return self._core.free_groups()
+
+    def sequences(self) -> list[Hashable]:
+        """The known sequence ids, in the order they were first allocated."""
+        return list(self._ids)
+
+    def __contains__(self, seq_id: object) -> bool:
+        try:
+            return seq_id in self._ids
+        except TypeError:  # unhashable
+            return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the pool."""
+        return self._core.num_blocks
+
+    @property
+    def initial_group_blocks(self) -> int:
+        """Expected size of a sequence's first group, in blocks (1 in per-block mode)."""
+        return self._core.initial_group_blocks
+
+    @property
+    def per_block_mode(self) -> bool:
+        """True when the allocator behaves like vLLM's per-block free list."""
+        return self._core.per_block_mode
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks in no block table: free groups plus reserved tails."""
+        return self._core.num_free_blocks
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        """Blocks in reserved tails (counted in :attr:`num_free_blocks` too)."""
+        return self._core.num_reserved_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks in block tables."""
+        return self.num_blocks - self.num_free_blocks
+
+    def stats(self) -> AllocatorStats:
+        """A snapshot of group lengths and free-space fragmentation; O(groups)."""
+        d = self._core.stats()
+        d["group_length_histogram"] = tuple(d["group_length_histogram"])
+        return AllocatorStats(**d)
+
+    def check_invariants(self) -> None:
+        """Recompute every invariant of the pool from scratch; O(num_blocks).
+
+        Every block is in exactly one place (a block table, a reserved tail, a free group);
+        no table holds a block twice; free groups are sorted, disjoint and never adjacent;
+        each sequence's groups cover its table exactly; reserved tails follow the last block
+        of their table; counters match.
+
+        Raises:
+            AssertionError: naming the first invariant broken.
+        """
+        self._core.check_invariants()
+        if sorted(self._names) != self._core.sequences():
+            raise AssertionError("sequence id map and core sequences disagree")
+
+    def __repr__(self) -> str:
+        mode = "per-block" if self.per_block_mode else f"groups of {self.initial_group_blocks}+"
+        return (
+            f"BlockGroupAllocator(num_blocks={self.num_blocks}, {mode}, "
+            f"free={self.num_free_blocks}, reserved={self.num_reserved_blocks}, "
+            f"sequences={len(self)})"
+        )
+
+    def _sid(self, seq_id: Hashable) -> int:
+        try:
+            return self._ids[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence {seq_id!r}") from None
+        except TypeError:
+            raise KeyError(f"unknown sequence {seq_id!r} (not hashable)") from None
+
+
+def _as_count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if value > np.iinfo(np.int32).max:
+        raise ValueError(f"{name} must fit in int32, got {value}")
+    return int(value)
+

@@ -1,0 +1,216 @@
+"""A hypothesis state machine that checks a :class:`~kvswitch.BlockGroupAllocator` against a
+simple reference model after every step.
+
+Engine developers can reuse it to check an allocator they configure, or a subclass with
+their own policy::
+
+    from hypothesis import settings
+    from kvswitch.testing import AllocatorStateMachine
+
+    class MyAllocatorMachine(AllocatorStateMachine):
+        def make_allocator(self, num_blocks, initial_group_blocks):
+            return MyAllocator(num_blocks, initial_group_blocks=initial_group_blocks)
+
+    TestMyAllocator = MyAllocatorMachine.TestCase
+    TestMyAllocator.settings = settings(max_examples=200, stateful_step_count=50)
+
+The reference model is the list of block ids each sequence holds in token order. After each
+step the machine checks: every block is in exactly one place (a block table, a reserved
+tail, a free group); no block table holds a duplicate; free groups are disjoint, sorted and
+never adjacent; a sequence's groups cover its table exactly; counters agree; and
+``allocate`` raised ``OutOfBlocksError`` exactly when fewer blocks were free than requested.
+A call that raised must have left everything unchanged.
+
+Requires ``hypothesis`` (``pip install kvswitch[test]``).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
+
+__all__ = ["AllocatorStateMachine"]
+
+# A small id space so that rules often hit existing sequences (and sometimes unknown ones).
+SEQUENCE_IDS = st.sampled_from(["a", "b", "c", "d", 0, 1, 2, (3, "x")])
+
+
+class AllocatorStateMachine(RuleBasedStateMachine):
+    """Random allocate / free / free_blocks sequences, including bad input, checked against
+    a reference model of block tables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator: Any = None
+        self.tables: dict[Any, list[int]] = {}  # the reference model
+
+    def make_allocator(self, num_blocks: int, initial_group_blocks: int) -> Any:
+        """Build the allocator under test; override to test another configuration."""
+        return BlockGroupAllocator(num_blocks, initial_group_blocks=initial_group_blocks)
+
+    @initialize(
+        num_blocks=st.integers(1, 256),
+        initial_group_blocks=st.sampled_from([1, 2, 5, 16, 60]),
+    )
+    def create(self, num_blocks: int, initial_group_blocks: int) -> None:
+        self.allocator = self.make_allocator(num_blocks, initial_group_blocks)
+        self.tables = {}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def snapshot(self) -> tuple:
+        a = self.allocator
+        return (
+            {s: a.block_table(s).tolist() for s in a.sequences()},
+            {s: a.reservation(s) for s in a.sequences()},
+            a.free_groups(),
+            a.num_free_blocks,
+            a.num_reserved_blocks,
+        )
+
+    def used_blocks(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    # -- rules -------------------------------------------------------------------------
+
+    @rule(seq=SEQUENCE_IDS, n=st.integers(1, 80))
+    def allocate(self, seq: Any, n: int) -> None:
+        before = self.snapshot()
+        free = self.allocator.num_blocks - self.used_blocks()
+        assert self.allocator.num_free_blocks == free
+        in_tables = {b for t in self.tables.values() for b in t}
+        try:
+            new = self.allocator.allocate(seq, n)
+        except OutOfBlocksError:
+            assert free < n, f"OutOfBlocksError with {free} free blocks for {n}"
+            assert self.snapshot() == before, "a failed allocate changed the allocator"
+            return
+        assert free >= n
+        assert isinstance(new, np.ndarray) and new.dtype == np.int32 and new.shape == (n,)
+        ids = new.tolist()
+        assert not in_tables & set(ids), "allocate handed out a block already in a table"
+        self.tables.setdefault(seq, []).extend(ids)
+
+    @rule(seq=SEQUENCE_IDS, n=st.integers(-3, 0))
+    def allocate_non_positive(self, seq: Any, n: int) -> None:
+        before = self.snapshot()
+        try:
+            self.allocator.allocate(seq, n)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"allocate({n}) did not raise")
+        assert self.snapshot() == before
+
+    @rule(seq=SEQUENCE_IDS)
+    def free(self, seq: Any) -> None:
+        before = self.snapshot()
+        if seq not in self.tables:
+            try:
+                self.allocator.free(seq)
+            except KeyError:
+                assert self.snapshot() == before
+                return
+            raise AssertionError(f"free of unknown sequence {seq!r} did not raise")
+        assert self.allocator.free(seq) == len(self.tables.pop(seq))
+
+    @precondition(lambda self: any(self.tables.values()))
+    @rule(data=st.data())
+    def free_some_blocks(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted((s for s, t in self.tables.items() if t), key=repr)))
+        table = self.tables[seq]
+        chosen = data.draw(st.lists(st.sampled_from(table), min_size=1, unique=True))
+        self.allocator.free_blocks(seq, np.array(chosen, dtype=np.int64))
+        gone = set(chosen)
+        self.tables[seq] = [b for b in table if b not in gone]
+
+    @precondition(lambda self: any(self.tables.values()))
+    @rule(data=st.data(), kind=st.sampled_from(["out_of_range", "not_owned", "twice"]))
+    def free_blocks_bad(self, data: st.DataObject, kind: str) -> None:
+        seq = data.draw(st.sampled_from(sorted((s for s, t in self.tables.items() if t), key=repr)))
+        table = self.tables[seq]
+        owned = data.draw(st.lists(st.sampled_from(table), max_size=3, unique=True))
+        n = self.allocator.num_blocks
+        if kind == "out_of_range":
+            bad = [data.draw(st.sampled_from([-1, n, n + 7]))]
+        elif kind == "twice":
+            bad = [table[0], table[0]]
+        else:
+            others = [b for b in range(n) if b not in set(table)]
+            if not others:
+                return
+            bad = [data.draw(st.sampled_from(others))]
+        before = self.snapshot()
+        try:
+            self.allocator.free_blocks(seq, owned + bad)
+        except ValueError:
+            assert self.snapshot() == before, "a failed free_blocks changed the allocator"
+            return
+        raise AssertionError(f"free_blocks with a bad id ({kind}) did not raise")
+
+    @rule(seq=SEQUENCE_IDS)
+    def free_blocks_unknown(self, seq: Any) -> None:
+        if seq in self.tables:
+            return
+        before = self.snapshot()
+        try:
+            self.allocator.free_blocks(seq, [0])
+        except KeyError:
+            assert self.snapshot() == before
+            return
+        raise AssertionError("free_blocks of an unknown sequence did not raise")
+
+    # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def matches_model(self) -> None:
+        if self.allocator is None:
+            return
+        a = self.allocator
+        assert sorted(a.sequences(), key=repr) == sorted(self.tables, key=repr)
+        for seq, table in self.tables.items():
+            assert a.block_table(seq).tolist() == table
+        assert a.num_free_blocks == a.num_blocks - self.used_blocks()
+
+    @invariant()
+    def every_block_in_one_place(self) -> None:
+        if self.allocator is None:
+            return
+        a = self.allocator
+        place = np.zeros(a.num_blocks, dtype=np.int64)
+        free = a.free_groups()
+        for (s0, l0), (s1, _) in pairwise(free):
+            assert s0 + l0 < s1, f"free groups at {s0} and {s1} overlap or touch"
+        for start, length in free:
+            assert length > 0
+            place[start : start + length] += 1
+        reserved = 0
+        for seq, table in self.tables.items():
+            assert len(set(table)) == len(table), f"{seq!r} holds a block twice"
+            covered = [b for s, n in a.groups(seq) for b in range(s, s + n)]
+            assert covered == table, f"groups of {seq!r} do not cover its table"
+            groups = a.groups(seq)
+            for (s0, l0), (s1, _) in pairwise(groups):
+                assert s0 + l0 != s1, f"groups of {seq!r} are not maximal runs"
+            place[table] += 1
+            r_start, r_len = a.reservation(seq)
+            if r_len:
+                assert table and r_start == table[-1] + 1
+                assert not a.per_block_mode, "per-block mode reserved blocks"
+                place[r_start : r_start + r_len] += 1
+                reserved += r_len
+        assert reserved == a.num_reserved_blocks
+        assert (place == 1).all(), f"blocks not in exactly one place: {np.flatnonzero(place != 1)}"
+        a.check_invariants()
