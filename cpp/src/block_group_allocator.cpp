@@ -34,26 +34,38 @@ BlockGroupAllocator::BlockGroupAllocator(BlockId num_blocks, BlockId initial_gro
 // ---------------------------------------------------------------------------------------
 // Free groups
 
+// Index updates reuse tree nodes (C++17 node handles) instead of freeing and allocating
+// them: merging and splitting are on the per-block decode path and in free().
+
 void BlockGroupAllocator::insert_free(BlockId start, BlockId length) {
     free_in_groups_ += length;
     auto next = free_by_start_.lower_bound(start);
-    if (next != free_by_start_.end() && next->first == start + length) {
-        length += next->second;
-        auto gone = next++;
-        free_by_length_.erase({gone->second, gone->first});
-        free_by_start_.erase(gone);
-    }
-    if (next != free_by_start_.begin()) {
-        auto prev = std::prev(next);
-        if (prev->first + prev->second == start) {
-            start = prev->first;
-            length += prev->second;
-            free_by_length_.erase({prev->second, prev->first});
-            free_by_start_.erase(prev);
+    const bool merge_next = next != free_by_start_.end() && next->first == start + length;
+    auto prev = next == free_by_start_.begin() ? free_by_start_.end() : std::prev(next);
+    const bool merge_prev = prev != free_by_start_.end() && prev->first + prev->second == start;
+
+    if (merge_prev) {  // grow the previous group in place: its start (the key) stays
+        auto node = free_by_length_.extract({prev->second, prev->first});
+        prev->second += length;
+        if (merge_next) {
+            prev->second += next->second;
+            free_by_length_.erase({next->second, next->first});
+            free_by_start_.erase(next);
         }
+        node.value() = {prev->second, prev->first};
+        free_by_length_.insert(std::move(node));
+    } else if (merge_next) {  // the next group now starts earlier: re-key its nodes
+        auto node = free_by_start_.extract(next);
+        auto by_length = free_by_length_.extract({node.mapped(), node.key()});
+        node.key() = start;
+        node.mapped() += length;
+        by_length.value() = {node.mapped(), start};
+        free_by_start_.insert(std::move(node));
+        free_by_length_.insert(std::move(by_length));
+    } else {
+        free_by_start_.emplace(start, length);
+        free_by_length_.emplace(length, start);
     }
-    free_by_start_.emplace(start, length);
-    free_by_length_.emplace(length, start);
 }
 
 void BlockGroupAllocator::erase_free(std::map<BlockId, BlockId>::iterator it) {
@@ -65,13 +77,19 @@ void BlockGroupAllocator::erase_free(std::map<BlockId, BlockId>::iterator it) {
 BlockId BlockGroupAllocator::carve_free(std::map<BlockId, BlockId>::iterator it, BlockId take) {
     const BlockId start = it->first;
     const BlockId length = it->second;
-    erase_free(it);
-    if (take < length) {
-        // The remainder has no free neighbour (free groups are never adjacent): no merge.
-        free_by_start_.emplace(start + take, length - take);
-        free_by_length_.emplace(length - take, start + take);
-        free_in_groups_ += length - take;
+    if (take == length) {
+        erase_free(it);
+        return start;
     }
+    // The remainder keeps the nodes; it has no free neighbour (free groups never touch).
+    auto node = free_by_start_.extract(it);
+    auto by_length = free_by_length_.extract({length, start});
+    node.key() = start + take;
+    node.mapped() = length - take;
+    by_length.value() = {length - take, start + take};
+    free_by_start_.insert(std::move(node));
+    free_by_length_.insert(std::move(by_length));
+    free_in_groups_ -= take;
     return start;
 }
 
@@ -79,15 +97,17 @@ BlockId BlockGroupAllocator::carve_free(std::map<BlockId, BlockId>::iterator it,
 // Reservations (reserved tails of active groups)
 
 void BlockGroupAllocator::set_reservation(SeqId seq, Sequence& s, Extent r) {
-    if (s.reserved.length > 0) {
+    num_reserved_ += r.length - s.reserved.length;
+    if (s.reserved.length > 0 && r.length > 0) {
+        auto node = reserved_by_length_.extract({s.reserved.length, seq});
+        node.value().first = r.length;
+        reserved_by_length_.insert(std::move(node));
+    } else if (s.reserved.length > 0) {
         reserved_by_length_.erase({s.reserved.length, seq});
-        num_reserved_ -= s.reserved.length;
+    } else if (r.length > 0) {
+        reserved_by_length_.emplace(r.length, seq);
     }
     s.reserved = r.length > 0 ? r : Extent{};  // an empty tail reads as (0, 0)
-    if (r.length > 0) {
-        reserved_by_length_.emplace(r.length, seq);
-        num_reserved_ += r.length;
-    }
 }
 
 void BlockGroupAllocator::release_reservation(SeqId seq, Sequence& s) {

@@ -88,7 +88,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "configurations": figures}, f, indent=2)
+            config_args = {k: v for k, v in vars(args).items() if k != "func"}
+            json.dump({"config": config_args, "configurations": figures}, f, indent=2)
     return 0
 
 

@@ -17,9 +17,11 @@ caller check that they succeeded and failed on the same requests.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
@@ -101,39 +103,47 @@ class _Replay:
         context = [0] * len(convs)  # tokens of KV each conversation holds
         turn = [0] * len(convs)
         left = [0] * len(convs)  # tokens still to generate in the current turn
-        waiting: list[tuple[int, int]] = []  # (ready iteration, conv), FIFO
+        pending: list[tuple[int, int, int]] = []  # heap of (ready iteration, order, conv)
+        ready: deque[int] = deque()  # FIFO of turns that may be admitted now
         running: dict[int, None] = {}  # admission order
-        next_arrival = 0
+        order = 0
+        for at, conv in self.arrivals:
+            heapq.heappush(pending, (at, order, conv))
+            order += 1
         finished = 0
         iteration = 0
+
+        def swap_out_and_requeue(victim: int, front: bool) -> None:
+            del running[victim]
+            self._swap_out(victim)
+            (ready.appendleft if front else ready.append)(victim)
+
         while finished < len(convs):
-            while next_arrival < len(convs) and self.arrivals[next_arrival][0] <= iteration:
-                conv = self.arrivals[next_arrival][1]
-                waiting.append((iteration, conv))
-                next_arrival += 1
-            # Admit ready turns (FIFO) while they fit under the occupancy cap.
-            still: list[tuple[int, int]] = []
-            for ready, conv in waiting:
-                if ready > iteration:
-                    still.append((ready, conv))
-                    continue
-                t = convs[conv].turns[turn[conv]]
+            if not running and not ready:  # idle: skip to the next arrival or turn
+                iteration = max(iteration, pending[0][0])
+            while pending and pending[0][0] <= iteration:
+                ready.append(heapq.heappop(pending)[2])
+            # Admit ready turns first come, first served while they fit under the cap.
+            while ready:
+                conv = ready[0]
                 if left[conv] == 0:  # a new turn: its input joins the context
+                    t = convs[conv].turns[turn[conv]]
                     context[conv] += t.new_input_tokens
                     left[conv] = t.output_tokens
                 need = math.ceil(max(context[conv], 1) / BLOCK_SIZE)
-                if a.num_used_blocks + need <= cap and self._alloc(conv, need):
-                    running[conv] = None
-                else:
-                    still.append((ready, conv))
-            waiting = still
-            # Priority update: preempt one random running sequence.
+                if need > cap:
+                    raise RuntimeError(
+                        f"a turn needs {need} blocks but the admission cap is {cap} blocks"
+                    )
+                if a.num_used_blocks + need > cap or not self._alloc(conv, need):
+                    break
+                ready.popleft()
+                running[conv] = None
+            # Priority update: preempt one random running sequence (back of the queue).
             if args.preempt_every and iteration % args.preempt_every == 0 and running:
                 victim = list(running)[self.rng.randrange(len(running))]
-                del running[victim]
-                self._swap_out(victim)
+                swap_out_and_requeue(victim, front=False)
                 self.t.preemptions += 1
-                waiting.append((iteration + 1, victim))
             # Decode one token for every running sequence.
             for conv in list(running):
                 if conv not in running:  # preempted earlier in this iteration
@@ -144,10 +154,8 @@ class _Replay:
                         victim = next((c for c in reversed(running) if c != conv), None)
                         if victim is None:
                             raise RuntimeError("a single sequence does not fit the pool")
-                        del running[victim]
-                        self._swap_out(victim)
+                        swap_out_and_requeue(victim, front=True)  # vLLM: front of queue
                         self.t.pool_full_preemptions += 1
-                        waiting.append((iteration + 1, victim))
                 context[conv] += 1
                 left[conv] -= 1
                 if left[conv] == 0:  # turn done: swap out until the next turn
@@ -155,7 +163,8 @@ class _Replay:
                     self._swap_out(conv)
                     turn[conv] += 1
                     if turn[conv] < len(convs[conv].turns):
-                        waiting.append((iteration + args.think_iters, conv))
+                        heapq.heappush(pending, (iteration + args.think_iters, order, conv))
+                        order += 1
                     else:
                         finished += 1
             iteration += 1
