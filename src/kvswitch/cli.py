@@ -79,7 +79,8 @@ def _bench(args: argparse.Namespace) -> int:
     width = max(len(r[0]) for r in rows)
     print(f"{'':<{width}}  " + "  ".join(f"{n:>14}" for n in figures))
     for label, key, fmt in rows:
-        print(f"{label:<{width}}  " + "  ".join(f"{fmt.format(f[key]):>14}" for f in figures.values()))
+        cells = "  ".join(f"{fmt.format(f[key]):>14}" for f in figures.values())
+        print(f"{label:<{width}}  {cells}")
     base, grp = figures["baseline"], figures["groups"]
     print(
         f"\ngroups vs baseline: {base['swap_out_groups'] / max(grp['swap_out_groups'], 1):.1f}x "
