@@ -5,8 +5,9 @@ import json
 import pytest
 
 from kvswitch import BlockGroupAllocator
-from kvswitch.bench.replay import ReplayConfig, replay
+from kvswitch.bench.replay import BLOCK_SIZE, ReplayConfig, replay
 from kvswitch.cli import LLAMA3_8B_REGIONS, main
+from kvswitch.reuse import ReuseTracker
 from kvswitch.trace import Conversation, Turn, load_trace, sample
 
 
@@ -19,6 +20,22 @@ def test_replay_is_the_same_request_stream_for_both_modes():
     assert grouped.swap_out_blocks == per_block.swap_out_blocks > 0
     assert grouped.preemptions == per_block.preemptions > 0
     assert per_block.swap_out_groups > grouped.swap_out_groups
+
+
+def test_reuse_splits_the_same_swap_outs_into_copied_and_reused_blocks():
+    convs = sample(load_trace(), 40, seed=5)
+    config = ReplayConfig(preempt_every=25, seed=5)
+    plain = replay(BlockGroupAllocator(1500), convs, config)
+    tracker = ReuseTracker(BlockGroupAllocator(30_000), block_size=BLOCK_SIZE)
+    reused = replay(BlockGroupAllocator(1500), convs, config, tracker)
+    assert reused.outcomes == plain.outcomes  # reuse does not change GPU-side decisions
+    assert reused.swap_out_blocks + reused.reused_blocks == plain.swap_out_blocks
+    assert reused.reused_blocks > 0
+    assert reused.swap_in_blocks == plain.swap_in_blocks
+    stats = tracker.stats()
+    assert stats.blocks_copied == reused.swap_out_blocks
+    assert stats.blocks_reused == reused.reused_blocks
+    assert len(tracker.host) == 0  # every conversation ended: its CPU copy was dropped
 
 
 def test_replay_frees_everything_it_allocates():
@@ -44,8 +61,9 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "mean blocks per copy" in table and "baseline" in table
     figures = json.loads(out.read_text())["configurations"]
-    base, groups = figures["baseline"], figures["groups"]
+    base, groups, full = figures["baseline"], figures["groups"], figures["groups+reuse"]
     assert base["swap_out_blocks"] == groups["swap_out_blocks"] > 0
+    assert full["swap_out_blocks"] + full["reused_blocks"] == base["swap_out_blocks"]
     for f in (base, groups):
         assert f["copies_llama3_8b"] == f["swap_out_groups"] * LLAMA3_8B_REGIONS
         assert f["blocks_per_copy"] == pytest.approx(f["swap_out_blocks"] / f["swap_out_groups"])

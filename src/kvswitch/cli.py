@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvswitch.allocator import DEFAULT_INITIAL_GROUP_BLOCKS, BlockGroupAllocator
+from kvswitch.allocator import DEFAULT_INITIAL_GROUP_BLOCKS, BlockGroupAllocator, OutOfBlocksError
 from kvswitch.bench.replay import BLOCK_SIZE, ReplayConfig, replay
+from kvswitch.reuse import ReuseTracker
 from kvswitch.trace import TraceError, load_trace, sample
 
 #: Regions a swap copies per block group in a Llama-3-8B per-layer layout (32 layers, K and V).
@@ -38,7 +39,13 @@ def _bench(args: argparse.Namespace) -> int:
         arrival_per_iter=args.arrival_per_iter,
         seed=args.seed,
     )
-    configurations = {"baseline": 1, "groups": args.initial_group_blocks}
+    host_blocks = args.host_blocks or 16 * args.gpu_blocks
+    # name -> (initial group blocks of the GPU pool, CPU copies reused?)
+    configurations = {
+        "baseline": (1, False),
+        "groups": (args.initial_group_blocks, False),
+        "groups+reuse": (args.initial_group_blocks, True),
+    }
     print(
         f"kvswitch bench: {len(conversations)} conversations from "
         f"{args.trace or 'the bundled ShareGPT trace'}, GPU pool {args.gpu_blocks} blocks "
@@ -47,16 +54,23 @@ def _bench(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     figures: dict[str, dict[str, float]] = {}
-    for name, initial in configurations.items():
+    for name, (initial, reuse) in configurations.items():
         allocator = BlockGroupAllocator(args.gpu_blocks, initial_group_blocks=initial)
+        tracker = ReuseTracker(BlockGroupAllocator(host_blocks)) if reuse else None
         t0 = time.perf_counter()
-        result = replay(allocator, conversations, config)
+        try:
+            result = replay(allocator, conversations, config, tracker)
+        except OutOfBlocksError as e:
+            print(f"kvswitch bench: {name}: {e}; raise --host-blocks", file=sys.stderr)
+            return 2
         wall = time.perf_counter() - t0
         calls_ns = result.alloc_one_ns + result.alloc_many_ns + result.free_ns
         figures[name] = {
             "swap_outs": len(result.free_ns),
             "preemptions": result.preemptions + result.pool_full_preemptions,
             "swap_out_blocks": result.swap_out_blocks,
+            "reused_blocks": result.reused_blocks,
+            "swap_in_blocks": result.swap_in_blocks,
             "swap_out_groups": result.swap_out_groups,
             "blocks_per_copy": result.swap_out_blocks / max(result.swap_out_groups, 1),
             "copies_llama3_8b": result.swap_out_groups * LLAMA3_8B_REGIONS,
@@ -69,7 +83,9 @@ def _bench(args: argparse.Namespace) -> int:
     rows = [
         ("swap-outs (turn ends + preemptions)", "swap_outs", "{:,.0f}"),
         ("preemptions", "preemptions", "{:,.0f}"),
-        ("swap-out blocks", "swap_out_blocks", "{:,.0f}"),
+        ("swap-out blocks copied", "swap_out_blocks", "{:,.0f}"),
+        ("swap-out blocks reused (CPU copy valid)", "reused_blocks", "{:,.0f}"),
+        ("swap-in blocks", "swap_in_blocks", "{:,.0f}"),
         ("copies per region (block groups)", "swap_out_groups", "{:,.0f}"),
         ("mean blocks per copy", "blocks_per_copy", "{:,.1f}"),
         (f"copies, Llama-3-8B layout ({LLAMA3_8B_REGIONS} regions)", "copies_llama3_8b",
@@ -77,15 +93,19 @@ def _bench(args: argparse.Namespace) -> int:
         ("allocator call p50 (us, measured)", "allocator_call_p50_us", "{:,.2f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"{'':<{width}}  " + "  ".join(f"{n:>14}" for n in figures))
+    print(f"\n{'':<{width}}  " + "  ".join(f"{n:>14}" for n in figures))
     for label, key, fmt in rows:
         cells = "  ".join(f"{fmt.format(f[key]):>14}" for f in figures.values())
         print(f"{label:<{width}}  {cells}")
-    base, grp = figures["baseline"], figures["groups"]
+    base, grp, full = figures["baseline"], figures["groups"], figures["groups+reuse"]
     print(
         f"\ngroups vs baseline: {base['swap_out_groups'] / max(grp['swap_out_groups'], 1):.1f}x "
-        "fewer copies for the same swap-out blocks (counted from block groups; copies are not "
-        "executed at this stage)"
+        "fewer copies for the same swap-out blocks.\n"
+        f"groups+reuse vs baseline: "
+        f"{1 - full['swap_out_blocks'] / max(base['swap_out_blocks'], 1):.0%} fewer swap-out "
+        f"blocks, {base['swap_out_groups'] / max(full['swap_out_groups'], 1):.1f}x fewer copies.\n"
+        "Blocks and copies are counted from the allocators' and the reuse tracker's plans; "
+        "the copies are not executed at this stage (the swap engine joins this command next)."
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -107,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--gpu-blocks", type=int, default=8000,
                        help="GPU pool size in blocks of 16 tokens (default 8000)")
+    bench.add_argument("--host-blocks", type=int, default=None,
+                       help="host pool size in blocks for CPU copies (default 16x --gpu-blocks)")
     bench.add_argument("--occupancy", type=float, default=0.8,
                        help="admit turns while the pool is below this fraction (default 0.8)")
     bench.add_argument("--preempt-every", type=int, default=50,

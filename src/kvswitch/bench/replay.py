@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
+from kvswitch.reuse import ReuseTracker
 from kvswitch.trace import Conversation
 
 __all__ = ["BLOCK_SIZE", "ReplayConfig", "ReplayResult", "replay"]
@@ -51,8 +52,10 @@ class ReplayResult:
     alloc_one_ns: list[int] = field(default_factory=list)
     alloc_many_ns: list[int] = field(default_factory=list)
     free_ns: list[int] = field(default_factory=list)
-    swap_out_blocks: int = 0
-    swap_out_groups: int = 0
+    swap_out_blocks: int = 0  # blocks copied GPU -> host
+    swap_out_groups: int = 0  # copies per region those blocks needed (extents)
+    reused_blocks: int = 0  # blocks a swap-out did not copy: valid CPU copy (reuse only)
+    swap_in_blocks: int = 0
     preemptions: int = 0  # priority updates
     pool_full_preemptions: int = 0  # the pool could not serve a decode
     outcomes: list[bool] = field(default_factory=list)  # allocate succeeded?
@@ -63,9 +66,15 @@ class _Replay:
     allocators replayed with the same arguments see the same request sequence."""
 
     def __init__(
-        self, alloc: BlockGroupAllocator, convs: list[Conversation], args: ReplayConfig
+        self,
+        alloc: BlockGroupAllocator,
+        convs: list[Conversation],
+        args: ReplayConfig,
+        reuse: ReuseTracker | None,
     ) -> None:
         self.a = alloc
+        self.reuse = reuse
+        self.saved_tokens = [0] * len(convs)  # tokens swapped out, to swap in again
         self.args = args
         self.t = ReplayResult()
         self.rng = random.Random(args.seed)
@@ -90,9 +99,17 @@ class _Replay:
         self.t.outcomes.append(ok)
         return ok
 
-    def _swap_out(self, seq: int) -> None:
-        self.t.swap_out_blocks += self.a.num_table_blocks(seq)
-        self.t.swap_out_groups += len(self.a.groups(seq))
+    def _swap_out(self, seq: int, num_tokens: int) -> None:
+        if self.reuse is None or num_tokens == 0:
+            self.t.swap_out_blocks += self.a.num_table_blocks(seq)
+            self.t.swap_out_groups += len(self.a.groups(seq))
+        else:
+            plan = self.reuse.plan_swap_out(seq, self.a.block_table(seq), num_tokens)
+            self.reuse.commit(plan)
+            self.t.swap_out_blocks += plan.copied_blocks
+            self.t.swap_out_groups += len(plan.pairs)
+            self.t.reused_blocks += plan.reused_blocks
+        self.saved_tokens[seq] = num_tokens
         t0 = time.perf_counter_ns()
         self.a.free(seq)
         self.t.free_ns.append(time.perf_counter_ns() - t0)
@@ -115,7 +132,7 @@ class _Replay:
 
         def swap_out_and_requeue(victim: int, front: bool) -> None:
             del running[victim]
-            self._swap_out(victim)
+            self._swap_out(victim, context[victim])
             (ready.appendleft if front else ready.append)(victim)
 
         while finished < len(convs):
@@ -139,6 +156,11 @@ class _Replay:
                     break
                 ready.popleft()
                 running[conv] = None
+                if self.saved_tokens[conv]:  # swap-in of the history
+                    self.t.swap_in_blocks += math.ceil(self.saved_tokens[conv] / BLOCK_SIZE)
+                    if self.reuse is not None:
+                        self.reuse.commit(self.reuse.plan_swap_in(conv, a.block_table(conv)))
+                    self.saved_tokens[conv] = 0
             # Priority update: preempt one random running sequence (back of the queue).
             if args.preempt_every and iteration % args.preempt_every == 0 and running:
                 victim = list(running)[self.rng.randrange(len(running))]
@@ -160,13 +182,16 @@ class _Replay:
                 left[conv] -= 1
                 if left[conv] == 0:  # turn done: swap out until the next turn
                     del running[conv]
-                    self._swap_out(conv)
+                    self._swap_out(conv, context[conv])
                     turn[conv] += 1
                     if turn[conv] < len(convs[conv].turns):
                         heapq.heappush(pending, (iteration + args.think_iters, order, conv))
                         order += 1
                     else:
                         finished += 1
+                        self.saved_tokens[conv] = 0
+                        if self.reuse is not None and conv in self.reuse:
+                            self.reuse.drop(conv)
             iteration += 1
         return self.t
 
@@ -174,11 +199,20 @@ class _Replay:
 
 
 def replay(
-    allocator: BlockGroupAllocator, conversations: list[Conversation], config: ReplayConfig
+    allocator: BlockGroupAllocator,
+    conversations: list[Conversation],
+    config: ReplayConfig,
+    reuse: ReuseTracker | None = None,
 ) -> ReplayResult:
-    """Replay ``conversations`` through ``allocator`` (which must start empty).
+    """Replay ``conversations`` through ``allocator`` (the GPU pool, empty at the start).
+
+    With ``reuse``, every swap-out is planned by the tracker (only blocks without a valid CPU
+    copy are counted as copied) and every swap-in keeps the CPU copy as a backup; without
+    it every swap-out copies the sequence's whole block table.
 
     Raises:
         RuntimeError: a single turn's context does not fit the pool.
+        OutOfBlocksError: with ``reuse``, the host pool cannot hold the swapped-out
+            sequences even after reclaiming every backup.
     """
-    return _Replay(allocator, conversations, config).run()
+    return _Replay(allocator, conversations, config, reuse).run()
