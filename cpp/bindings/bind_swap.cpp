@@ -222,7 +222,8 @@ void bind_swap(nb::module_& m) {
                  d["in_flight"] = s.in_flight;
                  return d;
              })
-        .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a);
+        .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a)
+        .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a);
 
     // ---------------------------------------------------------------- cuda driver
     m.def("cuda_unavailable_reason", &cuda_unavailable_reason, "ordinal"_a = 0,

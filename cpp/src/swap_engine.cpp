@@ -290,6 +290,14 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
     return SwapHandle(job);
 }
 
+void AsyncSwapEngine::set_paused(bool paused) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        paused_ = paused;
+    }
+    work_cv_.notify_all();
+}
+
 bool AsyncSwapEngine::consume_injected_failure(std::string& message) {
     std::lock_guard<std::mutex> lock(mu_);
     if (fail_next_ <= 0) return false;
@@ -380,8 +388,8 @@ void AsyncSwapEngine::run_worker() {
         {
             std::unique_lock<std::mutex> lock(mu_);
             if (pending.empty())
-                work_cv_.wait(lock, [&] { return !queue_.empty() || closing_; });
-            if (!queue_.empty()) {
+                work_cv_.wait(lock, [&] { return (!queue_.empty() && !paused_) || closing_; });
+            if (!queue_.empty() && (!paused_ || closing_)) {
                 job = std::move(queue_.front());
                 queue_.pop_front();
             } else if (pending.empty()) {

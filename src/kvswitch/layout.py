@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from kvswitch import _core
 
 #: Where a pool lives: ``"cpu"`` or ``("cuda", ordinal)``.
-Device = Union[str, tuple[str, int]]
+Device = str | tuple[str, int]
 
 __all__ = ["Device", "KVLayout", "KVRegion"]
 
@@ -164,8 +164,11 @@ def _region(info: _ArrayInfo, what: str, *, base: int, num_blocks: int, block_st
     """A region whose blocks have `block_shape` with byte strides `inner_strides`."""
     if num_blocks <= 0:
         raise ValueError(f"{what}: has no blocks (block dimension of size {num_blocks})")
+    block_bytes = info.itemsize * math.prod(block_shape)
+    if block_bytes == 0:
+        raise ValueError(f"{what}: blocks are empty (block shape {block_shape})")
     expected = info.itemsize
-    for size, stride in zip(reversed(block_shape), reversed(inner_strides)):
+    for size, stride in zip(reversed(block_shape), reversed(inner_strides), strict=True):
         if size != 1 and stride != expected:
             raise ValueError(
                 f"{what}: one block (shape {block_shape}, byte strides {inner_strides}) is not "
@@ -173,9 +176,6 @@ def _region(info: _ArrayInfo, what: str, *, base: int, num_blocks: int, block_st
                 f"per-block dimensions contiguous (the block dimension may be strided)."
             )
         expected *= size
-    block_bytes = info.itemsize * math.prod(block_shape)
-    if block_bytes == 0:
-        raise ValueError(f"{what}: blocks are empty (block shape {block_shape})")
     if num_blocks == 1:
         block_stride = block_bytes
     if block_stride < block_bytes:

@@ -21,6 +21,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,7 @@ class AsyncSwapEngine:
             raise ValueError(
                 f"host pool does not match the device layout: {host_layout.num_regions} "
                 f"regions vs {device_layout.num_regions}")
-        for i, (h, d) in enumerate(zip(host_layout.regions, device_layout.regions)):
+        for i, (h, d) in enumerate(zip(host_layout.regions, device_layout.regions, strict=True)):
             if h.block_bytes != d.block_bytes:
                 raise ValueError(
                     f"host pool does not match the device layout: region {i} has "
@@ -310,10 +311,8 @@ class AsyncSwapEngine:
 
     def __del__(self) -> None:
         # Drain before the layouts (and the memory they keep alive) are released.
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ properties
     @property

@@ -140,6 +140,9 @@ class AsyncSwapEngine {
 
     /// Test hook: the next `n` jobs fail inside the worker with `message` (nothing copied).
     void fail_next_jobs(int n, std::string message);
+    /// Test hook: while paused, workers take no new job from the queue (close() still
+    /// drains it). Makes "job still in flight" states deterministic in tests.
+    void set_paused(bool paused);
 
   private:
     std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
@@ -165,6 +168,7 @@ class AsyncSwapEngine {
     std::mutex inline_mu_;
     std::mutex close_mu_;
     bool closing_ = false;
+    bool paused_ = false;
     std::uint64_t next_id_ = 1;
     SwapStats stats_;
     int fail_next_ = 0;
