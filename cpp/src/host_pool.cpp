@@ -1,5 +1,7 @@
 #include "kvswitch/host_pool.hpp"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <limits>
 #include <new>
@@ -92,7 +94,15 @@ Allocation allocate(std::size_t nbytes, bool pin, int ordinal) {
     } else {
         a.reason = "not pinned: pin=False";
     }
-    if (posix_memalign(&a.data, kAlign, nbytes) != 0 || !a.data) throw std::bad_alloc();
+    // Large pools: 2 MiB aligned and marked for transparent huge pages (as NumPy does for
+    // its own large arrays), so that block copies do not pay a TLB miss every 4 KiB.
+    const std::size_t huge = std::size_t{2} << 20;
+    const bool large = nbytes >= 2 * huge;
+    if (posix_memalign(&a.data, large ? huge : kAlign, nbytes) != 0 || !a.data)
+        throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    if (large) madvise(a.data, nbytes, MADV_HUGEPAGE);  // advisory; failure is harmless
+#endif
     return a;
 }
 

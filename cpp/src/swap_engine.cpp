@@ -12,7 +12,10 @@ struct SwapJob {
     Direction dir = Direction::kOut;
     std::uint64_t nbytes = 0;
     std::uint64_t num_copies = 0;
-    std::vector<CopyOp> ops;
+    struct Row {
+        std::int64_t src, dst, len;
+    };
+    std::vector<Row> rows;                // validated, length > 0; expanded by the worker
     std::vector<BlockSpan> device_spans;  // sorted, merged
     std::vector<BlockSpan> host_spans;    // sorted, merged
     std::vector<std::shared_ptr<SwapJob>> deps;  // earlier conflicting jobs, until issued
@@ -209,13 +212,33 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     auto job = std::make_shared<SwapJob>();
     job->dir = dir;
     const std::size_t nreg = src.num_regions();
-    job->ops.reserve(rows.size() * nreg);
+    job->rows.reserve(rows.size());
     std::vector<BlockSpan> dev, hst;
     dev.reserve(rows.size());
     hst.reserve(rows.size());
+    std::int64_t blocks = 0;
     for (const Row& r : rows) {
         (out ? dev : hst).push_back({r.src, r.len});
         (out ? hst : dev).push_back({r.dst, r.len});
+        job->rows.push_back({r.src, r.dst, r.len});
+        blocks += r.len;
+    }
+    job->nbytes = static_cast<std::uint64_t>(blocks) *
+                  static_cast<std::uint64_t>(src.bytes_per_block());
+    job->num_copies = job->rows.size() * nreg;
+    job->device_spans = merged(std::move(dev));
+    job->host_spans = merged(std::move(hst));
+    return job;
+}
+
+void AsyncSwapEngine::expand(const SwapJob& job, std::vector<CopyOp>& ops) const {
+    const bool out = job.dir == Direction::kOut;
+    const KVLayout& src = out ? device_ : host_;
+    const KVLayout& dst = out ? host_ : device_;
+    const std::size_t nreg = src.num_regions();
+    ops.clear();
+    ops.reserve(job.rows.size() * nreg);
+    for (const SwapJob::Row& r : job.rows) {
         for (std::size_t g = 0; g < nreg; ++g) {
             const KVRegion& sr = src.regions()[g];
             const KVRegion& dr = dst.regions()[g];
@@ -223,24 +246,20 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
             op.src = src.block_address(g, r.src);
             op.dst = dst.block_address(g, r.dst);
             const auto bb = static_cast<std::size_t>(sr.block_bytes);
-            if (r.len == 1 || (sr.block_stride == sr.block_bytes && dr.block_stride == dr.block_bytes)) {
-                op.width = bb * static_cast<std::size_t>(r.len);
+            if (r.len == 1 ||
+                (sr.block_stride == sr.block_bytes && dr.block_stride == dr.block_bytes)) {
+                op.width = bb * static_cast<std::size_t>(r.len);  // one linear copy
                 op.height = 1;
                 op.src_pitch = op.dst_pitch = op.width;
             } else {
-                op.width = bb;
+                op.width = bb;  // one 2D copy: len rows of one block each
                 op.height = static_cast<std::size_t>(r.len);
                 op.src_pitch = static_cast<std::size_t>(sr.block_stride);
                 op.dst_pitch = static_cast<std::size_t>(dr.block_stride);
             }
-            job->nbytes += op.bytes();
-            job->ops.push_back(op);
+            ops.push_back(op);
         }
     }
-    job->num_copies = job->ops.size();
-    job->device_spans = merged(std::move(dev));
-    job->host_spans = merged(std::move(hst));
-    return job;
 }
 
 SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std::size_t n,
@@ -314,8 +333,8 @@ void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
 
 // Issues the job on `q` after its dependencies are issued. Returns false when it failed
 // (then it is already completed as failed).
-static bool issue_after_deps(CopyQueue& q, SwapJob& job, std::vector<std::shared_ptr<JobSync>>& keep,
-                             std::string& error) {
+static bool issue_after_deps(CopyQueue& q, SwapJob& job, const std::vector<CopyOp>& ops,
+                             std::vector<std::shared_ptr<JobSync>>& keep, std::string& error) {
     std::vector<JobSync*> dep_syncs;
     for (const auto& dep : job.deps) {
         std::unique_lock<std::mutex> lock(dep->mu);
@@ -331,7 +350,7 @@ static bool issue_after_deps(CopyQueue& q, SwapJob& job, std::vector<std::shared
         sync = job.sync;
     }
     try {
-        q.issue(job.ops, *sync, dep_syncs);
+        q.issue(ops, *sync, dep_syncs);
     } catch (const std::exception& e) {
         error = e.what();
         return false;
@@ -348,7 +367,9 @@ void AsyncSwapEngine::run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job)
         return;
     }
     std::vector<std::shared_ptr<JobSync>> keep;
-    if (!issue_after_deps(q, *job, keep, error)) {
+    std::vector<CopyOp> ops;
+    expand(*job, ops);
+    if (!issue_after_deps(q, *job, ops, keep, error)) {
         backend_->abandon(*job->sync);
         complete(job, 0.0, error);
         return;
@@ -371,6 +392,7 @@ void AsyncSwapEngine::run_worker() {
         open_error = e.what();
     }
     std::deque<std::shared_ptr<SwapJob>> pending;  // issued, not finished (CUDA)
+    std::vector<CopyOp> ops;                       // reused across jobs
     int since_sync = 0;
 
     auto finish = [&](const std::shared_ptr<SwapJob>& job) {
@@ -414,7 +436,8 @@ void AsyncSwapEngine::run_worker() {
             continue;
         }
         std::vector<std::shared_ptr<JobSync>> keep;
-        if (!issue_after_deps(*q, *job, keep, error)) {
+        expand(*job, ops);
+        if (!issue_after_deps(*q, *job, ops, keep, error)) {
             backend_->abandon(*job->sync);
             complete(job, 0.0, error);
             continue;
@@ -450,11 +473,11 @@ void AsyncSwapEngine::run_worker() {
 void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double seconds,
                                std::string error) {
     std::shared_ptr<JobSync> drop;
-    std::vector<CopyOp> ops;
+    std::vector<SwapJob::Row> rows;
     {
         std::lock_guard<std::mutex> lock(job->mu);
         drop = std::move(job->sync);
-        ops.swap(job->ops);
+        rows.swap(job->rows);
     }
     job->deps.clear();
     {
@@ -462,15 +485,17 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
         in_flight_.remove(job);
         if (error.empty()) {
             ++stats_.num_jobs;
-            stats_.num_copies += ops.size();
+            stats_.num_copies += job->num_copies;
             stats_.bytes += job->nbytes;
             stats_.seconds += seconds;
-            for (const CopyOp& op : ops) {
-                const auto b = op.bytes();
-                if (!b) continue;
-                const auto k = static_cast<std::size_t>(log2_floor(b));
-                if (stats_.copy_size_histogram.size() <= k) stats_.copy_size_histogram.resize(k + 1);
-                ++stats_.copy_size_histogram[k];
+            auto& hist = stats_.copy_size_histogram;
+            for (const SwapJob::Row& r : rows) {
+                for (const KVRegion& g : device_.regions()) {
+                    const auto b = static_cast<std::uint64_t>(r.len * g.block_bytes);
+                    const auto k = static_cast<std::size_t>(log2_floor(b));
+                    if (hist.size() <= k) hist.resize(k + 1);
+                    ++hist[k];
+                }
             }
         } else {
             ++stats_.num_failed;

@@ -5,7 +5,8 @@
 // bytes). With `pin` and a CUDA driver and device present, the memory is pinned through the
 // driver (cuMemHostAlloc, portable and device-mapped, in the device's primary context), so
 // GPU copies run at full link speed and asynchronously; otherwise it is page-aligned
-// plain memory (posix_memalign) and pin_reason() says why.
+// plain memory (posix_memalign; pools of 4 MiB and more are 2 MiB aligned and advised for
+// transparent huge pages) and pin_reason() says why.
 //
 // Contents are uninitialised (like numpy.empty). Source: FastSwitch (arXiv 2411.18424),
 // section 3 (the CPU side of swap-out/swap-in).

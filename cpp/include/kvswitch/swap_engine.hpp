@@ -10,7 +10,9 @@
 // A job is a list of copy pairs (src_start, dst_start, length) in blocks between the device
 // layout and the host layout (a swap-out copies device -> host, a swap-in host -> device).
 // Each pair becomes one CopyOp per region: a linear copy of length * block_bytes when both
-// sides are contiguous for the extent, else one 2D copy (length rows of block_bytes).
+// sides are contiguous for the extent, else one 2D copy (length rows of block_bytes). The
+// calling thread only validates the pairs and records the extents (O(pairs)); the worker
+// expands them into CopyOps (O(pairs x regions)).
 //
 // Ordering: jobs that touch overlapping blocks (device or host) where at least one of them
 // writes run in submission order, whichever workers they land on. Others run concurrently.
@@ -146,6 +148,8 @@ class AsyncSwapEngine {
 
   private:
     std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
+    /// The job's CopyOps (one per row and region); run by the worker, not the caller.
+    void expand(const SwapJob& job, std::vector<CopyOp>& ops) const;
     void run_worker();
     void run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job);
     void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error);
