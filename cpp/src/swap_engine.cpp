@@ -179,16 +179,19 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     rows.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
         const std::int64_t s = pairs[3 * i], d = pairs[3 * i + 1], len = pairs[3 * i + 2];
-        const std::string where = "pairs row " + std::to_string(i) + " (" + std::to_string(s) +
-                                  ", " + std::to_string(d) + ", " + std::to_string(len) + "): ";
-        if (len < 0) throw std::invalid_argument(where + "negative length");
+        // Messages are built only on error: this loop runs in the caller's thread.
+        auto where = [&] {
+            return "pairs row " + std::to_string(i) + " (" + std::to_string(s) + ", " +
+                   std::to_string(d) + ", " + std::to_string(len) + "): ";
+        };
+        if (len < 0) throw std::invalid_argument(where() + "negative length");
         if (len == 0) continue;
         if (s < 0 || s > src.num_blocks() - len)
-            throw std::invalid_argument(where + "source extent " + extent_str(s, len) +
+            throw std::invalid_argument(where() + "source extent " + extent_str(s, len) +
                                         " is outside the " + src_name + " of " +
                                         std::to_string(src.num_blocks()) + " blocks");
         if (d < 0 || d > dst.num_blocks() - len)
-            throw std::invalid_argument(where + "destination extent " + extent_str(d, len) +
+            throw std::invalid_argument(where() + "destination extent " + extent_str(d, len) +
                                         " is outside the " + dst_name + " of " +
                                         std::to_string(dst.num_blocks()) + " blocks");
         rows.push_back({s, d, len, i});
