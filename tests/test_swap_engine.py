@@ -452,3 +452,34 @@ def test_dropping_engine_with_jobs_in_flight_drains_them():
     gc.collect()
     assert all(h.done() for h in hs)
     p.assert_state(expected)
+
+
+# ---------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("offset", [0, 1, 16, 63])
+@pytest.mark.parametrize("block_bytes", [4096, 4100, 6007])
+@pytest.mark.parametrize("pad", [0, 13])
+def test_large_blocks_at_any_alignment_are_byte_exact(offset, block_bytes, pad):
+    """Blocks of 4 KiB and more at every mutual alignment of source and destination (the
+    host backend's copy loop has a separate path for them), contiguous and strided."""
+    rng = np.random.default_rng(offset + block_bytes + pad)
+    n = 6
+    raw = rng.integers(0, 256, size=offset + n * (block_bytes + pad), dtype=np.uint8)
+    dev = raw[offset:].reshape(n, block_bytes + pad)[:, :block_bytes]
+    layout = KVLayout.from_tensors([dev])
+    pool = HostKVPool(layout, n, pin=False)
+    pool.arrays[0][...] = rng.integers(0, 256, size=pool.arrays[0].shape, dtype=np.uint8)
+    pairs = [(0, 3, 2), (4, 0, 1), (2, 1, 2)]
+    before_raw = raw.copy()
+    with AsyncSwapEngine(layout, pool, backend="host", num_workers=1) as eng:
+        assert eng.swap_out(pairs).wait(timeout=30)
+        want = pool.arrays[0].copy()
+        for s, d, k in pairs:
+            np.testing.assert_array_equal(pool.arrays[0][d:d + k], dev[s:s + k])
+        np.testing.assert_array_equal(raw, before_raw)  # source untouched
+        back = [(3, 1, 2), (0, 4, 1)]
+        assert eng.swap_in(back).wait(timeout=30)
+    expected = before_raw.copy()
+    exp_dev = expected[offset:].reshape(n, block_bytes + pad)[:, :block_bytes]
+    for s, d, k in back:
+        exp_dev[d:d + k] = want[s:s + k]
+    np.testing.assert_array_equal(raw, expected)  # padding and other blocks untouched
