@@ -3,4 +3,5 @@
 
 namespace kvswitch::bindings {
 void bind_allocator(nanobind::module_& m);
+void bind_swap(nanobind::module_& m);  // layouts, host pools, swap engine
 }  // namespace kvswitch::bindings

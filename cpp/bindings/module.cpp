@@ -6,4 +6,5 @@
 NB_MODULE(_core, m) {
     m.doc() = "kvswitch C++ core: block-group allocator, swap engine and backends.";
     kvswitch::bindings::bind_allocator(m);
+    kvswitch::bindings::bind_swap(m);
 }

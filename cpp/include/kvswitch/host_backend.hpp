@@ -1,0 +1,23 @@
+// HostBackend: copies with memcpy on the calling worker thread (both pools in host
+// memory). A 2D copy is a loop of one memcpy per row. The duration of a job is measured
+// with std::chrono::steady_clock around its copies.
+//
+// Streams and events (after=/before=) are not supported: prepare() throws
+// std::invalid_argument when one is given.
+#pragma once
+
+#include "kvswitch/copy_backend.hpp"
+
+namespace kvswitch {
+
+class HostBackend final : public CopyBackend {
+  public:
+    std::string name() const override { return "host"; }
+    std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
+    std::unique_ptr<CopyQueue> open_queue() override;
+};
+
+/// Performs `op` with memcpy (rows one by one when strided).
+void host_copy(const CopyOp& op) noexcept;
+
+}  // namespace kvswitch

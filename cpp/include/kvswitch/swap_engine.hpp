@@ -1,0 +1,182 @@
+// AsyncSwapEngine: GPU <-> host KV swaps dispatched from C++ worker threads.
+//
+// Source: FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager":
+// dispatch of the copy API calls happens on a C++ thread pool, never under the Python GIL;
+// each job ends with an event; a worker synchronizes its stream after `sync_every`
+// dispatches so that the inference stream's own copies are not stuck behind a long swap
+// queue; in-flight jobs remember the device blocks they touch, so that a new allocation
+// over them waits for exactly those jobs (KV cache conflict resolution).
+//
+// A job is a list of copy pairs (src_start, dst_start, length) in blocks between the device
+// layout and the host layout (a swap-out copies device -> host, a swap-in host -> device).
+// Each pair becomes one CopyOp per region: a linear copy of length * block_bytes when both
+// sides are contiguous for the extent, else one 2D copy (length rows of block_bytes). The
+// calling thread only validates the pairs and records the extents (O(pairs)); the worker
+// expands them into CopyOps (O(pairs x regions)).
+//
+// Ordering: jobs that touch overlapping blocks (device or host) where at least one of them
+// writes run in submission order, whichever workers they land on. Others run concurrently.
+//
+// Thread safety: every public member is thread-safe.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvswitch/copy_backend.hpp"
+#include "kvswitch/kv_layout.hpp"
+
+namespace kvswitch {
+
+/// A job failed inside a worker (copy API error); raised by SwapHandle::wait().
+class SwapError : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
+/// The engine is closed (or closing): no new jobs.
+class EngineClosed : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
+/// An extent of blocks [start, start + length).
+struct BlockSpan {
+    std::int64_t start = 0;
+    std::int64_t length = 0;
+};
+
+struct SwapJob;  // engine-internal
+
+/// The caller's view of one job. Copyable; all copies refer to the same job.
+class SwapHandle {
+  public:
+    SwapHandle() = default;
+    explicit SwapHandle(std::shared_ptr<SwapJob> job) : job_(std::move(job)) {}
+
+    std::uint64_t id() const;
+    Direction direction() const;
+    std::uint64_t nbytes() const;      ///< bytes the job copies
+    std::uint64_t num_copies() const;  ///< copy operations (linear or 2D) it issues
+    /// True when the job has finished (successfully or not). Never blocks.
+    bool done() const;
+    /// Blocks until done or `timeout_s` seconds pass (negative: no limit). Returns
+    /// whether it is done. Throws SwapError when the job failed.
+    bool wait(double timeout_s = -1.0) const;
+    /// Seconds the copies took (CUDA events on cuda, steady clock on host); empty until
+    /// the job is done or when it failed.
+    std::optional<double> elapsed_s() const;
+    /// The error text of a failed job ("" otherwise).
+    std::string error() const;
+
+  private:
+    std::shared_ptr<SwapJob> job_;
+};
+
+struct SwapStats {
+    std::uint64_t num_jobs = 0;     ///< jobs completed successfully
+    std::uint64_t num_failed = 0;   ///< jobs that failed in a worker
+    std::uint64_t num_copies = 0;   ///< copy operations of completed jobs
+    std::uint64_t bytes = 0;        ///< bytes of completed jobs
+    double seconds = 0.0;           ///< sum of completed jobs' elapsed_s
+    /// copy_size_histogram[k]: copies of [2^k, 2^(k+1)) bytes.
+    std::vector<std::uint64_t> copy_size_histogram;
+    std::uint64_t in_flight = 0;    ///< jobs queued or running now
+};
+
+struct EngineOptions {
+    int num_workers = 2;        ///< 0: run every job inline in the calling thread
+    int sync_every = 64;        ///< a worker synchronizes its stream after this many jobs
+    std::size_t max_queue = 1024;  ///< submit() blocks while this many jobs wait for a worker
+    std::size_t max_unpolled = 65536;  ///< finished handles kept for poll() (oldest dropped)
+};
+
+class AsyncSwapEngine {
+  public:
+    /// device: the GPU pool (or a host pool on the host backend); host: the host pool.
+    /// Throws std::invalid_argument when the layouts do not match (region count, block
+    /// bytes per region), the host layout is not on the CPU, or options are out of range.
+    AsyncSwapEngine(KVLayout device, KVLayout host, std::shared_ptr<CopyBackend> backend,
+                    EngineOptions options = {});
+    ~AsyncSwapEngine();  ///< close()
+    AsyncSwapEngine(const AsyncSwapEngine&) = delete;
+    AsyncSwapEngine& operator=(const AsyncSwapEngine&) = delete;
+
+    /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major.
+    /// Validates everything first (std::invalid_argument: negative length, extent out of
+    /// range, overlapping destination extents; EngineClosed) and then copies nothing on
+    /// error. Length-0 rows are skipped. Returns once the job is queued (inline mode: once
+    /// it is done). Blocks while the queue is full.
+    SwapHandle submit(Direction dir, const std::int64_t* pairs, std::size_t n,
+                      StreamRef after = {}, StreamRef before = {});
+
+    /// Handles finished since the previous poll(), in completion order.
+    std::vector<SwapHandle> poll();
+    /// Blocks until every job queued or running now that reads or writes one of the
+    /// device blocks `ids` is done. Job errors are not raised here (see the handles).
+    /// Returns the number of jobs waited for.
+    std::size_t wait_blocks(const std::int64_t* ids, std::size_t n);
+    /// Blocks until every job submitted so far is done.
+    void synchronize();
+    SwapStats stats() const;
+    /// Drains queued and running jobs, joins the workers. Idempotent.
+    void close();
+    bool closed() const;
+
+    const std::string& backend_name() const { return backend_name_; }
+    const KVLayout& device_layout() const { return device_; }
+    const KVLayout& host_layout() const { return host_; }
+    const EngineOptions& options() const { return opts_; }
+
+    /// Test hook: the next `n` jobs fail inside the worker with `message` (nothing copied).
+    void fail_next_jobs(int n, std::string message);
+    /// Test hook: while paused, workers take no new job from the queue (close() still
+    /// drains it). Makes "job still in flight" states deterministic in tests.
+    void set_paused(bool paused);
+
+  private:
+    std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
+    /// The job's CopyOps (one per row and region); run by the worker, not the caller.
+    void expand(const SwapJob& job, std::vector<CopyOp>& ops) const;
+    void run_worker();
+    void run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job);
+    void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error);
+    bool consume_injected_failure(std::string& message);
+
+    KVLayout device_;
+    KVLayout host_;
+    std::shared_ptr<CopyBackend> backend_;
+    std::string backend_name_;
+    EngineOptions opts_;
+
+    mutable std::mutex mu_;
+    std::condition_variable work_cv_;   // workers: queue not empty or closing
+    std::condition_variable space_cv_;  // submitters: queue has space
+    std::deque<std::shared_ptr<SwapJob>> queue_;
+    std::list<std::shared_ptr<SwapJob>> in_flight_;  // queued or running, submission order
+    std::deque<std::shared_ptr<SwapJob>> finished_;  // for poll()
+    std::vector<std::thread> workers_;
+    std::unique_ptr<CopyQueue> inline_queue_;
+    std::mutex inline_mu_;
+    std::mutex close_mu_;
+    bool closing_ = false;
+    bool paused_ = false;
+    std::uint64_t next_id_ = 1;
+    SwapStats stats_;
+    int fail_next_ = 0;
+    std::string fail_message_;
+};
+
+}  // namespace kvswitch

@@ -1,0 +1,593 @@
+#include "kvswitch/swap_engine.hpp"
+
+#include <algorithm>
+#include <utility>
+
+namespace kvswitch {
+
+enum class JobState : int { kQueued, kIssued, kDone, kFailed };
+
+struct SwapJob {
+    std::uint64_t id = 0;
+    Direction dir = Direction::kOut;
+    std::uint64_t nbytes = 0;
+    std::uint64_t num_copies = 0;
+    struct Row {
+        std::int64_t src, dst, len;
+    };
+    std::vector<Row> rows;                // validated, length > 0; expanded by the worker
+    std::vector<BlockSpan> device_spans;  // sorted, merged
+    std::vector<BlockSpan> host_spans;    // sorted, merged
+    std::vector<std::shared_ptr<SwapJob>> deps;  // earlier conflicting jobs, until issued
+
+    mutable std::mutex mu;
+    mutable std::condition_variable cv;
+    JobState state = JobState::kQueued;      // guarded by mu
+    std::shared_ptr<JobSync> sync;           // guarded by mu; released when finished
+    double seconds = 0.0;                    // guarded by mu
+    std::string error;                       // guarded by mu
+
+    bool finished_locked() const { return state == JobState::kDone || state == JobState::kFailed; }
+    bool writes_device() const { return dir == Direction::kIn; }
+    bool writes_host() const { return dir == Direction::kOut; }
+};
+
+// ---------------------------------------------------------------- SwapHandle
+
+namespace {
+const SwapJob& job_of(const std::shared_ptr<SwapJob>& j) {
+    if (!j) throw std::logic_error("empty SwapHandle");
+    return *j;
+}
+}  // namespace
+
+std::uint64_t SwapHandle::id() const { return job_of(job_).id; }
+Direction SwapHandle::direction() const { return job_of(job_).dir; }
+std::uint64_t SwapHandle::nbytes() const { return job_of(job_).nbytes; }
+std::uint64_t SwapHandle::num_copies() const { return job_of(job_).num_copies; }
+
+bool SwapHandle::done() const {
+    const SwapJob& j = job_of(job_);
+    std::lock_guard<std::mutex> lock(j.mu);
+    return j.finished_locked();
+}
+
+bool SwapHandle::wait(double timeout_s) const {
+    const SwapJob& j = job_of(job_);
+    std::unique_lock<std::mutex> lock(j.mu);
+    auto pred = [&] { return j.finished_locked(); };
+    if (timeout_s < 0) {
+        j.cv.wait(lock, pred);
+    } else if (!j.cv.wait_for(lock, std::chrono::duration<double>(timeout_s), pred)) {
+        return false;
+    }
+    if (j.state == JobState::kFailed)
+        throw SwapError("swap job " + std::to_string(j.id) + " failed: " + j.error);
+    return true;
+}
+
+std::optional<double> SwapHandle::elapsed_s() const {
+    const SwapJob& j = job_of(job_);
+    std::lock_guard<std::mutex> lock(j.mu);
+    if (j.state != JobState::kDone) return std::nullopt;
+    return j.seconds;
+}
+
+std::string SwapHandle::error() const {
+    const SwapJob& j = job_of(job_);
+    std::lock_guard<std::mutex> lock(j.mu);
+    return j.error;
+}
+
+// ---------------------------------------------------------------- helpers
+
+namespace {
+
+std::vector<BlockSpan> merged(std::vector<BlockSpan> spans) {
+    std::sort(spans.begin(), spans.end(),
+              [](const BlockSpan& a, const BlockSpan& b) { return a.start < b.start; });
+    std::vector<BlockSpan> out;
+    for (const BlockSpan& s : spans) {
+        if (!out.empty() && s.start <= out.back().start + out.back().length) {
+            const std::int64_t end = std::max(out.back().start + out.back().length,
+                                               s.start + s.length);
+            out.back().length = end - out.back().start;
+        } else {
+            out.push_back(s);
+        }
+    }
+    return out;
+}
+
+bool overlaps(const std::vector<BlockSpan>& a, const std::vector<BlockSpan>& b) {
+    std::size_t i = 0, j = 0;
+    while (i < a.size() && j < b.size()) {
+        const std::int64_t a_end = a[i].start + a[i].length;
+        const std::int64_t b_end = b[j].start + b[j].length;
+        if (a[i].start < b_end && b[j].start < a_end) return true;
+        if (a_end <= b_end) ++i; else ++j;
+    }
+    return false;
+}
+
+bool conflicts(const SwapJob& a, const SwapJob& b) {
+    if ((a.writes_device() || b.writes_device()) && overlaps(a.device_spans, b.device_spans))
+        return true;
+    return (a.writes_host() || b.writes_host()) && overlaps(a.host_spans, b.host_spans);
+}
+
+int log2_floor(std::uint64_t v) {
+    int k = 0;
+    while (v >>= 1) ++k;
+    return k;
+}
+
+std::string extent_str(std::int64_t start, std::int64_t length) {
+    return "[" + std::to_string(start) + ", " + std::to_string(start + length) + ")";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- engine
+
+AsyncSwapEngine::AsyncSwapEngine(KVLayout device, KVLayout host,
+                                 std::shared_ptr<CopyBackend> backend, EngineOptions options)
+    : device_(std::move(device)), host_(std::move(host)), backend_(std::move(backend)),
+      opts_(options) {
+    if (!backend_) throw std::invalid_argument("AsyncSwapEngine: no backend");
+    backend_name_ = backend_->name();
+    if (opts_.num_workers < 0 || opts_.num_workers > 64)
+        throw std::invalid_argument("AsyncSwapEngine: num_workers must be in [0, 64], got " +
+                                    std::to_string(opts_.num_workers));
+    if (opts_.sync_every < 1)
+        throw std::invalid_argument("AsyncSwapEngine: sync_every must be >= 1, got " +
+                                    std::to_string(opts_.sync_every));
+    if (opts_.max_queue < 1) throw std::invalid_argument("AsyncSwapEngine: max_queue must be >= 1");
+    if (host_.device().type != DeviceType::kCPU)
+        throw std::invalid_argument("AsyncSwapEngine: the host pool must be in CPU memory, got " +
+                                    host_.device().str());
+    if (host_.num_regions() != device_.num_regions())
+        throw std::invalid_argument(
+            "AsyncSwapEngine: host pool has " + std::to_string(host_.num_regions()) +
+            " regions, the device layout " + std::to_string(device_.num_regions()));
+    for (std::size_t i = 0; i < host_.num_regions(); ++i) {
+        const auto hb = host_.regions()[i].block_bytes;
+        const auto db = device_.regions()[i].block_bytes;
+        if (hb != db)
+            throw std::invalid_argument("AsyncSwapEngine: region " + std::to_string(i) +
+                                        ": host block_bytes " + std::to_string(hb) +
+                                        " != device block_bytes " + std::to_string(db));
+    }
+    for (int i = 0; i < opts_.num_workers; ++i) workers_.emplace_back([this] { run_worker(); });
+}
+
+AsyncSwapEngine::~AsyncSwapEngine() { close(); }
+
+std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_t* pairs,
+                                                std::size_t n) {
+    const bool out = dir == Direction::kOut;
+    const KVLayout& src = out ? device_ : host_;
+    const KVLayout& dst = out ? host_ : device_;
+    const char* src_name = out ? "device pool" : "host pool";
+    const char* dst_name = out ? "host pool" : "device pool";
+
+    struct Row {
+        std::int64_t src, dst, len;
+        std::size_t index;
+    };
+    std::vector<Row> rows;
+    rows.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::int64_t s = pairs[3 * i], d = pairs[3 * i + 1], len = pairs[3 * i + 2];
+        // Messages are built only on error: this loop runs in the caller's thread.
+        auto where = [&] {
+            return "pairs row " + std::to_string(i) + " (" + std::to_string(s) + ", " +
+                   std::to_string(d) + ", " + std::to_string(len) + "): ";
+        };
+        if (len < 0) throw std::invalid_argument(where() + "negative length");
+        if (len == 0) continue;
+        if (s < 0 || s > src.num_blocks() - len)
+            throw std::invalid_argument(where() + "source extent " + extent_str(s, len) +
+                                        " is outside the " + src_name + " of " +
+                                        std::to_string(src.num_blocks()) + " blocks");
+        if (d < 0 || d > dst.num_blocks() - len)
+            throw std::invalid_argument(where() + "destination extent " + extent_str(d, len) +
+                                        " is outside the " + dst_name + " of " +
+                                        std::to_string(dst.num_blocks()) + " blocks");
+        rows.push_back({s, d, len, i});
+    }
+    // Destination extents must not overlap: the result would depend on copy order.
+    std::vector<const Row*> by_dst;
+    by_dst.reserve(rows.size());
+    for (const Row& r : rows) by_dst.push_back(&r);
+    std::sort(by_dst.begin(), by_dst.end(),
+              [](const Row* a, const Row* b) { return a->dst < b->dst; });
+    for (std::size_t k = 1; k < by_dst.size(); ++k) {
+        const Row& a = *by_dst[k - 1];
+        const Row& b = *by_dst[k];
+        if (b.dst < a.dst + a.len)
+            throw std::invalid_argument(
+                "destination extents overlap: pairs rows " + std::to_string(a.index) + " " +
+                extent_str(a.dst, a.len) + " and " + std::to_string(b.index) + " " +
+                extent_str(b.dst, b.len) + " both write block " + std::to_string(b.dst));
+    }
+
+    auto job = std::make_shared<SwapJob>();
+    job->dir = dir;
+    const std::size_t nreg = src.num_regions();
+    job->rows.reserve(rows.size());
+    std::vector<BlockSpan> dev, hst;
+    dev.reserve(rows.size());
+    hst.reserve(rows.size());
+    std::int64_t blocks = 0;
+    for (const Row& r : rows) {
+        (out ? dev : hst).push_back({r.src, r.len});
+        (out ? hst : dev).push_back({r.dst, r.len});
+        job->rows.push_back({r.src, r.dst, r.len});
+        blocks += r.len;
+    }
+    job->nbytes = static_cast<std::uint64_t>(blocks) *
+                  static_cast<std::uint64_t>(src.bytes_per_block());
+    job->num_copies = job->rows.size() * nreg;
+    job->device_spans = merged(std::move(dev));
+    job->host_spans = merged(std::move(hst));
+    return job;
+}
+
+void AsyncSwapEngine::expand(const SwapJob& job, std::vector<CopyOp>& ops) const {
+    const bool out = job.dir == Direction::kOut;
+    const KVLayout& src = out ? device_ : host_;
+    const KVLayout& dst = out ? host_ : device_;
+    const std::size_t nreg = src.num_regions();
+    ops.clear();
+    ops.reserve(job.rows.size() * nreg);
+    for (const SwapJob::Row& r : job.rows) {
+        for (std::size_t g = 0; g < nreg; ++g) {
+            const KVRegion& sr = src.regions()[g];
+            const KVRegion& dr = dst.regions()[g];
+            CopyOp op;
+            op.src = src.block_address(g, r.src);
+            op.dst = dst.block_address(g, r.dst);
+            const auto bb = static_cast<std::size_t>(sr.block_bytes);
+            if (r.len == 1 ||
+                (sr.block_stride == sr.block_bytes && dr.block_stride == dr.block_bytes)) {
+                op.width = bb * static_cast<std::size_t>(r.len);  // one linear copy
+                op.height = 1;
+                op.src_pitch = op.dst_pitch = op.width;
+            } else {
+                op.width = bb;  // one 2D copy: len rows of one block each
+                op.height = static_cast<std::size_t>(r.len);
+                op.src_pitch = static_cast<std::size_t>(sr.block_stride);
+                op.dst_pitch = static_cast<std::size_t>(dr.block_stride);
+            }
+            ops.push_back(op);
+        }
+    }
+}
+
+SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std::size_t n,
+                                   StreamRef after, StreamRef before) {
+    if (closed()) throw EngineClosed("AsyncSwapEngine is closed");
+    std::shared_ptr<SwapJob> job = build(dir, pairs, n);  // throws before anything happens
+    job->sync = backend_->prepare(dir, after, before);
+
+    if (opts_.num_workers == 0) {
+        std::lock_guard<std::mutex> inline_lock(inline_mu_);
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (closing_) {
+                backend_->abandon(*job->sync);
+                throw EngineClosed("AsyncSwapEngine is closed");
+            }
+            job->id = next_id_++;
+        }
+        if (!inline_queue_) {
+            try {
+                inline_queue_ = backend_->open_queue();
+            } catch (const std::exception& e) {
+                backend_->abandon(*job->sync);
+                complete(job, 0.0, std::string("could not open a copy queue: ") + e.what());
+                return SwapHandle(job);
+            }
+        }
+        run_job(*inline_queue_, job);
+        return SwapHandle(job);
+    }
+
+    {
+        std::unique_lock<std::mutex> lock(mu_);
+        space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
+        if (closing_) {
+            lock.unlock();
+            backend_->abandon(*job->sync);
+            throw EngineClosed("AsyncSwapEngine is closed");
+        }
+        job->id = next_id_++;
+        for (const auto& other : in_flight_)
+            if (conflicts(*other, *job)) job->deps.push_back(other);
+        in_flight_.push_back(job);
+        queue_.push_back(job);
+    }
+    work_cv_.notify_one();
+    return SwapHandle(job);
+}
+
+void AsyncSwapEngine::set_paused(bool paused) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        paused_ = paused;
+    }
+    work_cv_.notify_all();
+}
+
+bool AsyncSwapEngine::consume_injected_failure(std::string& message) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fail_next_ <= 0) return false;
+    --fail_next_;
+    message = fail_message_;
+    return true;
+}
+
+void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
+    std::lock_guard<std::mutex> lock(mu_);
+    fail_next_ = n;
+    fail_message_ = std::move(message);
+}
+
+// Issues the job on `q` after its dependencies are issued. Returns false when it failed
+// (then it is already completed as failed).
+static bool issue_after_deps(CopyQueue& q, SwapJob& job, const std::vector<CopyOp>& ops,
+                             std::vector<std::shared_ptr<JobSync>>& keep, std::string& error) {
+    std::vector<JobSync*> dep_syncs;
+    for (const auto& dep : job.deps) {
+        std::unique_lock<std::mutex> lock(dep->mu);
+        dep->cv.wait(lock, [&] { return dep->state != JobState::kQueued; });
+        if (dep->state == JobState::kIssued && dep->sync) {  // still running: order after it
+            keep.push_back(dep->sync);
+            dep_syncs.push_back(dep->sync.get());
+        }
+    }
+    std::shared_ptr<JobSync> sync;
+    {
+        std::lock_guard<std::mutex> lock(job.mu);
+        sync = job.sync;
+    }
+    try {
+        q.issue(ops, *sync, dep_syncs);
+    } catch (const std::exception& e) {
+        error = e.what();
+        return false;
+    }
+    return true;
+}
+
+void AsyncSwapEngine::run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job) {
+    // Inline mode: issue and finish in the calling thread.
+    std::string error;
+    if (consume_injected_failure(error)) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, error);
+        return;
+    }
+    std::vector<std::shared_ptr<JobSync>> keep;
+    std::vector<CopyOp> ops;
+    expand(*job, ops);
+    if (!issue_after_deps(q, *job, ops, keep, error)) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, error);
+        return;
+    }
+    try {
+        const double s = q.finish(*job->sync);
+        complete(job, s, "");
+    } catch (const std::exception& e) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, e.what());
+    }
+}
+
+void AsyncSwapEngine::run_worker() {
+    std::unique_ptr<CopyQueue> q;
+    std::string open_error;
+    try {
+        q = backend_->open_queue();
+    } catch (const std::exception& e) {
+        open_error = e.what();
+    }
+    std::deque<std::shared_ptr<SwapJob>> pending;  // issued, not finished (CUDA)
+    std::vector<CopyOp> ops;                       // reused across jobs
+    int since_sync = 0;
+
+    auto finish = [&](const std::shared_ptr<SwapJob>& job) {
+        try {
+            const double s = q->finish(*job->sync);
+            complete(job, s, "");
+        } catch (const std::exception& e) {
+            backend_->abandon(*job->sync);
+            complete(job, 0.0, e.what());
+        }
+    };
+
+    for (;;) {
+        std::shared_ptr<SwapJob> job;
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            if (pending.empty())
+                work_cv_.wait(lock, [&] { return (!queue_.empty() && !paused_) || closing_; });
+            if (!queue_.empty() && (!paused_ || closing_)) {
+                job = std::move(queue_.front());
+                queue_.pop_front();
+            } else if (pending.empty()) {
+                break;  // closing and drained
+            }
+        }
+        if (!job) {  // nothing queued: retire the oldest issued job
+            finish(pending.front());
+            pending.pop_front();
+            continue;
+        }
+        space_cv_.notify_one();
+        std::string error;
+        if (!q) {
+            backend_->abandon(*job->sync);
+            complete(job, 0.0, "worker could not open a copy queue: " + open_error);
+            continue;
+        }
+        if (consume_injected_failure(error)) {
+            backend_->abandon(*job->sync);
+            complete(job, 0.0, error);
+            continue;
+        }
+        std::vector<std::shared_ptr<JobSync>> keep;
+        expand(*job, ops);
+        if (!issue_after_deps(*q, *job, ops, keep, error)) {
+            backend_->abandon(*job->sync);
+            complete(job, 0.0, error);
+            continue;
+        }
+        {
+            std::lock_guard<std::mutex> lock(job->mu);
+            job->state = JobState::kIssued;
+        }
+        job->cv.notify_all();
+        job->deps.clear();
+        if (q->completes_on_issue()) {
+            finish(job);
+            continue;
+        }
+        pending.push_back(std::move(job));
+        if (++since_sync >= opts_.sync_every) {
+            // Paper 3.2: bound the swap stream's queue so the inference stream's own
+            // copies are not stuck behind it.
+            try {
+                q->synchronize();
+            } catch (const std::exception&) {
+                // each job's finish() reports its own error
+            }
+            while (!pending.empty()) {
+                finish(pending.front());
+                pending.pop_front();
+            }
+            since_sync = 0;
+        }
+    }
+}
+
+void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double seconds,
+                               std::string error) {
+    std::shared_ptr<JobSync> drop;
+    std::vector<SwapJob::Row> rows;
+    {
+        std::lock_guard<std::mutex> lock(job->mu);
+        drop = std::move(job->sync);
+        rows.swap(job->rows);
+    }
+    job->deps.clear();
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        in_flight_.remove(job);
+        if (error.empty()) {
+            ++stats_.num_jobs;
+            stats_.num_copies += job->num_copies;
+            stats_.bytes += job->nbytes;
+            stats_.seconds += seconds;
+            auto& hist = stats_.copy_size_histogram;
+            for (const SwapJob::Row& r : rows) {
+                for (const KVRegion& g : device_.regions()) {
+                    const auto b = static_cast<std::uint64_t>(r.len * g.block_bytes);
+                    const auto k = static_cast<std::size_t>(log2_floor(b));
+                    if (hist.size() <= k) hist.resize(k + 1);
+                    ++hist[k];
+                }
+            }
+        } else {
+            ++stats_.num_failed;
+        }
+        finished_.push_back(job);
+        while (finished_.size() > opts_.max_unpolled) finished_.pop_front();
+    }
+    {
+        std::lock_guard<std::mutex> lock(job->mu);
+        job->state = error.empty() ? JobState::kDone : JobState::kFailed;
+        job->seconds = seconds;
+        job->error = std::move(error);
+    }
+    job->cv.notify_all();
+}
+
+std::vector<SwapHandle> AsyncSwapEngine::poll() {
+    std::deque<std::shared_ptr<SwapJob>> done;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        done.swap(finished_);
+    }
+    std::vector<SwapHandle> out;
+    out.reserve(done.size());
+    for (auto& j : done) out.emplace_back(std::move(j));
+    return out;
+}
+
+namespace {
+void wait_finished(const SwapJob& j) {
+    std::unique_lock<std::mutex> lock(j.mu);
+    j.cv.wait(lock, [&] { return j.finished_locked(); });
+}
+}  // namespace
+
+std::size_t AsyncSwapEngine::wait_blocks(const std::int64_t* ids, std::size_t n) {
+    std::vector<std::int64_t> sorted(ids, ids + n);
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<std::shared_ptr<SwapJob>> hits;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const auto& job : in_flight_) {
+            for (const BlockSpan& s : job->device_spans) {
+                auto it = std::lower_bound(sorted.begin(), sorted.end(), s.start);
+                if (it != sorted.end() && *it < s.start + s.length) {
+                    hits.push_back(job);
+                    break;
+                }
+            }
+        }
+    }
+    for (const auto& j : hits) wait_finished(*j);
+    return hits.size();
+}
+
+void AsyncSwapEngine::synchronize() {
+    std::vector<std::shared_ptr<SwapJob>> all;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        all.assign(in_flight_.begin(), in_flight_.end());
+    }
+    for (const auto& j : all) wait_finished(*j);
+}
+
+SwapStats AsyncSwapEngine::stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    SwapStats s = stats_;
+    s.in_flight = in_flight_.size();
+    return s;
+}
+
+void AsyncSwapEngine::close() {
+    std::lock_guard<std::mutex> close_lock(close_mu_);
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        closing_ = true;
+    }
+    work_cv_.notify_all();
+    space_cv_.notify_all();
+    for (std::thread& t : workers_)
+        if (t.joinable()) t.join();
+    workers_.clear();
+    std::lock_guard<std::mutex> inline_lock(inline_mu_);
+    inline_queue_.reset();
+}
+
+bool AsyncSwapEngine::closed() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return closing_;
+}
+
+}  // namespace kvswitch

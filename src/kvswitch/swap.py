@@ -1,0 +1,350 @@
+"""AsyncSwapEngine: GPU <-> CPU KV swaps dispatched from C++ worker threads.
+
+FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager": the Python call
+only validates a job and queues it; C++ worker threads issue the copy API calls (never
+under the GIL) and end each job with an event. A worker synchronizes its stream after
+``sync_every`` dispatches so the inference stream's own copies are not stuck behind a
+long swap queue. Each in-flight job remembers the device blocks it touches, so that a new
+allocation over them waits for exactly those jobs (:meth:`AsyncSwapEngine.wait_blocks`,
+KV cache conflict resolution).
+
+Backends:
+
+* ``"cuda"``: CUDA driver API loaded at run time (``libcuda.so.1``), primary context of
+  the device layout's GPU (shared with PyTorch/CuPy), one lowest-priority stream per
+  worker; all linear copies of a job in one ``cuMemcpyBatchAsync`` where the driver has it
+  (CUDA >= 12.8), strided extents as ``cuMemcpy2DAsync``.
+* ``"host"``: ``memcpy`` on the worker threads, for host-memory layouts (tests, CPU-only
+  machines, benchmarks of the dispatch path). ``num_workers=0`` runs every job inline in
+  the calling thread (deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvswitch import _core
+from kvswitch.host_pool import HostKVPool
+from kvswitch.layout import KVLayout
+
+__all__ = ["AsyncSwapEngine", "CudaEvent", "EngineClosedError", "SwapError", "SwapHandle"]
+
+#: A job failed inside a worker (e.g. a CUDA error); raised by ``SwapHandle.wait()``.
+SwapError = _core.SwapError
+#: The engine is closed; raised by ``swap_out``/``swap_in`` after ``close()``.
+EngineClosedError = _core.EngineClosedError
+#: Handle of one queued job: ``done()``, ``wait(timeout=None) -> bool`` (GIL released;
+#: raises SwapError if the job failed), ``nbytes``, ``num_copies``, ``elapsed_s`` (seconds,
+#: None until done), ``direction`` (``"out"``/``"in"``), ``id``, ``error``.
+SwapHandle = _core.SwapHandle
+
+_NONE, _STREAM, _EVENT = 0, 1, 2
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class CudaEvent:
+    """A raw ``CUevent``/``cudaEvent_t`` handle, for ``after=`` when the event comes from
+    neither PyTorch (``torch.cuda.Event`` is recognised) nor CuPy."""
+
+    handle: int
+
+
+def _stream_ref(obj: Any, what: str) -> tuple[int, int]:
+    """(kind, raw handle) of a stream or event given as ``after=``/``before=``."""
+    if obj is None:
+        return _NONE, 0
+    if isinstance(obj, CudaEvent):
+        return _EVENT, int(obj.handle)
+    if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
+        return _STREAM, int(obj)
+    if hasattr(obj, "__cuda_stream__"):  # CUDA stream protocol: (version, handle)
+        return _STREAM, int(obj.__cuda_stream__()[1])
+    if hasattr(obj, "cuda_event"):  # torch.cuda.Event
+        return _EVENT, int(obj.cuda_event)
+    if hasattr(obj, "cuda_stream"):  # torch.cuda.Stream
+        return _STREAM, int(obj.cuda_stream)
+    module = type(obj).__module__ or ""
+    if module.startswith("cupy") and hasattr(obj, "ptr"):
+        kind = _EVENT if type(obj).__name__ == "Event" else _STREAM
+        return kind, int(obj.ptr)
+    raise TypeError(
+        f"{what} must be a CUDA stream (object with __cuda_stream__ or .cuda_stream, or an "
+        f"int handle) or an event (torch.cuda.Event, cupy Event, kvswitch.CudaEvent), got "
+        f"{type(obj).__name__}")
+
+
+def _as_pairs(pairs: Any) -> np.ndarray:
+    if (type(pairs) is np.ndarray and pairs.dtype == np.int64 and pairs.ndim == 2
+            and pairs.flags.c_contiguous):
+        return pairs  # fast path: no conversion
+    arr = np.asarray(pairs)
+    if arr.size == 0 and arr.ndim <= 2:
+        return np.zeros((0, 3), dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"pairs must be integers (src_start, dst_start, length), got dtype "
+                        f"{arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"pairs must have shape [n, 3] (src_start, dst_start, length), got "
+                         f"{list(arr.shape)}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > _INT64_MAX:
+        raise ValueError("pairs: value out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _device_name(device: Any) -> str:
+    return device if isinstance(device, str) else f"{device[0]}:{device[1]}"
+
+
+class AsyncSwapEngine:
+    """Swaps KV blocks between a device layout and a host pool on C++ worker threads.
+
+    Args:
+        device_layout: the GPU pool (:class:`~kvswitch.KVLayout`); on the host backend a
+            layout in host memory standing in for it.
+        host_pool: a :class:`~kvswitch.HostKVPool` made from ``device_layout`` (or any
+            host-memory KVLayout with the same regions).
+        backend: ``"auto"`` (cuda when a CUDA driver loads, a device answers and the device
+            layout is on that device; else host), ``"cuda"`` or ``"host"``.
+        num_workers: C++ worker threads (>= 0, at most 64). 0 runs each job inline in the
+            calling thread (GIL released) and returns a finished handle.
+        sync_every: a worker synchronizes its stream after this many dispatched jobs
+            (paper 3.2; >= 1). No effect on the host backend (copies are synchronous).
+        max_queue: jobs that may wait for a worker; ``swap_out``/``swap_in`` block (GIL
+            released) while the queue is full.
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: the host pool does not match the layout (region count, block bytes),
+            the host pool is not in CPU memory, ``backend="host"`` with a CUDA layout,
+            ``backend="cuda"`` with a host layout, or options out of range.
+        RuntimeError: ``backend="cuda"`` (or ``"auto"`` with a CUDA layout) without a
+            usable driver/device; the message says why.
+
+    Jobs that touch overlapping blocks (device or host) where one of them writes run in
+    submission order; others run concurrently. Errors inside a worker surface from the
+    job's ``handle.wait()`` as :class:`SwapError`; the engine stays usable.
+    """
+
+    def __init__(self, device_layout: KVLayout, host_pool: HostKVPool | KVLayout, *,
+                 backend: str = "auto", num_workers: int = 2, sync_every: int = 64,
+                 max_queue: int = 1024):
+        if not isinstance(device_layout, KVLayout):
+            raise TypeError(f"device_layout must be a KVLayout, got "
+                            f"{type(device_layout).__name__}")
+        if isinstance(host_pool, HostKVPool):
+            host_layout = host_pool.layout
+        elif isinstance(host_pool, KVLayout):
+            host_layout = host_pool
+        else:
+            raise TypeError(f"host_pool must be a HostKVPool (or a host KVLayout), got "
+                            f"{type(host_pool).__name__}")
+        num_workers = operator.index(num_workers)
+        sync_every = operator.index(sync_every)
+        max_queue = operator.index(max_queue)
+        if host_layout.device != "cpu":
+            raise ValueError(f"the host pool must be in CPU memory, got "
+                             f"{_device_name(host_layout.device)}")
+        if host_layout.num_regions != device_layout.num_regions:
+            raise ValueError(
+                f"host pool does not match the device layout: {host_layout.num_regions} "
+                f"regions vs {device_layout.num_regions}")
+        for i, (h, d) in enumerate(zip(host_layout.regions, device_layout.regions, strict=True)):
+            if h.block_bytes != d.block_bytes:
+                raise ValueError(
+                    f"host pool does not match the device layout: region {i} has "
+                    f"{h.block_bytes} bytes per block on the host, {d.block_bytes} on the device")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        name, reason = self._select_backend(backend, device_layout)
+        self._device_layout = device_layout
+        self._host_pool = host_pool
+        self._host_layout = host_layout
+        self._backend_reason = reason
+        self._engine = _core.SwapEngineCore(device_layout._core, host_layout._core, name,
+                                            num_workers, sync_every, max_queue)
+
+    @staticmethod
+    def _select_backend(backend: str, layout: KVLayout) -> tuple[str, str]:
+        if backend not in ("auto", "cuda", "host"):
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+        on_cuda = layout.device != "cpu"
+        ordinal = layout.device[1] if on_cuda else 0
+        info = _core.cuda_driver_info()
+        if backend == "host":
+            if on_cuda:
+                raise ValueError(
+                    f"backend='host' copies with memcpy and cannot reach a device layout on "
+                    f"{_device_name(layout.device)}; use backend='cuda' or 'auto'")
+            return "host", "backend='host' requested"
+        why = _core.cuda_unavailable_reason(ordinal)
+        if backend == "cuda":
+            if why:
+                raise RuntimeError(f"backend='cuda' is unavailable: {why}")
+            if not on_cuda:
+                raise ValueError("backend='cuda' needs a device layout on a CUDA device; this "
+                                 "one is in host memory (use backend='host' or 'auto')")
+        elif not on_cuda:
+            driver = (f"CUDA driver {_version(info['driver_version'])} present"
+                      if not why else f"no CUDA backend either: {why}")
+            return "host", f"auto: the device layout is in host memory ({driver})"
+        elif why:
+            raise RuntimeError(f"the device layout is on {_device_name(layout.device)} but "
+                               f"the cuda backend is unavailable: {why}")
+        api = "cuMemcpyBatchAsync" if info["batch_copy"] else "cuMemcpyAsync per copy"
+        return "cuda", (f"{backend}: device layout on cuda:{ordinal}, CUDA driver "
+                        f"{_version(info['driver_version'])} with {info['device_count']} "
+                        f"device(s); linear copies via {api}")
+
+    # ------------------------------------------------------------------ jobs
+    def swap_out(self, pairs: Any, *, after: Any = None) -> SwapHandle:
+        """Queue a device -> host copy of block extents; returns once queued.
+
+        Args:
+            pairs: integer array ``[n, 3]`` of ``(src_start, dst_start, length)`` in
+                blocks: device blocks ``[src_start, src_start + length)`` go to host
+                blocks ``[dst_start, dst_start + length)``. Rows of length 0 are skipped.
+                Each row becomes one copy per region (a 2D copy when a region is strided
+                and the row spans more than one block).
+            after: CUDA only. A stream (object with ``__cuda_stream__`` or
+                ``.cuda_stream``, or an int handle): the copies start only after the work
+                queued on it so far (an event is recorded on it before this call
+                returns). Or an event (``torch.cuda.Event``, CuPy event,
+                :class:`CudaEvent`): the copies start after it; do not re-record it until
+                the handle is done.
+
+        Returns:
+            A :class:`SwapHandle` (finished already when ``num_workers=0``).
+
+        Raises:
+            TypeError: pairs not integers, ``after`` of an unknown type.
+            ValueError: pairs not ``[n, 3]``, negative length, an extent outside the device
+                layout or the host pool, overlapping destination extents, ``after`` on the
+                host backend. Nothing is copied.
+            EngineClosedError: the engine is closed.
+        """
+        kind, handle = _stream_ref(after, "after") if after is not None else (0, 0)
+        return self._engine.submit(0, _as_pairs(pairs), kind, handle, 0, 0)
+
+    def swap_in(self, pairs: Any, *, before: Any = None) -> SwapHandle:
+        """Queue a host -> device copy of block extents; returns once queued.
+
+        Args:
+            pairs: integer array ``[n, 3]`` of ``(src_start, dst_start, length)`` in
+                blocks: host blocks ``[src_start, +length)`` go to device blocks
+                ``[dst_start, +length)``. See :meth:`swap_out`.
+            before: CUDA only. A consumer stream (as ``after`` in :meth:`swap_out`): work
+                queued on it after this call waits for the copies (a stream-ordered wait
+                on a flag the swap stream sets; needs CUDA stream memory operations). If
+                the job fails the flag is still set so the stream never hangs; the
+                handle raises.
+
+        Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event).
+        """
+        kind, handle = _stream_ref(before, "before") if before is not None else (0, 0)
+        return self._engine.submit(1, _as_pairs(pairs), 0, 0, kind, handle)
+
+    def poll(self) -> list[SwapHandle]:
+        """Handles of jobs finished (successfully or not) since the previous poll, in
+        completion order. At most the newest 65,536 are kept between polls."""
+        return self._engine.poll()
+
+    def wait_blocks(self, gpu_block_ids: Any) -> int:
+        """Block (GIL released) until every queued or running job that reads or writes
+        one of these device blocks is done; other jobs keep running.
+
+        Args:
+            gpu_block_ids: integer block ids of the device layout (any shape, flattened).
+
+        Returns:
+            The number of jobs waited for. Job errors are not raised here; see the
+            handles.
+
+        Raises:
+            TypeError: ids not integers. ValueError: ids outside ``[0, num_blocks)``.
+        """
+        ids = np.asarray(gpu_block_ids)
+        if ids.size and ids.dtype.kind not in "iu":
+            raise TypeError(f"gpu_block_ids must be integers, got dtype {ids.dtype}")
+        ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self._device_layout.num_blocks):
+            raise ValueError(f"gpu_block_ids must lie in [0, {self._device_layout.num_blocks})")
+        return int(self._engine.wait_blocks(ids))
+
+    def synchronize(self) -> None:
+        """Block (GIL released) until every job submitted so far is done."""
+        self._engine.synchronize()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters over finished jobs.
+
+        Returns:
+            dict with ``num_jobs`` (successful jobs), ``num_failed``, ``num_copies``,
+            ``bytes``, ``seconds`` (sum of jobs' ``elapsed_s``), ``gbps`` (achieved
+            bandwidth, ``bytes / seconds / 1e9``), ``copy_size_histogram`` ({bucket:
+            count}: copies of ``[bucket, 2 * bucket)`` bytes, buckets powers of 2) and
+            ``in_flight`` (jobs queued or running now).
+        """
+        return self._engine.stats()
+
+    def close(self) -> None:
+        """Finish queued and running jobs, join the workers (GIL released). Idempotent;
+        later swap_out/swap_in raise EngineClosedError."""
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> AsyncSwapEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Drain before the layouts (and the memory they keep alive) are released.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"host"``."""
+        return str(self._engine.backend)
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend was chosen."""
+        return self._backend_reason
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._engine.closed)
+
+    @property
+    def num_workers(self) -> int:
+        return int(self._engine.num_workers)
+
+    @property
+    def sync_every(self) -> int:
+        return int(self._engine.sync_every)
+
+    @property
+    def device_layout(self) -> KVLayout:
+        return self._device_layout
+
+    @property
+    def host_pool(self) -> HostKVPool | KVLayout:
+        return self._host_pool
+
+    def __repr__(self) -> str:
+        return (f"AsyncSwapEngine(backend={self.backend!r}, num_workers={self.num_workers}, "
+                f"{self._device_layout!r}, closed={self.closed})")
