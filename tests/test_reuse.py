@@ -12,17 +12,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvswitch import BlockGroupAllocator, OutOfBlocksError
+from kvswitch import AsyncSwapEngine, BlockGroupAllocator, HostKVPool, KVLayout, OutOfBlocksError
 from kvswitch.reuse import ReuseTracker, coalesce_pairs
 
 BLOCK = 4  # tokens per block: small, so partly filled blocks are common
 POISON = -7
-
-
-def copy_pairs(src: np.ndarray, dst: np.ndarray, pairs: np.ndarray) -> None:
-    """The copies a swap engine performs: dst[d:d+n] = src[s:s+n] per pair."""
-    for s, d, n in pairs:
-        dst[d : d + n] = src[s : s + n]
 
 
 def true_kv(seq: int, num_tokens: int) -> np.ndarray:
@@ -145,11 +139,16 @@ class ReuseMachine(RuleBasedStateMachine):
     sequences' swap-outs, and end. Host blocks that hold no valid copy are poisoned after
     every step, so reusing an invalid block shows up as wrong bytes after a swap-in."""
 
-    @initialize(host_blocks=st.integers(8, 48))
-    def setup(self, host_blocks):
+    @initialize(host_blocks=st.integers(8, 48), workers=st.sampled_from([0, 1, 2]))
+    def setup(self, host_blocks, workers):
         self.gpu = BlockGroupAllocator(256, initial_group_blocks=4)
         self.gpu_kv = np.full((256, BLOCK), POISON, np.int64)
-        self.host_kv = np.full((host_blocks, BLOCK), POISON, np.int64)
+        # Real copies: a host-backend swap engine between the "GPU" pool and a host pool.
+        host_pool = HostKVPool(KVLayout.from_tensors([self.gpu_kv]), host_blocks, pin=False)
+        self.host_kv = host_pool.arrays[0]
+        self.host_kv[:] = POISON
+        self.engine = AsyncSwapEngine(KVLayout.from_tensors([self.gpu_kv]), host_pool,
+                                      backend="host", num_workers=workers)
         self.tracker = ReuseTracker(
             BlockGroupAllocator(host_blocks, initial_group_blocks=4), block_size=BLOCK
         )
@@ -200,8 +199,9 @@ class ReuseMachine(RuleBasedStateMachine):
             assert self.tracker_state() == before
             return
         assert plan.copied_blocks + plan.reused_blocks == len(table)
-        copy_pairs(self.gpu_kv, self.host_kv, plan.pairs)
+        handle = self.engine.swap_out(plan.pairs)
         self.tracker.commit(plan)
+        handle.wait()  # before the GPU blocks are freed and overwritten
         self.gpu_kv[table] = POISON  # the GPU blocks go to other sequences
         self.gpu.free(seq)
         self.running.discard(seq)
@@ -215,7 +215,7 @@ class ReuseMachine(RuleBasedStateMachine):
         self.ensure_blocks(seq, self.tokens[seq])
         table = self.gpu.block_table(seq)
         plan = self.tracker.plan_swap_in(seq, table)
-        copy_pairs(self.host_kv, self.gpu_kv, plan.pairs)
+        self.engine.swap_in(plan.pairs).wait()
         self.tracker.commit(plan)
         self.running.add(seq)
         n = self.tokens[seq]
@@ -256,7 +256,7 @@ class ReuseMachine(RuleBasedStateMachine):
             plan = self.tracker.plan_swap_out(seq, self.gpu.block_table(seq), self.tokens[seq])
         except OutOfBlocksError:
             return
-        copy_pairs(self.gpu_kv, self.host_kv, plan.pairs)
+        self.engine.swap_out(plan.pairs).wait()
         self.tracker.commit(plan)
         self.tracker.keep_backup(seq)  # still running: the copy is now a backup
         before = self.tracker_state()
@@ -268,6 +268,10 @@ class ReuseMachine(RuleBasedStateMachine):
         t = self.tracker
         seqs = sorted(s for s in self.tokens if s in t)
         return (t.host.free_groups(), [t.host_block_table(s).tolist() for s in seqs], t.stats())
+
+    def teardown(self):
+        if hasattr(self, "engine"):
+            self.engine.close()
 
     @invariant()
     def poison_invalid_host_blocks(self):
