@@ -90,7 +90,7 @@ class BlockGroupAllocator:
         ValueError: a non-positive size.
     """
 
-    __slots__ = ("_core", "_ids", "_names", "_next_id")
+    __slots__ = ("_core", "_ids", "_next_id")
 
     def __init__(
         self, num_blocks: int, *, initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS
@@ -101,7 +101,6 @@ class BlockGroupAllocator:
         )
         # Sequence ids are mapped to dense ints for the C++ core.
         self._ids: dict[Hashable, int] = {}
-        self._names: dict[int, Hashable] = {}
         self._next_id = 0
 
     @classmethod
@@ -134,7 +133,6 @@ class BlockGroupAllocator:
         blocks = self._core.allocate(sid, num_blocks)  # raises before any change
         self._next_id += 1
         self._ids[seq_id] = sid
-        self._names[sid] = seq_id
         return blocks
 
     def free(self, seq_id: Hashable) -> int:
@@ -147,7 +145,7 @@ class BlockGroupAllocator:
             KeyError: unknown sequence (also on a second free).
         """
         released = self._core.free(self._sid(seq_id))
-        del self._names[self._ids.pop(seq_id)]
+        del self._ids[seq_id]
         return released
 
     def free_blocks(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
@@ -278,7 +276,7 @@ class BlockGroupAllocator:
             AssertionError: naming the first invariant broken.
         """
         self._core.check_invariants()
-        if sorted(self._names) != self._core.sequences():
+        if sorted(self._ids.values()) != self._core.sequences():
             raise AssertionError("sequence id map and core sequences disagree")
 
     def __repr__(self) -> str:
