@@ -183,6 +183,13 @@ class CudaQueue final : public CopyQueue {
                     "cuStreamWriteValue32(before)");
     }
 
+    bool ready(JobSync& js) override {
+        auto& sync = static_cast<CudaSync&>(js);
+        ScopedContext scope(s_->d, s_->ctx);
+        // Anything but NOT_READY (success or an error) lets finish() report it.
+        return s_->d.cuEventQuery(sync.end) != CUDA_ERROR_NOT_READY;
+    }
+
     double finish(JobSync& js) override {
         const CudaDriver& d = s_->d;
         auto& sync = static_cast<CudaSync&>(js);

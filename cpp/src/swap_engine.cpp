@@ -409,6 +409,18 @@ void AsyncSwapEngine::run_worker() {
     };
 
     for (;;) {
+        // Retire jobs whose copies are already complete, without blocking (CUDA).
+        while (!pending.empty()) {
+            bool ready = true;
+            try {
+                ready = q->ready(*pending.front()->sync);
+            } catch (const std::exception&) {
+                // finish() reports the error
+            }
+            if (!ready) break;
+            finish(pending.front());
+            pending.pop_front();
+        }
         std::shared_ptr<SwapJob> job;
         {
             std::unique_lock<std::mutex> lock(mu_);

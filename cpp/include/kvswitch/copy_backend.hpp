@@ -61,6 +61,9 @@ class CopyQueue {
                        const std::vector<JobSync*>& deps) = 0;
     /// True when issue() returns only after the copies are complete (host backend).
     virtual bool completes_on_issue() const = 0;
+    /// Non-blocking: whether the copies issued with `sync` are complete (then finish()
+    /// returns at once). Lets a busy worker retire finished jobs between dispatches.
+    virtual bool ready(JobSync& sync) { (void)sync; return true; }
     /// Block until the copies issued with `sync` are complete; return their duration in
     /// seconds (device time between start and end events on CUDA). Throws on error.
     virtual double finish(JobSync& sync) = 0;
