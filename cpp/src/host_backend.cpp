@@ -87,6 +87,6 @@ std::unique_ptr<JobSync> HostBackend::prepare(Direction, StreamRef after, Stream
     return std::make_unique<HostSync>();
 }
 
-std::unique_ptr<CopyQueue> HostBackend::open_queue() { return std::make_unique<HostQueue>(); }
+std::unique_ptr<CopyQueue> HostBackend::open_queue(bool) { return std::make_unique<HostQueue>(); }
 
 }  // namespace kvswitch

@@ -283,7 +283,7 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         }
         if (!inline_queue_) {
             try {
-                inline_queue_ = backend_->open_queue();
+                inline_queue_ = backend_->open_queue(false);
             } catch (const std::exception& e) {
                 backend_->abandon(*job->sync);
                 complete(job, 0.0, std::string("could not open a copy queue: ") + e.what());
@@ -390,7 +390,7 @@ void AsyncSwapEngine::run_worker() {
     std::unique_ptr<CopyQueue> q;
     std::string open_error;
     try {
-        q = backend_->open_queue();
+        q = backend_->open_queue(true);
     } catch (const std::exception& e) {
         open_error = e.what();
     }
