@@ -102,7 +102,10 @@ void release_flag(CudaSync& sync, bool host_write) noexcept {
 
 class CudaQueue final : public CopyQueue {
   public:
-    explicit CudaQueue(std::shared_ptr<CudaBackend::Shared> s) : s_(std::move(s)) {
+    CudaQueue(std::shared_ptr<CudaBackend::Shared> s, bool dedicated_thread) : s_(std::move(s)) {
+        // A worker thread keeps the primary context current for its whole life, so the
+        // ScopedContext of each call below finds it current and switches nothing.
+        if (dedicated_thread) s_->d.check(s_->d.cuCtxSetCurrent(s_->ctx), "cuCtxSetCurrent");
         ScopedContext scope(s_->d, s_->ctx);
         s_->d.check(s_->d.cuStreamCreateWithPriority(&stream_, CU_STREAM_NON_BLOCKING,
                                                      s_->lowest_priority),
@@ -181,6 +184,13 @@ class CudaQueue final : public CopyQueue {
             d.check(d.cuStreamWriteValue32(stream_, s_->flags_dev + 4 * sync.flag,
                                            sync.flag_value, CU_STREAM_WRITE_VALUE_DEFAULT),
                     "cuStreamWriteValue32(before)");
+    }
+
+    bool ready(JobSync& js) override {
+        auto& sync = static_cast<CudaSync&>(js);
+        ScopedContext scope(s_->d, s_->ctx);
+        // Anything but NOT_READY (success or an error) lets finish() report it.
+        return s_->d.cuEventQuery(sync.end) != CUDA_ERROR_NOT_READY;
     }
 
     double finish(JobSync& js) override {
@@ -304,7 +314,9 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
     return sync;
 }
 
-std::unique_ptr<CopyQueue> CudaBackend::open_queue() { return std::make_unique<CudaQueue>(shared_); }
+std::unique_ptr<CopyQueue> CudaBackend::open_queue(bool dedicated_thread) {
+    return std::make_unique<CudaQueue>(shared_, dedicated_thread);
+}
 
 void CudaBackend::abandon(JobSync& sync) noexcept { release_flag(static_cast<CudaSync&>(sync), true); }
 

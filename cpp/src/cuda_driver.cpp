@@ -113,7 +113,8 @@ CudaDriver::CudaDriver() {
         reinterpret_cast<void*>(cuStreamDestroy), reinterpret_cast<void*>(cuStreamSynchronize),
         reinterpret_cast<void*>(cuStreamWaitEvent), reinterpret_cast<void*>(cuEventCreate),
         reinterpret_cast<void*>(cuEventDestroy), reinterpret_cast<void*>(cuEventRecord),
-        reinterpret_cast<void*>(cuEventSynchronize), reinterpret_cast<void*>(cuEventElapsedTime),
+        reinterpret_cast<void*>(cuEventSynchronize), reinterpret_cast<void*>(cuEventQuery),
+        reinterpret_cast<void*>(cuEventElapsedTime),
         reinterpret_cast<void*>(cuMemcpyAsync), reinterpret_cast<void*>(cuMemcpy2DAsync),
         reinterpret_cast<void*>(cuMemHostAlloc), reinterpret_cast<void*>(cuMemFreeHost),
         reinterpret_cast<void*>(cuMemHostGetDevicePointer)};

@@ -283,7 +283,7 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         }
         if (!inline_queue_) {
             try {
-                inline_queue_ = backend_->open_queue();
+                inline_queue_ = backend_->open_queue(false);
             } catch (const std::exception& e) {
                 backend_->abandon(*job->sync);
                 complete(job, 0.0, std::string("could not open a copy queue: ") + e.what());
@@ -390,7 +390,7 @@ void AsyncSwapEngine::run_worker() {
     std::unique_ptr<CopyQueue> q;
     std::string open_error;
     try {
-        q = backend_->open_queue();
+        q = backend_->open_queue(true);
     } catch (const std::exception& e) {
         open_error = e.what();
     }
@@ -409,6 +409,18 @@ void AsyncSwapEngine::run_worker() {
     };
 
     for (;;) {
+        // Retire jobs whose copies are already complete, without blocking (CUDA).
+        while (!pending.empty()) {
+            bool ready = true;
+            try {
+                ready = q->ready(*pending.front()->sync);
+            } catch (const std::exception&) {
+                // finish() reports the error
+            }
+            if (!ready) break;
+            finish(pending.front());
+            pending.pop_front();
+        }
         std::shared_ptr<SwapJob> job;
         {
             std::unique_lock<std::mutex> lock(mu_);

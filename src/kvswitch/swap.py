@@ -17,6 +17,20 @@ Backends:
 * ``"host"``: ``memcpy`` on the worker threads, for host-memory layouts (tests, CPU-only
   machines, benchmarks of the dispatch path). ``num_workers=0`` runs every job inline in
   the calling thread (deterministic).
+
+Example (vLLM-style per-layer KV tensors on the GPU)::
+
+    layout = kvswitch.KVLayout.from_vllm(kv_caches)      # 2 regions per layer
+    pool = kvswitch.HostKVPool(layout, num_blocks=4096)  # pinned when a driver answers
+    engine = kvswitch.AsyncSwapEngine(layout, pool)      # backend="auto"
+    # device blocks [120, 180) -> host blocks [0, 60), after the compute stream's writes
+    out = engine.swap_out(np.array([[120, 0, 60]]), after=torch.cuda.current_stream())
+    ...
+    engine.wait_blocks(new_block_ids)  # before reusing blocks an in-flight job touches
+    # host blocks [0, 60) -> device blocks [300, 360), visible to the compute stream
+    back = engine.swap_in([[0, 300, 60]], before=torch.cuda.current_stream())
+    for handle in engine.poll():       # jobs finished since the last poll
+        handle.wait()                  # raises SwapError if the job failed
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ class CopyQueue {
                        const std::vector<JobSync*>& deps) = 0;
     /// True when issue() returns only after the copies are complete (host backend).
     virtual bool completes_on_issue() const = 0;
+    /// Non-blocking: whether the copies issued with `sync` are complete (then finish()
+    /// returns at once). Lets a busy worker retire finished jobs between dispatches.
+    virtual bool ready(JobSync& sync) { (void)sync; return true; }
     /// Block until the copies issued with `sync` are complete; return their duration in
     /// seconds (device time between start and end events on CUDA). Throws on error.
     virtual double finish(JobSync& sync) = 0;
@@ -77,8 +80,10 @@ class CopyBackend {
     /// work waits for the copies. Throws std::invalid_argument when unsupported.
     virtual std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after,
                                              StreamRef before) = 0;
-    /// Worker thread start: a queue for this thread.
-    virtual std::unique_ptr<CopyQueue> open_queue() = 0;
+    /// A queue for the calling thread. `dedicated_thread`: the thread is an engine worker
+    /// that may keep per-thread state (the CUDA context stays current); false for inline
+    /// mode, where the queue runs on the caller's thread and must leave it as it was.
+    virtual std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) = 0;
     /// The job failed or was never issued: release whatever waits on it (never throws).
     virtual void abandon(JobSync& sync) noexcept { (void)sync; }
 };

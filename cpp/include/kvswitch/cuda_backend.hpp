@@ -37,7 +37,7 @@ class CudaBackend final : public CopyBackend {
 
     std::string name() const override { return "cuda"; }
     std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
-    std::unique_ptr<CopyQueue> open_queue() override;
+    std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) override;
     void abandon(JobSync& sync) noexcept override;
 
     /// "cuMemcpyBatchAsync" or "cuMemcpyAsync" (how linear copies of a job go out).

@@ -14,7 +14,7 @@ class HostBackend final : public CopyBackend {
   public:
     std::string name() const override { return "host"; }
     std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
-    std::unique_ptr<CopyQueue> open_queue() override;
+    std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) override;
 };
 
 /// Performs `op` with memcpy (rows one by one when strided).
