@@ -6,11 +6,13 @@ Implements the mechanisms of FastSwitch (Shen et al., arXiv 2411.18424) as reusa
 * :class:`AsyncSwapEngine` over a :class:`KVLayout` and a :class:`HostKVPool`: GPU<->CPU
   swaps dispatched from C++ worker threads, off the GIL (section 3.2).
 * :class:`ReuseTracker`: CPU copies reused across swap-outs, surviving contamination (3.3).
+* :class:`SwapManager`: the per-iteration swap loop over all three (Algorithm 1).
 """
 
 from kvswitch.allocator import AllocatorStats, BlockGroupAllocator, OutOfBlocksError
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout, KVRegion
+from kvswitch.manager import SwapManager, SwapManagerStats
 from kvswitch.reuse import ReuseStats, ReuseTracker, SwapPlan
 from kvswitch.swap import (
     AsyncSwapEngine,
@@ -34,6 +36,8 @@ __all__ = [
     "ReuseTracker",
     "SwapError",
     "SwapHandle",
+    "SwapManager",
+    "SwapManagerStats",
     "SwapPlan",
 ]
 __version__ = "0.1.0"
