@@ -26,6 +26,7 @@ from kvswitch import (  # noqa: E402
     AsyncSwapEngine,
     BlockGroupAllocator,
     HostKVPool,
+    SwapManager,
 )
 from kvswitch.adapters.transformers import (  # noqa: E402
     PagedBatch,
@@ -35,7 +36,6 @@ from kvswitch.adapters.transformers import (  # noqa: E402
     UnsupportedModelError,
     model_spec,
 )
-from kvswitch.reuse import ReuseTracker  # noqa: E402
 
 BLOCK = 4  # tokens per block: small, so preemptions often fall mid-block
 ATOL = 1e-4  # float32 logits of a 2-layer model: differences are ~1e-7 in practice
@@ -73,57 +73,14 @@ def reference(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor
     return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0]
 
 
-class Swapper:
-    """GPU allocator + ReuseTracker + AsyncSwapEngine with the calls of the planned
-    ``kvswitch.SwapManager`` that these tests need (stand-in until it lands)."""
-
-    def __init__(self, cache: PagedKVCache, gpu_blocks: int, host_blocks: int, *,
-                 workers: int = 2, initial_group_blocks: int = 2):
-        self.gpu = BlockGroupAllocator(gpu_blocks, initial_group_blocks=initial_group_blocks)
-        self.host = HostKVPool(cache.layout, host_blocks, pin=False)
-        self.engine = AsyncSwapEngine(cache.layout, self.host, backend="host",
-                                      num_workers=workers)
-        self.tracker = ReuseTracker(BlockGroupAllocator(host_blocks, initial_group_blocks=2),
-                                    block_size=cache.block_size)
-        self.block_size = cache.block_size
-        self._tokens: dict = {}
-        self._swapping_in: dict = {}
-
-    def allocate(self, seq, n: int):
-        new = self.gpu.allocate(seq, n)
-        self.engine.wait_blocks(new)  # blocks an in-flight swap-out still reads
-        return new
-
-    def block_table(self, seq):
-        return self.gpu.block_table(seq)
-
-    def swap_out(self, seq, num_tokens: int, *, priority: float = 0.0):
-        plan = self.tracker.plan_swap_out(seq, self.gpu.block_table(seq), num_tokens,
-                                          priority=priority)
-        self.engine.swap_out(plan.pairs)
-        self.tracker.commit(plan)
-        self.gpu.free(seq)
-        self._tokens[seq] = num_tokens
-        return plan
-
-    def swap_in(self, seq):
-        n = -(-self._tokens.pop(seq) // self.block_size)
-        table = self.allocate(seq, n)
-        plan = self.tracker.plan_swap_in(seq, table)
-        self._swapping_in[seq] = self.engine.swap_in(plan.pairs)
-        self.tracker.commit(plan)
-        return table
-
-    def wait_swap_in(self, seq) -> None:
-        self._swapping_in.pop(seq).wait()
-
-    def free(self, seq) -> None:
-        self.gpu.free(seq)
-        if seq in self.tracker:
-            self.tracker.drop(seq)
-
-    def close(self) -> None:
-        self.engine.close()
+def make_manager(cache: PagedKVCache, host_blocks: int, *, workers: int = 2) -> SwapManager:
+    """A SwapManager over the pool: small initial groups (tight pools), host pool of
+    ``host_blocks``, a host-backend engine with worker threads (asynchronous copies)."""
+    engine = AsyncSwapEngine(cache.layout, HostKVPool(cache.layout, host_blocks, pin=False),
+                             backend="host", num_workers=workers)
+    return SwapManager(BlockGroupAllocator(cache.num_blocks, initial_group_blocks=2), engine,
+                       BlockGroupAllocator(host_blocks, initial_group_blocks=2),
+                       block_size=cache.block_size, swap_in="async")
 
 
 @dataclass
@@ -143,7 +100,7 @@ class Seq:
         return len(self.tokens) == self.max_new
 
 
-def step(runner: PagedModelRunner, swapper: Swapper, seqs: list[Seq]) -> None:
+def step(runner: PagedModelRunner, swapper: SwapManager, seqs: list[Seq]) -> None:
     """One iteration: grow block tables, one batched forward, greedy sampling."""
     for s in seqs:
         have = swapper.gpu.num_table_blocks(s.sid) if s.sid in swapper.gpu else 0
@@ -180,7 +137,7 @@ def test_continuous_batch_matches_generate(family):
     seqs = [Seq(f"s{i}", torch.randint(0, 128, (n,), generator=gen).tolist(), max_new=10)
             for i, n in enumerate((5, 11, 1, 8))]
     starts = {"s0": 0, "s1": 0, "s2": 3, "s3": 6}
-    swapper = Swapper(cache, gpu_blocks=64, host_blocks=8)
+    swapper = make_manager(cache, host_blocks=8)
     try:
         it = 0
         while not all(s.done for s in seqs):
@@ -198,7 +155,8 @@ def test_continuous_batch_matches_generate(family):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_preemption_at_random_iterations_matches_generate(seed):
     """Preempt random running sequences (often mid-block), swap them out through the async
-    engine and back in later; the tight GPU pool hands their old blocks to others."""
+    engine and back in later (Algorithm 1's poll/decide loop); the tight GPU pool hands
+    their old blocks to others, so they resume at other block ids."""
     rng = random.Random(seed)
     ref, model = model_pair("llama", seed)
     cache = PagedKVCache.for_model(model, num_blocks=24, block_size=BLOCK)
@@ -208,39 +166,41 @@ def test_preemption_at_random_iterations_matches_generate(seed):
                 max_new=rng.randint(8, 14)) for i in range(4)]
     for s in seqs:
         s.pending = list(s.prompt)
-    swapper = Swapper(cache, gpu_blocks=cache.num_blocks, host_blocks=48)
-    swapped: dict[str, int] = {}  # sid -> iteration at which it comes back
+    manager = make_manager(cache, host_blocks=48)
+    comeback: dict[str, int] = {}  # swapped-out sid -> iteration at which it swaps in
+    before: dict[str, np.ndarray] = {}  # block table at swap-out
     resumed: list[tuple[np.ndarray, np.ndarray]] = []  # (table before, table after)
-    before: dict[str, np.ndarray] = {}
     mid_block = 0
     try:
-        for it in range(200):
-            for sid, back in list(swapped.items()):
+        for it in range(300):
+            for sid, back in list(comeback.items()):
                 if back <= it:
-                    del swapped[sid]
-                    table = swapper.swap_in(sid)
-                    swapper.wait_swap_in(sid)
-                    resumed.append((before.pop(sid), table.copy()))
-            running = [s for s in seqs if not s.done and s.sid not in swapped]
+                    del comeback[sid]
+                    resumed.append((before.pop(sid), manager.swap_in(sid).copy()))
+            manager.poll()
+            manager.decide(len(seqs), 0.001)
+            away = set(comeback) | set(manager.swapping_in)
+            running = [s for s in seqs if not s.done and s.sid not in away]
             candidates = [s for s in running if s.num_cached > 0]
             if candidates and rng.random() < 0.4:
                 victim = rng.choice(candidates)
-                before[victim.sid] = swapper.block_table(victim.sid).copy()
+                before[victim.sid] = manager.block_table(victim.sid).copy()
                 mid_block += victim.num_cached % BLOCK != 0
-                swapper.swap_out(victim.sid, victim.num_cached, priority=rng.random())
-                swapped[victim.sid] = it + rng.randint(1, 3)
+                manager.swap_out(victim.sid, victim.num_cached, priority=rng.random())
+                comeback[victim.sid] = it + rng.randint(1, 3)
                 running.remove(victim)
             if running:
-                step(runner, swapper, running)
+                step(runner, manager, running)
             for s in running:
                 if s.done:
-                    swapper.free(s.sid)
+                    manager.free(s.sid)
             if all(s.done for s in seqs):
                 break
     finally:
-        swapper.close()
+        manager.close()
     assert all(s.done for s in seqs)
     assert len(resumed) >= 3 and mid_block >= 1
+    assert manager.stats().swap_ins == len(resumed)
     assert any(not np.array_equal(old, new) for old, new in resumed)
     assert_matches_reference(ref, seqs)
 
@@ -255,7 +215,7 @@ def test_contaminated_cpu_copy_is_copied_again():
     a = Seq("A", torch.randint(0, 128, (10,), generator=gen).tolist(), max_new=12)
     b = Seq("B", torch.randint(0, 128, (21,), generator=gen).tolist(), max_new=8)
     a.pending, b.pending = list(a.prompt), list(b.prompt)
-    sw = Swapper(cache, gpu_blocks=cache.num_blocks, host_blocks=8)
+    sw = make_manager(cache, host_blocks=8)
     try:
         for _ in range(4):  # A: 10 + 3 fed -> 13 tokens cached (4 blocks, last partial)
             step(runner, sw, [a])
