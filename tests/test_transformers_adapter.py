@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +316,14 @@ def test_import_kvswitch_does_not_import_torch():
     code = "import sys, kvswitch; assert 'torch' not in sys.modules; assert 'transformers' "\
            "not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_custom_loop_example_runs():
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_loop.py"
+    out = subprocess.run(
+        [sys.executable, str(example), "--device", "cpu", "--conversations", "4",
+         "--max-turns", "2", "--gpu-blocks", "16", "--batch", "3", "--priority-every", "3"],
+        check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "4 conversations" in out and "TTFT" in out and "TBT" in out
+    swap_outs = re.search(r"swap-outs (\d+) \((\d+) preemptions", out)
+    assert swap_outs is not None and int(swap_outs[2]) > 0, out  # the pool forces preemptions

@@ -129,7 +129,7 @@ class PagedBatch:
         dev = cache.device
 
         def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
         return cls(cache=cache, position_ids=t(qpos), write_index=t(write_index),
                    write_slots=t(write_slots), read_slots=t(read), mask=t(mask[:, None]),
