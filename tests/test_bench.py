@@ -163,8 +163,8 @@ def test_priorities_stay_in_range_and_known(pattern, seed, seqs, served):
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--conversations", "6", "--model", "small", "--gpu-blocks", "800",
-                 "--host-blocks", "4000", "--time-scale", "2000", "--think-s", "2", "--arrival-rate", "4",
-                 "--json", str(out), "--no-progress"]) == 0
+                 "--host-blocks", "4000", "--time-scale", "2000", "--think-s", "2",
+                 "--arrival-rate", "4", "--json", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     for label in ("copies issued", "TTFT P99.9", "TBT P99.9", "throughput", "(s, measured)",
                   "modelled clock", "full vs baseline"):
