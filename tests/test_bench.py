@@ -126,8 +126,8 @@ def test_markov_favours_recently_served_sequences():
         p.update()
         served_high += sum(p.priority(s) >= 1 for s in range(100))
         idle_high += sum(p.priority(s) >= 1 for s in range(100, 200))
-    assert 0.75 < served_high / 5000 < 0.85  # p_served_high = 0.8
-    assert 0.15 < idle_high / 5000 < 0.25  # p_idle_high = 0.2
+    assert 0.85 < served_high / 5000 < 0.95  # p_served_high = 0.9
+    assert 0.05 < idle_high / 5000 < 0.15  # p_idle_high = 0.1
 
 
 def test_random_ignores_service_history():

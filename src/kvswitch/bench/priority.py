@@ -10,7 +10,7 @@ is one update every 50 iterations). Between updates the scheduler keeps the late
   update is high next with probability ``p_served_high``, one that was not served with
   probability ``p_idle_high``. Its priority is ``state + U(0, 1)``, so every high
   sequence ranks above every low one and order within a state is random. The paper gives
-  the pattern in words only; the two probabilities (0.8 and 0.2 by default) are kvswitch's
+  the pattern in words only; the two probabilities (0.9 and 0.1 by default) are kvswitch's
   choice.
 
 New sequences get a priority at once: uniform (``random``) or in the low state
@@ -43,7 +43,7 @@ class PriorityScheduler:
     """
 
     def __init__(self, pattern: PriorityPattern, update_every: int, *, seed: int = 0,
-                 p_served_high: float = 0.8, p_idle_high: float = 0.2) -> None:
+                 p_served_high: float = 0.9, p_idle_high: float = 0.1) -> None:
         if pattern not in ("markov", "random"):
             raise ValueError(f"pattern must be 'markov' or 'random', got {pattern!r}")
         if update_every < 1:

@@ -289,11 +289,16 @@ class _Server:
         self.queue = [c for c in self.queue if c.idx not in admitted]
 
     def _grow(self) -> None:
-        """Give every decoding sequence the block its next token needs."""
-        for c in sorted(self.running.values(), key=self._priority, reverse=True):
-            if c.idx not in self.running or c.prefill or self.m.state(c.idx) != "running":
-                continue
-            if c.kv < self._table_len(c) * self.cfg.block_size:
+        """Give every decoding sequence the block its next token needs, highest priority
+        first when the pool cannot serve them all."""
+        bs, m = self.cfg.block_size, self.m
+        needing = [c for c in self.running.values()
+                   if not c.prefill and c.kv % bs == 0 and c.kv == self._table_len(c) * bs
+                   and m.state(c.idx) == "running"]
+        if len(needing) > m.gpu.num_free_blocks:
+            needing.sort(key=self._priority, reverse=True)
+        for c in needing:
+            if c.idx not in self.running:  # preempted for an earlier one
                 continue
             while self.m.gpu.num_free_blocks < 1:
                 victim = min((v for v in self.running.values() if self._preemptable(v)),
@@ -348,7 +353,7 @@ class _Server:
             if not self.running and not self.queue and not m.swapping_in:
                 self.now = max(self.now, self.events[0][0])  # idle: skip to the next turn
             self._arrive()
-            stall0 = m.stats().stall_s
+            stall0 = m.stall_s
             update = self.prio.is_update(iteration)
             if update:
                 self.prio.update()
@@ -356,19 +361,19 @@ class _Server:
             self._schedule(update)
             self._grow()
             ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
-            pending = len(self.running) - len(ready)
-            if pending:
-                estimate = self._step_s(ready)
-                m.decide(len(ready), estimate if estimate > 0 else self._step_s(
-                    list(self.running.values())))
+            if len(ready) < len(self.running):  # swap-ins pending: step 4 decides
+                estimate = self._step_s(ready, self._prefill_batch(ready))
+                m.decide(len(ready), estimate or self._step_s(
+                    list(self.running.values()), []))
                 ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
-            step = self._step_s(ready)
+            prefills = self._prefill_batch(ready)
+            step = self._step_s(ready, prefills)
             compute_until = time.perf_counter() + step / S
-            stall = m.stats().stall_s - stall0
+            stall = m.stall_s - stall0
             r.stall_measured_s += stall
             self.now += stall * S + step
             self.prio.served(c.idx for c in ready)
-            self._emit(ready)
+            self._emit(ready, prefills)
             iteration += 1
             left = compute_until - time.perf_counter()
             if left > 0:
@@ -391,17 +396,17 @@ class _Server:
             budget -= c.prefill
         return batch
 
-    def _step_s(self, ready: list[_Conv]) -> float:
+    def _step_s(self, ready: list[_Conv], prefills: list[_Conv]) -> float:
         decodes = [c for c in ready if not c.prefill]
-        prefills = [(c.prefill, c.prefix) for c in self._prefill_batch(ready)]
-        return self.cost.step_s(sum(c.kv + 1 for c in decodes), len(decodes), prefills)
+        return self.cost.step_s(sum(c.kv + 1 for c in decodes), len(decodes),
+                                [(c.prefill, c.prefix) for c in prefills])
 
-    def _emit(self, ready: list[_Conv]) -> None:
+    def _emit(self, ready: list[_Conv], prefills: list[_Conv]) -> None:
         r, now = self.r, self.now
-        prefilled = set(map(id, self._prefill_batch(ready)))
+        prefilled = {c.idx for c in prefills}
         for c in ready:
             if c.prefill:
-                if id(c) not in prefilled:
+                if c.idx not in prefilled:
                     continue
                 c.kv += c.prefill
                 c.prefill = c.prefix = 0
