@@ -1,10 +1,12 @@
-"""The ``kvswitch`` command line. ``kvswitch bench`` replays the bundled multi-turn trace.
+"""The ``kvswitch`` command line. ``kvswitch bench`` replays a multi-turn trace.
 
-This is the allocator-level stage of the benchmark: it replays real conversations through
-the GPU-pool allocator in per-block mode (vLLM's free list, the baseline) and in group mode,
-and reports how many copies a swap-out of each preempted or finished sequence needs. Copies
-are counted from block groups, not executed: the swap engine, the reuse tracker and the
-SwapManager join this command as they land.
+``kvswitch bench`` serves conversations of the bundled ShareGPT trace (or ``--trace``)
+with a priority scheduler that preempts sequences (Markov or Random pattern, FastSwitch
+section 4.2) and compares configurations of kvswitch's mechanisms against vLLM's swap
+path (per-block allocation, one copy per block and region, blocking swaps, no reuse).
+Swaps are real copies timed on this machine; model compute follows a stated cost model
+(:mod:`kvswitch.bench.cost_model`); see :mod:`kvswitch.bench.serve` for what is measured,
+what is modelled and the time scale.
 """
 
 from __future__ import annotations
@@ -12,109 +14,223 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 
-from kvswitch.allocator import DEFAULT_INITIAL_GROUP_BLOCKS, BlockGroupAllocator, OutOfBlocksError
-from kvswitch.bench.replay import BLOCK_SIZE, ReplayConfig, replay
-from kvswitch.reuse import ReuseTracker
+from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS
+from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, ServeResult, serve
 from kvswitch.trace import TraceError, load_trace, sample
 
-#: Regions a swap copies per block group in a Llama-3-8B per-layer layout (32 layers, K and V).
-LLAMA3_8B_REGIONS = 64
+GIB = 1 << 30
+
+
+def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
+    """The figures ``kvswitch bench`` prints for one configuration (JSON-ready)."""
+    m = result.manager
+    moved = m["copied_blocks"] + m["swap_in_blocks"]
+    extents = m["swap_out_extents"] + m["swap_in_extents"]
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return {
+        "swap_outs": m["swap_outs"],
+        "swap_out_blocks": m["swap_out_blocks"],
+        "swap_out_blocks_copied": m["copied_blocks"],
+        "swap_out_blocks_reused": m["reused_blocks"],
+        "swap_in_blocks": m["swap_in_blocks"],
+        "copies": m["copies"],
+        "blocks_per_copy": moved / extents if extents else 0.0,
+        "preset_bytes_moved": moved * result.preset_block_bytes,
+        "executed_bytes_moved": m["bytes_copied"],
+        "swap_job_s_measured": result.engine.get("seconds", 0.0),
+        "stall_s_measured": result.stall_measured_s,
+        "stall_s": result.stall_measured_s * time_scale,
+        "ttft_p50_s": pct(result.ttft_s, 50),
+        "ttft_p95_s": pct(result.ttft_s, 95),
+        "ttft_p99_s": pct(result.ttft_s, 99),
+        "ttft_p999_s": pct(result.ttft_s, 99.9),
+        "tbt_p999_s": pct(result.tbt_s, 99.9),
+        "throughput_tok_s": result.tokens / result.makespan_s if result.makespan_s else 0.0,
+        "tokens": result.tokens,
+        "makespan_s": result.makespan_s,
+        "iterations": result.iterations,
+        "priority_preemptions": result.priority_preemptions,
+        "pool_full_preemptions": result.pool_full_preemptions,
+        "recomputed_tokens": result.recomputed_tokens,
+        "conflicts": m["conflicts"],
+        "sync_swap_in_decisions": m["sync_decisions"],
+        "async_swap_in_decisions": m["async_decisions"],
+        "wall_s": result.wall_s,
+    }
+
+
+# (label, key, format); "measured" = wall-clock on this machine, "modelled clock" = the
+# modelled compute plus measured stalls times the time scale.
+ROWS = [
+    ("swap-outs (preemptions + turn ends)", "swap_outs", "{:,.0f}"),
+    ("swap-out blocks", "swap_out_blocks", "{:,.0f}"),
+    ("  copied", "swap_out_blocks_copied", "{:,.0f}"),
+    ("  reused (valid CPU copy)", "swap_out_blocks_reused", "{:,.0f}"),
+    ("swap-in blocks", "swap_in_blocks", "{:,.0f}"),
+    ("copies issued", "copies", "{:,.0f}"),
+    ("mean blocks per copy", "blocks_per_copy", "{:,.1f}"),
+    ("KV moved, preset bytes (GiB)", "preset_bytes_moved", "gib"),
+    ("swap job time (s, measured)", "swap_job_s_measured", "{:,.2f}"),
+    ("stall on swaps (s, measured)", "stall_s_measured", "{:,.2f}"),
+    ("TTFT P50 (s, modelled clock)", "ttft_p50_s", "{:,.3f}"),
+    ("TTFT P95 (s, modelled clock)", "ttft_p95_s", "{:,.3f}"),
+    ("TTFT P99 (s, modelled clock)", "ttft_p99_s", "{:,.3f}"),
+    ("TTFT P99.9 (s, modelled clock)", "ttft_p999_s", "{:,.3f}"),
+    ("TBT P99.9 (s, modelled clock)", "tbt_p999_s", "{:,.3f}"),
+    ("throughput (tokens/s, modelled clock)", "throughput_tok_s", "{:,.0f}"),
+    ("preemptions (priority / pool full)", "preemptions", "pp"),
+    ("recomputed tokens (host pool full)", "recomputed_tokens", "{:,.0f}"),
+    ("conflicts waited for", "conflicts", "{:,.0f}"),
+    ("swap-in decisions (sync / async)", "decisions", "dec"),
+    ("wall time (s)", "wall_s", "{:,.1f}"),
+]
+
+
+def _cell(f: dict[str, float], key: str, fmt: str) -> str:
+    if fmt == "gib":
+        return f"{f[key] / GIB:,.1f}"
+    if fmt == "pp":
+        return f"{f['priority_preemptions']:,} / {f['pool_full_preemptions']:,}"
+    if fmt == "dec":
+        return f"{f['sync_swap_in_decisions']:,} / {f['async_swap_in_decisions']:,}"
+    return fmt.format(f[key])
+
+
+def format_table(figures: dict[str, dict[str, float]]) -> str:
+    width = max(len(r[0]) for r in ROWS)
+    cols = max(14, *(len(n) for n in figures))
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures)]
+    for label, key, fmt in ROWS:
+        lines.append(f"{label:<{width}}  "
+                     + "  ".join(f"{_cell(f, key, fmt):>{cols}}" for f in figures.values()))
+    return "\n".join(lines)
+
+
+def compare(figures: dict[str, dict[str, float]], name: str = "full",
+            base: str = "baseline") -> str:
+    """One line per target of the main job: ``name`` against ``base``."""
+    if name not in figures or base not in figures:
+        return ""
+    f, b = figures[name], figures[base]
+
+    def ratio(x: float, y: float) -> str:
+        return f"{x / y:.2f}x" if y else "n/a"
+
+    return (
+        f"{name} vs {base}: {ratio(b['copies'], f['copies'])} fewer copies issued; "
+        f"{1 - f['swap_out_blocks_copied'] / max(b['swap_out_blocks_copied'], 1):.0%} fewer "
+        f"swap-out blocks copied; P99 TTFT {ratio(f['ttft_p99_s'], b['ttft_p99_s'])} of "
+        f"baseline; P99.9 TBT {ratio(f['tbt_p999_s'], b['tbt_p999_s'])} of baseline; "
+        f"throughput {ratio(f['throughput_tok_s'], b['throughput_tok_s'])}."
+    )
+
+
+def plot(figures: dict[str, dict[str, float]], path: str) -> None:
+    """PNG: TTFT/TBT percentiles and swap volume per configuration (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(figures)
+    fig, (lat, vol) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = [("TTFT P50", "ttft_p50_s"), ("TTFT P95", "ttft_p95_s"), ("TTFT P99", "ttft_p99_s"),
+            ("TTFT P99.9", "ttft_p999_s"), ("TBT P99.9", "tbt_p999_s")]
+    x = np.arange(len(keys))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        lat.bar(x + i * width, [figures[n][k] for _, k in keys], width, label=n)
+    lat.set_xticks(x + width * (len(names) - 1) / 2, [k for k, _ in keys])
+    lat.set_yscale("log")
+    lat.set_ylabel("seconds (modelled clock)")
+    lat.set_title("latency percentiles")
+    lat.legend()
+    copied = [figures[n]["swap_out_blocks_copied"] for n in names]
+    reused = [figures[n]["swap_out_blocks_reused"] for n in names]
+    vol.bar(names, copied, label="swap-out blocks copied")
+    vol.bar(names, reused, bottom=copied, label="swap-out blocks reused")
+    twin = vol.twinx()
+    twin.plot(names, [figures[n]["copies"] for n in names], "ko-", label="copies issued")
+    twin.set_yscale("log")
+    twin.set_ylabel("copies issued")
+    vol.set_ylabel("blocks")
+    vol.set_title("swap volume")
+    vol.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGURATIONS]
+    if unknown or not names:
+        print(f"kvswitch bench: unknown configuration(s) {unknown}; choose from "
+              f"{', '.join(CONFIGURATIONS)}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("kvswitch bench: --plot needs matplotlib (pip install 'kvswitch[plot]')",
+                  file=sys.stderr)
+            return 2
     try:
         conversations = sample(load_trace(args.trace), args.conversations, args.seed)
-    except TraceError as e:
+    except (TraceError, OSError) as e:
         print(f"kvswitch bench: {e}", file=sys.stderr)
         return 2
-    config = ReplayConfig(
-        occupancy=args.occupancy,
-        preempt_every=args.preempt_every,
-        think_iters=args.think_iters,
-        arrival_per_iter=args.arrival_per_iter,
-        seed=args.seed,
-    )
-    host_blocks = args.host_blocks or 16 * args.gpu_blocks
-    # name -> (initial group blocks of the GPU pool, CPU copies reused?)
-    configurations = {
-        "baseline": (1, False),
-        "groups": (args.initial_group_blocks, False),
-        "groups+reuse": (args.initial_group_blocks, True),
-    }
+    config = ServeConfig(
+        model=args.model, gpu=args.gpu, gpu_blocks=args.gpu_blocks,
+        host_blocks=args.host_blocks, arrival_rate=args.arrival_rate, think_s=args.think_s,
+        pattern=args.pattern, update_every=args.update_every, time_scale=args.time_scale,
+        num_workers=args.workers, seed=args.seed)
+    model = MODEL_PRESETS[args.model]
     print(
         f"kvswitch bench: {len(conversations)} conversations from "
-        f"{args.trace or 'the bundled ShareGPT trace'}, GPU pool {args.gpu_blocks} blocks "
-        f"of {BLOCK_SIZE} tokens, admission at {args.occupancy:.0%}, a priority preemption "
-        f"every {args.preempt_every} iterations",
-        file=sys.stderr,
-    )
-    figures: dict[str, dict[str, float]] = {}
-    for name, (initial, reuse) in configurations.items():
-        allocator = BlockGroupAllocator(args.gpu_blocks, initial_group_blocks=initial)
-        tracker = ReuseTracker(BlockGroupAllocator(host_blocks)) if reuse else None
-        t0 = time.perf_counter()
-        try:
-            result = replay(allocator, conversations, config, tracker)
-        except OutOfBlocksError as e:
-            print(f"kvswitch bench: {name}: {e}; raise --host-blocks", file=sys.stderr)
-            return 2
-        wall = time.perf_counter() - t0
-        calls_ns = result.alloc_one_ns + result.alloc_many_ns + result.free_ns
-        figures[name] = {
-            "swap_outs": len(result.free_ns),
-            "preemptions": result.preemptions + result.pool_full_preemptions,
-            "swap_out_blocks": result.swap_out_blocks,
-            "reused_blocks": result.reused_blocks,
-            "swap_in_blocks": result.swap_in_blocks,
-            "reclaimed_blocks": tracker.stats().blocks_reclaimed if tracker else 0,
-            "contaminations": tracker.stats().contaminations if tracker else 0,
-            "swap_out_groups": result.swap_out_groups,
-            "blocks_per_copy": result.swap_out_blocks / max(result.swap_out_groups, 1),
-            "copies_llama3_8b": result.swap_out_groups * LLAMA3_8B_REGIONS,
-            "allocator_calls": len(calls_ns),
-            "allocator_call_p50_us": float(np.median(calls_ns)) / 1e3,
-            "replay_wall_s": wall,
-        }
-        print(f"  {name}: done in {wall:.1f} s", file=sys.stderr)
+        f"{args.trace or 'the bundled ShareGPT trace'}, Poisson {args.arrival_rate:g}/s, "
+        f"think time {args.think_s:g} s; {args.model} on {args.gpu} (cost model); GPU pool "
+        f"{args.gpu_blocks:,} blocks ({args.gpu_blocks * model.kv_bytes_per_token * 16 / GIB:.1f}"
+        f" GiB of preset KV), host pool {args.host_blocks:,} blocks; {args.pattern} priorities "
+        f"every {args.update_every} iterations; time scale {args.time_scale:g}; host backend",
+        file=sys.stderr)
+    from tqdm import tqdm
 
-    rows = [
-        ("swap-outs (turn ends + preemptions)", "swap_outs", "{:,.0f}"),
-        ("preemptions", "preemptions", "{:,.0f}"),
-        ("swap-out blocks copied", "swap_out_blocks", "{:,.0f}"),
-        ("swap-out blocks reused (CPU copy valid)", "reused_blocks", "{:,.0f}"),
-        ("backup blocks reclaimed (contaminated)", "reclaimed_blocks", "{:,.0f}"),
-        ("contaminations", "contaminations", "{:,.0f}"),
-        ("swap-in blocks", "swap_in_blocks", "{:,.0f}"),
-        ("copies per region (block groups)", "swap_out_groups", "{:,.0f}"),
-        ("mean blocks per copy", "blocks_per_copy", "{:,.1f}"),
-        (f"copies, Llama-3-8B layout ({LLAMA3_8B_REGIONS} regions)", "copies_llama3_8b",
-         "{:,.0f}"),
-        ("allocator call p50 (us, measured)", "allocator_call_p50_us", "{:,.2f}"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'':<{width}}  " + "  ".join(f"{n:>14}" for n in figures))
-    for label, key, fmt in rows:
-        cells = "  ".join(f"{fmt.format(f[key]):>14}" for f in figures.values())
-        print(f"{label:<{width}}  {cells}")
-    base, grp, full = figures["baseline"], figures["groups"], figures["groups+reuse"]
+    figures: dict[str, dict[str, float]] = {}
+    for name in names:
+        try:
+            with tqdm(total=len(conversations), desc=f"{name:>12}", unit="conv",
+                      disable=args.no_progress, file=sys.stderr) as bar:
+                result = serve(conversations, config, CONFIGURATIONS[name],
+                               on_conversation_done=lambda bar=bar: bar.update())
+        except ValueError as e:
+            print(f"kvswitch bench: {e}", file=sys.stderr)
+            return 2
+        figures[name] = summarize(result, args.time_scale)
+    print(format_table(figures))
+    print()
+    if line := compare(figures):
+        print(line)
     print(
-        f"\ngroups vs baseline: {base['swap_out_groups'] / max(grp['swap_out_groups'], 1):.1f}x "
-        "fewer copies for the same swap-out blocks.\n"
-        f"groups+reuse vs baseline: "
-        f"{1 - full['swap_out_blocks'] / max(base['swap_out_blocks'], 1):.0%} fewer swap-out "
-        f"blocks, {base['swap_out_groups'] / max(full['swap_out_groups'], 1):.1f}x fewer copies.\n"
-        "Blocks and copies are counted from the allocators' and the reuse tracker's plans; "
-        "the copies are not executed at this stage (the swap engine joins this command next)."
-    )
+        f"Copies are real (host backend; each block carries 1/{args.time_scale:g} of the "
+        f"preset's bytes); model compute is "
+        f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
+        f"compute + measured stalls x {args.time_scale:g}). See docs/benchmarks.md.")
     if args.json:
         with open(args.json, "w") as f:
-            config_args = {k: v for k, v in vars(args).items() if k != "func"}
-            json.dump({"config": config_args, "configurations": figures}, f, indent=2)
+            json.dump({"config": asdict(config), "trace": args.trace or "bundled",
+                       "conversations": len(conversations), "configurations": figures}, f,
+                      indent=2)
+    if args.plot:
+        plot(figures, args.plot)
     return 0
 
 
@@ -122,29 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswitch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="replay a multi-turn trace and compare configurations")
-    bench.add_argument("--trace", default=None,
-                       help="CSV with conversation_id, turn, new_input_tokens, output_tokens "
-                            "(default: the bundled ShareGPT trace)")
-    bench.add_argument("--conversations", type=int, default=1000,
-                       help="conversations sampled from the trace (default 1000)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--gpu-blocks", type=int, default=8000,
-                       help="GPU pool size in blocks of 16 tokens (default 8000)")
-    bench.add_argument("--host-blocks", type=int, default=None,
-                       help="host pool size in blocks for CPU copies (default 16x --gpu-blocks)")
-    bench.add_argument("--occupancy", type=float, default=0.8,
-                       help="admit turns while the pool is below this fraction (default 0.8)")
-    bench.add_argument("--preempt-every", type=int, default=50,
-                       help="iterations between priority preemptions; 0 for none "
-                            "(default 50: the paper's frequency 0.02)")
-    bench.add_argument("--think-iters", type=int, default=200,
-                       help="iterations between a turn's end and the next turn (default 200)")
-    bench.add_argument("--arrival-per-iter", type=float, default=0.05,
-                       help="mean conversation arrivals per iteration (default 0.05)")
-    bench.add_argument("--initial-group-blocks", type=int, default=DEFAULT_INITIAL_GROUP_BLOCKS)
-    bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    bench.set_defaults(func=_bench)
+    b = sub.add_parser("bench", help="serve a multi-turn trace and compare configurations",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ServeConfig()
+    b.add_argument("--trace", default=None,
+                   help="CSV with conversation_id, turn, new_input_tokens, output_tokens and "
+                        "optional arrival_s (default: the bundled ShareGPT trace)")
+    b.add_argument("--conversations", type=int, default=1000,
+                   help="conversations sampled from the trace")
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--arrival-rate", type=float, default=d.arrival_rate,
+                   help="Poisson conversation arrivals per second (ignored where the trace "
+                        "has arrival_s)")
+    b.add_argument("--think-s", type=float, default=d.think_s,
+                   help="mean think time between a turn's end and the next turn (exponential)")
+    b.add_argument("--pattern", choices=("markov", "random"), default=d.pattern,
+                   help="priority pattern")
+    b.add_argument("--update-every", type=int, default=d.update_every,
+                   help="iterations between priority updates (50 = frequency 0.02)")
+    b.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model)
+    b.add_argument("--gpu", choices=sorted(GPU_PRESETS), default=d.gpu,
+                   help="GPU preset of the cost model")
+    b.add_argument("--gpu-blocks", type=int, default=d.gpu_blocks,
+                   help="GPU pool size, blocks of 16 tokens")
+    b.add_argument("--host-blocks", type=int, default=d.host_blocks, help="host pool size")
+    b.add_argument("--time-scale", type=float, default=d.time_scale,
+                   help="run this many times faster than the modelled system")
+    b.add_argument("--workers", type=int, default=d.num_workers,
+                   help="swap engine worker threads")
+    b.add_argument("--configs", default=",".join(CONFIGURATIONS),
+                   help="comma-separated configurations to compare")
+    b.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    b.add_argument("--plot", default=None, help="also write a PNG of latency and swap volume")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
     return parser
 
 

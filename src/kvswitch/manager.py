@@ -433,6 +433,12 @@ class SwapManager:
     def stats(self) -> SwapManagerStats:
         return SwapManagerStats(**self._n, **self._t)
 
+    @property
+    def stall_s(self) -> float:
+        """Seconds the caller has been blocked on swaps so far (``stats().stall_s``)."""
+        t = self._t
+        return t["conflict_wait_s"] + t["swap_out_wait_s"] + t["swap_in_wait_s"]
+
     def close(self) -> None:
         """Finish queued copies and close the engine."""
         self.engine.close()

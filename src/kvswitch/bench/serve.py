@@ -1,0 +1,452 @@
+"""A serving loop that replays a multi-turn trace over a SwapManager: ``kvswitch bench``.
+
+What is real and what is modelled:
+
+* **Real**: every swap is a real copy through :class:`~kvswitch.AsyncSwapEngine` between two
+  KV pools with the model preset's region count (host backend: both pools in host memory),
+  issued by the :class:`~kvswitch.SwapManager`; the time the loop is blocked on swaps
+  (synchronous swaps, conflicts, synchronous swap-in decisions) is measured.
+* **Modelled**: the model step's duration (:class:`~kvswitch.bench.cost_model.CostModel`).
+  It is spent as real elapsed time (the loop sleeps while the swap workers copy), so
+  asynchronous swaps overlap with it for real.
+* **Time scale** ``S``: the run is ``S`` times faster than the system it models, so 1,000
+  conversations arriving at 1 per second replay in minutes. A modelled step of ``t``
+  seconds is slept as ``t / S``; a measured stall of ``w`` seconds counts as ``w * S``
+  on the modelled clock; each block carries ``1 / S`` of the preset's bytes, so a copy's
+  measured time times ``S`` stands for the preset's bytes at this machine's copy bandwidth.
+  Per-copy overheads are scaled by ``S`` as well. ``S = 1`` runs in real time with the
+  preset's real block bytes.
+
+Scheduling (vLLM-style continuous batching with a priority scheduler, FastSwitch section
+4.4): every iteration, finished swap-ins join the batch (Algorithm 1 step 1); waiting and
+preempted sequences are admitted in priority order while their blocks fit (history swapped
+in, new input prefilled with the history as prefix); at a priority update, a waiting
+sequence that does not fit preempts running ones of lower priority; a decode that needs a
+block in a full pool preempts the lowest-priority running sequence; the adaptive strategy
+decides whether pending swap-ins are waited for (step 4). Every running sequence decodes
+one token per iteration; a turn's prefill emits its first token. A finished turn's KV is
+swapped out until the conversation's next turn arrives, a think time later. When the host
+pool cannot hold a swap-out, the CPU copies of idle conversations are dropped, oldest
+first, and their next turn recomputes the history in its prefill.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
+from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel
+from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
+from kvswitch.host_pool import HostKVPool
+from kvswitch.layout import KVLayout
+from kvswitch.manager import SwapManager
+from kvswitch.swap import AsyncSwapEngine
+from kvswitch.trace import Conversation
+
+__all__ = ["CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "serve"]
+
+
+@dataclass(frozen=True)
+class Mechanisms:
+    """Which FastSwitch mechanisms a configuration uses."""
+
+    block_groups: bool  #: group allocator and one copy per extent (else vLLM: per block)
+    async_swaps: bool  #: asynchronous swap-out and adaptive swap-in (else blocking swaps)
+    reuse: bool  #: CPU copies reused across swap-outs
+
+
+CONFIGURATIONS: dict[str, Mechanisms] = {
+    "baseline": Mechanisms(False, False, False),  # vLLM's swap path
+    "groups": Mechanisms(True, False, False),
+    "groups+async": Mechanisms(True, True, False),
+    "full": Mechanisms(True, True, True),
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Parameters of :func:`serve` (seconds are modelled seconds)."""
+
+    model: str = "llama-3-8b"  #: key of MODEL_PRESETS
+    gpu: str = "a100"  #: key of GPU_PRESETS
+    gpu_blocks: int = 6000  #: GPU pool, blocks of ``block_size`` tokens
+    host_blocks: int = 30720  #: host pool (60 GiB of Llama-3-8B KV, the paper's setup)
+    block_size: int = 16
+    arrival_rate: float = 1.0  #: conversations per second, Poisson (unless the trace has times)
+    think_s: float = 10.0  #: mean think time between turns, exponential
+    pattern: PriorityPattern = "markov"
+    update_every: int = 50  #: iterations between priority updates (frequency 0.02)
+    time_scale: float = 20.0
+    efficiency: float = 0.7  #: cost model: fraction of peak reached
+    max_batch: int = 256  #: running sequences (vLLM max_num_seqs)
+    max_prefill_tokens: int = 8192  #: prefill tokens per iteration (vLLM chunk budget)
+    watermark: float = 0.01  #: fraction of the GPU pool kept free at admission (vLLM)
+    initial_group_blocks: int = 60
+    num_workers: int = 2  #: swap engine worker threads
+    seed: int = 0
+
+
+@dataclass
+class ServeResult:
+    """Figures of one run. ``*_s`` on the modelled clock unless named ``measured``."""
+
+    ttft_s: list[float] = field(default_factory=list)  #: per turn
+    tbt_s: list[float] = field(default_factory=list)  #: per generated token after the first
+    tokens: int = 0
+    makespan_s: float = 0.0
+    iterations: int = 0
+    priority_preemptions: int = 0
+    pool_full_preemptions: int = 0
+    recomputed_tokens: int = 0  #: history tokens prefilled again (CPU copy dropped)
+    dropped_copies: int = 0
+    manager: dict = field(default_factory=dict)  #: SwapManagerStats as a dict
+    engine: dict = field(default_factory=dict)  #: AsyncSwapEngine.stats()
+    preset_block_bytes: int = 0  #: bytes of one block of the preset (all regions)
+    executed_block_bytes: int = 0  #: bytes of one block actually copied
+    stall_measured_s: float = 0.0  #: wall seconds the loop was blocked on swaps
+    wall_s: float = 0.0  #: wall seconds of the run
+
+
+# Conversation phases.
+_THINKING, _WAITING, _PREEMPTED, _RUNNING, _DONE = range(5)
+
+
+@dataclass(eq=False)
+class _Conv:
+    idx: int
+    conv: Conversation
+    turn: int = 0
+    phase: int = _THINKING
+    kv: int = 0  # tokens of KV the conversation holds (GPU or host)
+    on_host: bool = False  # its KV is swapped out to the host pool
+    prefill: int = 0  # new tokens to prefill before decoding (0: decoding)
+    prefix: int = 0  # cached tokens the prefill attends to
+    recompute: int = 0  # history tokens whose KV was dropped: the next turn prefills them
+    first_token: bool = False  # this turn emitted its first token
+    left: int = 0  # tokens still to generate this turn
+    turn_arrival: float = 0.0
+    last_token: float = 0.0
+    idle_since: float = 0.0
+
+
+def _layout(num_regions: int, region_bytes: int, num_blocks: int) -> KVLayout:
+    # Zero-filled so that page faults are not timed as copies.
+    return KVLayout.from_tensors([np.zeros((num_blocks, region_bytes), np.uint8)
+                                  for _ in range(num_regions)])
+
+
+class _Server:
+    def __init__(self, convs: list[Conversation], cfg: ServeConfig, mech: Mechanisms,
+                 on_finish: Callable[[], None] | None) -> None:
+        self.cfg, self.mech = cfg, mech
+        model = MODEL_PRESETS[cfg.model]
+        self.cost = CostModel(model, GPU_PRESETS[cfg.gpu], cfg.efficiency)
+        S = cfg.time_scale
+        self.S = S
+        preset_region = model.region_block_bytes(cfg.block_size)
+        region = max(16, round(preset_region / S / 16) * 16)
+        device = _layout(model.num_regions, region, cfg.gpu_blocks)
+        host = HostKVPool(device, cfg.host_blocks, pin=False)
+        for a in host.arrays:
+            a.fill(0)
+        engine = AsyncSwapEngine(device, host, backend="host", num_workers=cfg.num_workers)
+        gpu = (BlockGroupAllocator(cfg.gpu_blocks, initial_group_blocks=cfg.initial_group_blocks)
+               if mech.block_groups else BlockGroupAllocator.per_block(cfg.gpu_blocks))
+        self.m = SwapManager(
+            gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,
+            async_swap_out=mech.async_swaps, swap_in="adaptive" if mech.async_swaps else "sync",
+            coalesce=mech.block_groups, block_size=cfg.block_size)
+        self.r = ServeResult(preset_block_bytes=preset_region * model.num_regions,
+                             executed_block_bytes=region * model.num_regions)
+        self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
+        self.on_finish = on_finish
+        self.convs = [_Conv(i, c) for i, c in enumerate(convs)]
+        arrivals = random.Random(cfg.seed + 1)
+        self.think = random.Random(cfg.seed + 2)
+        self.events: list[tuple[float, int]] = []  # (time, conversation): a turn arrives
+        t = 0.0
+        for c in self.convs:
+            t += arrivals.expovariate(cfg.arrival_rate)
+            heapq.heappush(self.events, (c.conv.arrival_s if c.conv.arrival_s is not None
+                                         else t, c.idx))
+        self.queue: list[_Conv] = []  # waiting and preempted
+        self.running: dict[int, _Conv] = {}
+        self.now = 0.0
+        self.start = self.events[0][0] if self.events else 0.0
+        self.reserve = math.ceil(cfg.watermark * cfg.gpu_blocks)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.block_size)
+
+    def _table_len(self, c: _Conv) -> int:
+        return self.m.gpu.num_table_blocks(c.idx) if c.idx in self.m.gpu else 0
+
+    def _priority(self, c: _Conv) -> float:
+        return self.prio.priority(c.idx)
+
+    def _swap_out(self, c: _Conv) -> None:
+        """Move a running conversation's KV to the host pool (or drop it if it cannot)."""
+        while True:
+            try:
+                self.m.swap_out(c.idx, c.kv, priority=self._priority(c) if c.idx in self.prio
+                                else 0.0)
+                c.on_host = True
+                return
+            except OutOfBlocksError:
+                if not self._drop_idle_copy():
+                    self.m.free(c.idx)  # no room anywhere: recompute it later
+                    self._lost(c)
+                    return
+
+    def _lost(self, c: _Conv) -> None:
+        self.r.recomputed_tokens += c.kv
+        self.r.dropped_copies += 1
+        if c.phase == _THINKING:
+            c.recompute = c.kv
+        else:  # preempted mid-turn: it prefills its whole context again (vLLM recompute)
+            c.prefill, c.prefix = c.prefill + c.kv, 0
+        c.on_host = False
+        c.kv = 0
+
+    def _drop_idle_copy(self) -> bool:
+        idle = [c for c in self.convs if c.phase == _THINKING and c.on_host]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since)
+        self.m.free(victim.idx)
+        self._lost(victim)
+        return True
+
+    def _preempt(self, c: _Conv, *, priority_update: bool) -> None:
+        del self.running[c.idx]
+        if c.kv:
+            self._swap_out(c)
+        else:  # admitted, nothing computed yet
+            self.m.free(c.idx)
+        c.phase = _PREEMPTED if c.prefill == 0 else _WAITING
+        self.queue.append(c)
+        if priority_update:
+            self.r.priority_preemptions += 1
+        else:
+            self.r.pool_full_preemptions += 1
+
+    def _preemptable(self, c: _Conv) -> bool:
+        return self.m.state(c.idx) == "running"
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _need(self, c: _Conv) -> int:
+        """GPU blocks to admit ``c``: its KV plus its prefill plus one block of headroom."""
+        return self._blocks(c.kv + c.prefill) + 1
+
+    def _admit(self, c: _Conv) -> None:
+        if c.on_host:
+            self.m.swap_in(c.idx)
+            c.on_host = False
+        # Room for its prefill, or for the next decoded token.
+        extra = self._blocks(c.kv + max(c.prefill, 1)) - self._table_len(c)
+        if extra > 0:
+            self.m.allocate(c.idx, extra)
+        c.phase = _RUNNING
+        self.running[c.idx] = c
+
+    def _schedule(self, update: bool) -> None:
+        free = lambda: self.m.gpu.num_free_blocks - self.reserve  # noqa: E731
+        candidates = sorted(self.queue, key=self._priority, reverse=True)
+        admitted: set[int] = set()
+        for c in candidates:
+            if len(self.running) >= self.cfg.max_batch:
+                break
+            need = self._need(c)
+            if need > free() and update:
+                p = self._priority(c)
+                victims = sorted((v for v in self.running.values()
+                                  if self._priority(v) < p and self._preemptable(v)),
+                                 key=self._priority)
+                gain, chosen = 0, []
+                for v in victims:
+                    if free() + gain >= need:
+                        break
+                    chosen.append(v)
+                    gain += self._table_len(v)
+                if free() + gain >= need:
+                    for v in chosen:
+                        self._preempt(v, priority_update=True)
+            if need > free():
+                break  # strict priority order: nothing lower jumps ahead
+            self._admit(c)
+            admitted.add(c.idx)
+        # Victims preempted above were appended to the queue; they wait for a later pass.
+        self.queue = [c for c in self.queue if c.idx not in admitted]
+
+    def _grow(self) -> None:
+        """Give every decoding sequence the block its next token needs, highest priority
+        first when the pool cannot serve them all."""
+        bs, m = self.cfg.block_size, self.m
+        needing = [c for c in self.running.values()
+                   if not c.prefill and c.kv % bs == 0 and c.kv == self._table_len(c) * bs
+                   and m.state(c.idx) == "running"]
+        if len(needing) > m.gpu.num_free_blocks:
+            needing.sort(key=self._priority, reverse=True)
+        for c in needing:
+            if c.idx not in self.running:  # preempted for an earlier one
+                continue
+            while self.m.gpu.num_free_blocks < 1:
+                victim = min((v for v in self.running.values() if self._preemptable(v)),
+                             key=self._priority)
+                self._preempt(victim, priority_update=False)
+                if victim is c:
+                    break
+            if c.idx in self.running:
+                self.m.allocate(c.idx, 1)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _arrive(self) -> None:
+        while self.events and self.events[0][0] <= self.now:
+            t, i = heapq.heappop(self.events)
+            c = self.convs[i]
+            turn = c.conv.turns[c.turn]
+            c.phase = _WAITING
+            c.turn_arrival = t
+            c.prefix = c.kv
+            # A dropped history is recomputed together with the new input.
+            c.prefill = max(turn.new_input_tokens + c.recompute, 1)
+            c.recompute = 0
+            c.left = turn.output_tokens
+            c.first_token = False
+            self.prio.add(c.idx)
+            self.queue.append(c)
+
+    def _finish_turn(self, c: _Conv) -> None:
+        del self.running[c.idx]
+        c.turn += 1
+        c.idle_since = self.now
+        if c.turn == len(c.conv.turns):
+            self.m.free(c.idx)
+            c.phase, c.kv = _DONE, 0
+            self.prio.remove(c.idx)
+            self.finished += 1
+            if self.on_finish:
+                self.on_finish()
+            return
+        c.phase = _THINKING
+        self._swap_out(c)
+        heapq.heappush(self.events, (self.now + self.think.expovariate(1 / self.cfg.think_s)
+                                     if self.cfg.think_s > 0 else self.now, c.idx))
+
+    def run(self) -> ServeResult:
+        r, m, S = self.r, self.m, self.S
+        self.finished = 0
+        wall0 = time.perf_counter()
+        iteration = 0
+        while self.finished < len(self.convs):
+            if not self.running and not self.queue and not m.swapping_in:
+                self.now = max(self.now, self.events[0][0])  # idle: skip to the next turn
+            self._arrive()
+            stall0 = m.stall_s
+            update = self.prio.is_update(iteration)
+            if update:
+                self.prio.update()
+            m.poll()
+            self._schedule(update)
+            self._grow()
+            ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+            if len(ready) < len(self.running):  # swap-ins pending: step 4 decides
+                estimate = self._step_s(ready, self._prefill_batch(ready))
+                m.decide(len(ready), estimate or self._step_s(
+                    list(self.running.values()), []))
+                ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+            prefills = self._prefill_batch(ready)
+            step = self._step_s(ready, prefills)
+            compute_until = time.perf_counter() + step / S
+            stall = m.stall_s - stall0
+            r.stall_measured_s += stall
+            self.now += stall * S + step
+            self.prio.served(c.idx for c in ready)
+            self._emit(ready, prefills)
+            iteration += 1
+            left = compute_until - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+        m.synchronize()
+        r.iterations = iteration
+        r.makespan_s = self.now - self.start
+        r.wall_s = time.perf_counter() - wall0
+        r.manager = vars(m.stats()) | {"stall_s": m.stats().stall_s}
+        r.engine = {k: v for k, v in m.engine.stats().items() if k != "copy_size_histogram"}
+        m.close()
+        return r
+
+    def _prefill_batch(self, ready: list[_Conv]) -> list[_Conv]:
+        budget, batch = self.cfg.max_prefill_tokens, []
+        for c in sorted((c for c in ready if c.prefill), key=self._priority, reverse=True):
+            if batch and c.prefill > budget:
+                break
+            batch.append(c)
+            budget -= c.prefill
+        return batch
+
+    def _step_s(self, ready: list[_Conv], prefills: list[_Conv]) -> float:
+        decodes = [c for c in ready if not c.prefill]
+        return self.cost.step_s(sum(c.kv + 1 for c in decodes), len(decodes),
+                                [(c.prefill, c.prefix) for c in prefills])
+
+    def _emit(self, ready: list[_Conv], prefills: list[_Conv]) -> None:
+        r, now = self.r, self.now
+        prefilled = {c.idx for c in prefills}
+        for c in ready:
+            if c.prefill:
+                if c.idx not in prefilled:
+                    continue
+                c.kv += c.prefill
+                c.prefill = c.prefix = 0
+                if not c.first_token:
+                    r.ttft_s.append(now - c.turn_arrival)
+                    c.first_token = True
+                else:  # recomputed after losing its KV mid-turn
+                    r.tbt_s.append(now - c.last_token)
+            else:
+                c.kv += 1
+                r.tbt_s.append(now - c.last_token)
+            c.last_token = now
+            c.left -= 1
+            r.tokens += 1
+            if c.left <= 0:
+                self._finish_turn(c)
+
+
+def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Mechanisms,
+          on_conversation_done: Callable[[], None] | None = None) -> ServeResult:
+    """Replay ``conversations`` through a SwapManager with the given mechanisms.
+
+    Args:
+        conversations: the trace (e.g. :func:`kvswitch.trace.sample` of the bundled one).
+        config: pools, presets, arrival process, priority pattern, time scale.
+        mechanisms: which FastSwitch mechanisms to use (see :data:`CONFIGURATIONS`).
+        on_conversation_done: called once per finished conversation (progress bars).
+
+    Returns:
+        A :class:`ServeResult`.
+
+    Raises:
+        KeyError: unknown model or GPU preset.
+        ValueError: a turn whose context cannot fit the GPU pool, or bad sizes.
+    """
+    if config.time_scale <= 0:
+        raise ValueError(f"time_scale must be positive, got {config.time_scale}")
+    limit = config.gpu_blocks - math.ceil(config.watermark * config.gpu_blocks) - 1
+    for c in conversations:
+        if -(-c.total_tokens // config.block_size) > limit:
+            raise ValueError(f"conversation {c.conversation_id!r} needs {c.total_tokens} tokens "
+                             f"of KV; the GPU pool admits {limit * config.block_size}")
+    return _Server(conversations, config, mechanisms, on_conversation_done).run()
