@@ -46,6 +46,8 @@ def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
         "preset_bytes_moved": moved * result.preset_block_bytes,
         "executed_bytes_moved": m["bytes_copied"],
         "swap_job_s_measured": result.engine.get("seconds", 0.0),
+        "us_per_copy_measured": (1e6 * result.engine.get("seconds", 0.0) / m["copies"]
+                                 if m["copies"] else 0.0),
         "stall_s_measured": result.stall_measured_s,
         "stall_s": result.stall_measured_s * time_scale,
         "ttft_p50_s": pct(result.ttft_s, 50),
@@ -79,6 +81,7 @@ ROWS = [
     ("mean blocks per copy", "blocks_per_copy", "{:,.1f}"),
     ("KV moved, preset bytes (GiB)", "preset_bytes_moved", "gib"),
     ("swap job time (s, measured)", "swap_job_s_measured", "{:,.2f}"),
+    ("  per copy (us, measured)", "us_per_copy_measured", "{:,.2f}"),
     ("stall on swaps (s, measured)", "stall_s_measured", "{:,.2f}"),
     ("TTFT P50 (s, modelled clock)", "ttft_p50_s", "{:,.3f}"),
     ("TTFT P95 (s, modelled clock)", "ttft_p95_s", "{:,.3f}"),

@@ -76,14 +76,14 @@ class ServeConfig:
 
     model: str = "llama-3-8b"  #: key of MODEL_PRESETS
     gpu: str = "a100"  #: key of GPU_PRESETS
-    gpu_blocks: int = 6000  #: GPU pool, blocks of ``block_size`` tokens
+    gpu_blocks: int = 10000  #: GPU pool, blocks of ``block_size`` tokens (20 GiB of Llama-3-8B KV)
     host_blocks: int = 30720  #: host pool (60 GiB of Llama-3-8B KV, the paper's setup)
     block_size: int = 16
     arrival_rate: float = 1.0  #: conversations per second, Poisson (unless the trace has times)
     think_s: float = 10.0  #: mean think time between turns, exponential
     pattern: PriorityPattern = "markov"
     update_every: int = 50  #: iterations between priority updates (frequency 0.02)
-    time_scale: float = 20.0
+    time_scale: float = 40.0
     efficiency: float = 0.7  #: cost model: fraction of peak reached
     max_batch: int = 256  #: running sequences (vLLM max_num_seqs)
     max_prefill_tokens: int = 8192  #: prefill tokens per iteration (vLLM chunk budget)
