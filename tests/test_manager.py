@@ -347,3 +347,21 @@ class ManagerMachine(RuleBasedStateMachine):
 
 TestManagerMachine = ManagerMachine.TestCase
 TestManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_stream_arguments_reach_the_engine():
+    m, _ = make_manager()
+    m.allocate("a", 2)
+    free_host = m.tracker.host.num_free_blocks
+    with pytest.raises(ValueError, match="host"):  # the host backend has no streams
+        m.swap_out("a", 8, after=0)
+    assert m.state("a") == "running"  # nothing changed
+    assert m.tracker.host.num_free_blocks == free_host
+    m.swap_out("a", 8)
+    free_gpu = m.gpu.num_free_blocks
+    with pytest.raises(ValueError, match="host"):
+        m.swap_in("a", before=0)
+    assert m.state("a") == "swapped_out" and m.gpu.num_free_blocks == free_gpu
+    m.swap_in("a")
+    m.wait_swap_in("a")
+    m.close()

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -211,7 +211,8 @@ class SwapManager:
 
     # -- step 3: swap-out ----------------------------------------------------------------
 
-    def swap_out(self, seq_id: Hashable, num_tokens: int, *, priority: float = 0.0) -> SwapPlan:
+    def swap_out(self, seq_id: Hashable, num_tokens: int, *, priority: float = 0.0,
+                 after: Any = None) -> SwapPlan:
         """Preempt a running sequence: copy its first ``num_tokens`` tokens' blocks to the
         host pool (only missing or stale ones with ``reuse``) and free its GPU blocks.
 
@@ -224,6 +225,8 @@ class SwapManager:
             num_tokens: tokens of KV to keep (> 0, at most the table's capacity).
             priority: higher is more important; backups of low-priority sequences are
                 reclaimed first when the host pool runs short.
+            after: CUDA only: the compute stream (or an event) whose queued writes the
+                copies must follow; passed to :meth:`AsyncSwapEngine.swap_out`.
 
         Returns:
             The committed :class:`~kvswitch.SwapPlan` (``copied_blocks``, ``reused_blocks``,
@@ -237,7 +240,11 @@ class SwapManager:
         self._check_not_swapped(seq_id)
         table = self.gpu.block_table(seq_id)
         plan = self.tracker.plan_swap_out(seq_id, table, num_tokens, priority=priority)
-        handle = self._submit("out", plan)
+        try:
+            handle = self._submit("out", plan, after=after)
+        except BaseException:
+            self.tracker.cancel(plan)  # nothing was queued: leave every pool unchanged
+            raise
         self.tracker.commit(plan)
         self.gpu.free(seq_id)
         self._swapped[seq_id] = num_tokens
@@ -253,11 +260,16 @@ class SwapManager:
 
     # -- step 2: swap-in -----------------------------------------------------------------
 
-    def swap_in(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
+    def swap_in(self, seq_id: Hashable, *, before: Any = None) -> npt.NDArray[np.int32]:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
         The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
         :meth:`wait_swap_in` reports it running; do not read its blocks before that.
+
+        Args:
+            seq_id: a swapped-out sequence.
+            before: CUDA only: a consumer stream whose later work waits for the copies;
+                passed to :meth:`AsyncSwapEngine.swap_in`.
 
         Returns:
             int32 array: its new GPU block table (block ids may differ from before).
@@ -273,7 +285,12 @@ class SwapManager:
         num_tokens = self._swapped[seq_id]
         table = self.gpu.allocate(seq_id, -(-num_tokens // self.block_size))
         plan = self.tracker.plan_swap_in(seq_id, table)
-        handle = self._submit("in", plan)
+        try:
+            handle = self._submit("in", plan, before=before)
+        except BaseException:
+            self.tracker.cancel(plan)
+            self.gpu.free(seq_id)
+            raise
         self.tracker.commit(plan)
         if not self.reuse:
             # The engine orders this job's host reads before any later write to the blocks.
@@ -451,12 +468,12 @@ class SwapManager:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _submit(self, direction: str, plan: SwapPlan) -> SwapHandle | None:
+    def _submit(self, direction: str, plan: SwapPlan, **stream: Any) -> SwapHandle | None:
         pairs = plan.pairs if self.coalesce else _per_block_pairs(plan.pairs)
         if not len(pairs):
             return None
         submit = self.engine.swap_out if direction == "out" else self.engine.swap_in
-        handle = submit(pairs)
+        handle = submit(pairs, **{k: v for k, v in stream.items() if v is not None})
         self._n[f"swap_{direction}_extents"] += len(pairs)
         self._n["copies"] += len(pairs) * self._regions
         self._n["bytes_copied"] += int(pairs[:, 2].sum()) * self._block_bytes
