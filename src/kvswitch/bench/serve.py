@@ -114,16 +114,13 @@ class ServeResult:
     wall_s: float = 0.0  #: wall seconds of the run
 
 
-# Conversation phases.
-_THINKING, _WAITING, _PREEMPTED, _RUNNING, _DONE = range(5)
-
 
 @dataclass(eq=False)
 class _Conv:
     idx: int
     conv: Conversation
     turn: int = 0
-    phase: int = _THINKING
+    thinking: bool = False  # between turns: its KV waits for the next turn
     kv: int = 0  # tokens of KV the conversation holds (GPU or host)
     on_host: bool = False  # its KV is swapped out to the host pool
     prefill: int = 0  # new tokens to prefill before decoding (0: decoding)
@@ -133,7 +130,6 @@ class _Conv:
     left: int = 0  # tokens still to generate this turn
     turn_arrival: float = 0.0
     last_token: float = 0.0
-    idle_since: float = 0.0
 
 
 def _layout(num_regions: int, region_bytes: int, num_blocks: int) -> KVLayout:
@@ -177,6 +173,8 @@ class _Server:
             heapq.heappush(self.events, (c.conv.arrival_s if c.conv.arrival_s is not None
                                          else t, c.idx))
         self.queue: list[_Conv] = []  # waiting and preempted
+        # Conversations between turns whose KV is on the host, in the order they went idle.
+        self.idle_on_host: dict[int, _Conv] = {}
         self.running: dict[int, _Conv] = {}
         self.now = 0.0
         self.start = self.events[0][0] if self.events else 0.0
@@ -210,7 +208,7 @@ class _Server:
     def _lost(self, c: _Conv) -> None:
         self.r.recomputed_tokens += c.kv
         self.r.dropped_copies += 1
-        if c.phase == _THINKING:
+        if c.thinking:
             c.recompute = c.kv
         else:  # preempted mid-turn: it prefills its whole context again (vLLM recompute)
             c.prefill, c.prefix = c.prefill + c.kv, 0
@@ -218,10 +216,9 @@ class _Server:
         c.kv = 0
 
     def _drop_idle_copy(self) -> bool:
-        idle = [c for c in self.convs if c.phase == _THINKING and c.on_host]
-        if not idle:
+        if not self.idle_on_host:
             return False
-        victim = min(idle, key=lambda c: c.idle_since)
+        victim = self.idle_on_host.pop(next(iter(self.idle_on_host)))  # idle the longest
         self.m.free(victim.idx)
         self._lost(victim)
         return True
@@ -232,7 +229,6 @@ class _Server:
             self._swap_out(c)
         else:  # admitted, nothing computed yet
             self.m.free(c.idx)
-        c.phase = _PREEMPTED if c.prefill == 0 else _WAITING
         self.queue.append(c)
         if priority_update:
             self.r.priority_preemptions += 1
@@ -256,7 +252,6 @@ class _Server:
         extra = self._blocks(c.kv + max(c.prefill, 1)) - self._table_len(c)
         if extra > 0:
             self.m.allocate(c.idx, extra)
-        c.phase = _RUNNING
         self.running[c.idx] = c
 
     def _schedule(self, update: bool) -> None:
@@ -316,7 +311,8 @@ class _Server:
             t, i = heapq.heappop(self.events)
             c = self.convs[i]
             turn = c.conv.turns[c.turn]
-            c.phase = _WAITING
+            c.thinking = False
+            self.idle_on_host.pop(i, None)
             c.turn_arrival = t
             c.prefix = c.kv
             # A dropped history is recomputed together with the new input.
@@ -330,17 +326,18 @@ class _Server:
     def _finish_turn(self, c: _Conv) -> None:
         del self.running[c.idx]
         c.turn += 1
-        c.idle_since = self.now
         if c.turn == len(c.conv.turns):
             self.m.free(c.idx)
-            c.phase, c.kv = _DONE, 0
+            c.kv = 0
             self.prio.remove(c.idx)
             self.finished += 1
             if self.on_finish:
                 self.on_finish()
             return
-        c.phase = _THINKING
+        c.thinking = True
         self._swap_out(c)
+        if c.on_host:
+            self.idle_on_host[c.idx] = c
         heapq.heappush(self.events, (self.now + self.think.expovariate(1 / self.cfg.think_s)
                                      if self.cfg.think_s > 0 else self.now, c.idx))
 
@@ -382,7 +379,8 @@ class _Server:
         r.iterations = iteration
         r.makespan_s = self.now - self.start
         r.wall_s = time.perf_counter() - wall0
-        r.manager = vars(m.stats()) | {"stall_s": m.stats().stall_s}
+        stats = m.stats()
+        r.manager = vars(stats) | {"stall_s": stats.stall_s}
         r.engine = {k: v for k, v in m.engine.stats().items() if k != "copy_size_histogram"}
         m.close()
         return r
