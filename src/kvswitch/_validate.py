@@ -1,0 +1,40 @@
+"""Argument checks shared by the public classes: one wording for every count and size.
+
+A count that reaches the C++ core through nanobind must be a real integer of the right
+range *before* the call: otherwise nanobind answers ``TypeError: incompatible function
+arguments`` (a huge int), or silently takes ``True`` as 1 and ``16.0`` as 16.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+__all__ = ["as_count"]
+
+INT32_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+
+
+def as_count(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as a Python int in ``[minimum, maximum]``.
+
+    Accepts ``int`` and NumPy integers (anything with ``__index__``) but not ``bool``,
+    floats or strings.
+
+    Raises:
+        TypeError: not an integer, or a bool.
+        ValueError: outside ``[minimum, maximum]`` (``maximum`` None: no upper bound).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool ({value!r})")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if n < minimum:
+        limit = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {limit}, got {n}")
+    if maximum is not None and n > maximum:
+        raise ValueError(f"{name} must be at most {maximum:,}, got {n:,}")
+    return n
