@@ -10,6 +10,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -48,6 +50,17 @@ StreamRef stream_ref(int kind, std::uintptr_t handle) {
 }
 
 const char* direction_name(Direction d) { return d == Direction::kOut ? "out" : "in"; }
+
+/// The rows of an int64 array as an aligned pointer: NumPy arrays can be C-contiguous but
+/// misaligned (a view at an odd byte offset), and the core reads int64 values directly.
+template <typename Array>
+const std::int64_t* aligned_data(const Array& a, std::vector<std::int64_t>& copy) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(a.data());
+    if (addr % alignof(std::int64_t) == 0) return a.data();
+    copy.resize(a.size());
+    std::memcpy(copy.data(), a.data(), a.size() * sizeof(std::int64_t));
+    return copy.data();
+}
 
 }  // namespace
 
@@ -127,13 +140,16 @@ void bind_swap(nb::module_& m) {
         .def(
             "wait",
             [](const SwapHandle& h, std::optional<double> timeout) {
-                if (timeout && *timeout < 0) throw std::invalid_argument("timeout must be >= 0");
+                if (timeout && !(*timeout >= 0))  // also rejects NaN
+                    throw std::invalid_argument("timeout must be >= 0 seconds or None, got " +
+                                                std::to_string(*timeout));
                 nb::gil_scoped_release release;
                 return h.wait(timeout ? *timeout : -1.0);
             },
             "timeout"_a = nb::none(),
-            "Block (GIL released) until the job is done or `timeout` seconds pass. Returns "
-            "whether it is done; raises SwapError when the job failed in a worker.")
+            "Block (GIL released) until the job is done or `timeout` seconds pass (None or "
+            "inf: no limit). Returns whether it is done; raises SwapError when the job failed "
+            "and ValueError for a negative or NaN timeout.")
         .def_prop_ro("id", &SwapHandle::id)
         .def_prop_ro("nbytes", &SwapHandle::nbytes, "Bytes the job copies.")
         .def_prop_ro("num_copies", &SwapHandle::num_copies,
@@ -144,6 +160,14 @@ void bind_swap(nb::module_& m) {
         .def_prop_ro("direction", [](const SwapHandle& h) { return direction_name(h.direction()); },
                      "'out' (device -> host) or 'in' (host -> device).")
         .def_prop_ro("error", &SwapHandle::error, "Error text of a failed job, else ''.")
+        .def_prop_ro("root_job_id",
+                     [](const SwapHandle& h) -> std::optional<std::uint64_t> {
+                         const std::uint64_t id = h.root_job_id();
+                         if (id == 0) return std::nullopt;
+                         return id;
+                     },
+                     "Id of the job whose failure made this one fail (its own id when it "
+                     "failed itself); None unless the job failed.")
         .def("__repr__", [](const SwapHandle& h) {
             return "<SwapHandle id=" + std::to_string(h.id()) + " " +
                    direction_name(h.direction()) + " " + std::to_string(h.num_copies()) +
@@ -185,17 +209,31 @@ void bind_swap(nb::module_& m) {
                 const Direction dir = direction == 0 ? Direction::kOut : Direction::kIn;
                 const StreamRef after = stream_ref(after_kind, after_handle);
                 const StreamRef before = stream_ref(before_kind, before_handle);
+                std::vector<std::int64_t> copy;
+                const std::int64_t* rows = aligned_data(pairs, copy);
                 nb::gil_scoped_release release;
-                return e.submit(dir, pairs.data(), pairs.shape(0), after, before);
+                return e.submit(dir, rows, pairs.shape(0), after, before);
             },
             "direction"_a, "pairs"_a, "after_kind"_a = 0, "after_handle"_a = 0,
             "before_kind"_a = 0, "before_handle"_a = 0)
+        .def(
+            "check",
+            [](const AsyncSwapEngine& e, int direction, int after_kind,
+               std::uintptr_t after_handle, int before_kind, std::uintptr_t before_handle) {
+                e.check(direction == 0 ? Direction::kOut : Direction::kIn,
+                        stream_ref(after_kind, after_handle),
+                        stream_ref(before_kind, before_handle));
+            },
+            "direction"_a, "after_kind"_a = 0, "after_handle"_a = 0, "before_kind"_a = 0,
+            "before_handle"_a = 0)
         .def("poll", &AsyncSwapEngine::poll)
         .def(
             "wait_blocks",
             [](AsyncSwapEngine& e, Ids ids) {
+                std::vector<std::int64_t> copy;
+                const std::int64_t* data = aligned_data(ids, copy);
                 nb::gil_scoped_release release;
-                return e.wait_blocks(ids.data(), ids.shape(0));
+                return e.wait_blocks(data, ids.shape(0));
             },
             "block_ids"_a)
         .def("synchronize", &AsyncSwapEngine::synchronize, nb::call_guard<nb::gil_scoped_release>())

@@ -124,6 +124,20 @@ class CudaQueue final : public CopyQueue {
 
     void issue(const std::vector<CopyOp>& ops, JobSync& js,
                const std::vector<JobSync*>& deps) override {
+        try {
+            issue_copies(ops, js, deps);
+        } catch (...) {
+            // Copies enqueued before the failing call may still run: wait for them, so the
+            // job is reported failed only once nothing of it can touch memory any more.
+            ScopedContext scope(s_->d, s_->ctx);
+            s_->d.cuStreamSynchronize(stream_);
+            throw;
+        }
+    }
+
+  private:
+    void issue_copies(const std::vector<CopyOp>& ops, JobSync& js,
+                      const std::vector<JobSync*>& deps) {
         const CudaDriver& d = s_->d;
         auto& sync = static_cast<CudaSync&>(js);
         ScopedContext scope(d, s_->ctx);
@@ -186,6 +200,7 @@ class CudaQueue final : public CopyQueue {
                     "cuStreamWriteValue32(before)");
     }
 
+  public:
     bool ready(JobSync& js) override {
         auto& sync = static_cast<CudaSync&>(js);
         ScopedContext scope(s_->d, s_->ctx);
@@ -263,15 +278,18 @@ std::string CudaBackend::copy_api() const {
 
 bool CudaBackend::supports_before() const { return shared_->memops; }
 
-std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, StreamRef before) {
-    Shared& s = *shared_;
-    const CudaDriver& d = s.d;
+void CudaBackend::validate(Direction, StreamRef, StreamRef before) const {
     if (before.kind == StreamRef::Kind::kEvent)
         throw std::invalid_argument("before= must be a stream (the consumer), not an event");
-    if (before.kind == StreamRef::Kind::kStream && !s.memops)
+    if (before.kind == StreamRef::Kind::kStream && !shared_->memops)
         throw std::invalid_argument(
             "before= needs CUDA stream memory operations, which this driver/device lacks; "
             "wait on the handle instead");
+}
+
+std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, StreamRef before) {
+    Shared& s = *shared_;
+    const CudaDriver& d = s.d;
     auto sync = std::make_unique<CudaSync>();
     sync->s = shared_;
     sync->dir = dir;

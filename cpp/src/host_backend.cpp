@@ -80,10 +80,13 @@ void host_copy(const CopyOp& op) noexcept {
         copy_row(dst + i * op.dst_pitch, src + i * op.src_pitch, op.width);
 }
 
-std::unique_ptr<JobSync> HostBackend::prepare(Direction, StreamRef after, StreamRef before) {
+void HostBackend::validate(Direction, StreamRef after, StreamRef before) const {
     if (after.kind != StreamRef::Kind::kNone || before.kind != StreamRef::Kind::kNone)
         throw std::invalid_argument(
             "the host backend has no CUDA streams: after= and before= must be None");
+}
+
+std::unique_ptr<JobSync> HostBackend::prepare(Direction, StreamRef, StreamRef) {
     return std::make_unique<HostSync>();
 }
 

@@ -1,6 +1,9 @@
 #include "kvswitch/swap_engine.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <utility>
 
 namespace kvswitch {
@@ -18,7 +21,10 @@ struct SwapJob {
     std::vector<Row> rows;                // validated, length > 0; expanded by the worker
     std::vector<BlockSpan> device_spans;  // sorted, merged
     std::vector<BlockSpan> host_spans;    // sorted, merged
-    std::vector<std::shared_ptr<SwapJob>> deps;  // earlier conflicting jobs, until issued
+    // Earlier conflicting jobs, kept until this one completes: it completes as failed if
+    // one of them fails, even after its own copies were issued (CUDA).
+    std::vector<std::shared_ptr<SwapJob>> deps;
+    std::string injected_error;  // fail_next_jobs(): set at submission, read by the worker
 
     mutable std::mutex mu;
     mutable std::condition_variable cv;
@@ -26,6 +32,8 @@ struct SwapJob {
     std::shared_ptr<JobSync> sync;           // guarded by mu; released when finished
     double seconds = 0.0;                    // guarded by mu
     std::string error;                       // guarded by mu
+    std::uint64_t root_id = 0;               // guarded by mu; see SwapHandle::root_job_id
+    std::string root_error;                  // guarded by mu; the root job's own error
 
     bool finished_locked() const { return state == JobState::kDone || state == JobState::kFailed; }
     bool writes_device() const { return dir == Direction::kIn; }
@@ -53,13 +61,23 @@ bool SwapHandle::done() const {
 }
 
 bool SwapHandle::wait(double timeout_s) const {
+    if (std::isnan(timeout_s)) throw std::invalid_argument("timeout must be a number, got NaN");
     const SwapJob& j = job_of(job_);
     std::unique_lock<std::mutex> lock(j.mu);
     auto pred = [&] { return j.finished_locked(); };
-    if (timeout_s < 0) {
+    if (timeout_s < 0 || std::isinf(timeout_s)) {
         j.cv.wait(lock, pred);
-    } else if (!j.cv.wait_for(lock, std::chrono::duration<double>(timeout_s), pred)) {
-        return false;
+    } else {
+        // Wait in slices of at most an hour: wait_for converts its duration to the clock's
+        // integer nanoseconds, which overflows (and returns at once) past ~292 years.
+        const auto start = std::chrono::steady_clock::now();
+        while (!pred()) {
+            const double left =
+                timeout_s -
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            if (left <= 0) return false;
+            j.cv.wait_for(lock, std::chrono::duration<double>(std::min(left, 3600.0)));
+        }
     }
     if (j.state == JobState::kFailed)
         throw SwapError("swap job " + std::to_string(j.id) + " failed: " + j.error);
@@ -77,6 +95,12 @@ std::string SwapHandle::error() const {
     const SwapJob& j = job_of(job_);
     std::lock_guard<std::mutex> lock(j.mu);
     return j.error;
+}
+
+std::uint64_t SwapHandle::root_job_id() const {
+    const SwapJob& j = job_of(job_);
+    std::lock_guard<std::mutex> lock(j.mu);
+    return j.root_id;
 }
 
 // ---------------------------------------------------------------- helpers
@@ -122,8 +146,27 @@ int log2_floor(std::uint64_t v) {
     return k;
 }
 
+/// "[start, end)" of an extent. The extent may come straight from the caller, so the end
+/// is computed without overflowing int64 (start + length can exceed it).
 std::string extent_str(std::int64_t start, std::int64_t length) {
-    return "[" + std::to_string(start) + ", " + std::to_string(start + length) + ")";
+    const std::int64_t max = std::numeric_limits<std::int64_t>::max();
+    const std::string end =
+        start >= 0 && length > max - start
+            ? std::to_string(static_cast<std::uint64_t>(start) + static_cast<std::uint64_t>(length))
+            : std::to_string(start + length);
+    return "[" + std::to_string(start) + ", " + end + ")";
+}
+
+/// [first byte, one past the last byte) of a region's blocks. KVLayout guarantees the
+/// region's size fits int64; the end saturates at the top of the address space.
+struct ByteRange {
+    std::uint64_t begin, end;
+};
+ByteRange byte_range(const KVRegion& r, std::int64_t num_blocks) {
+    const auto size = static_cast<std::uint64_t>((num_blocks - 1) * r.block_stride + r.block_bytes);
+    const std::uint64_t begin = r.base;
+    const std::uint64_t top = std::numeric_limits<std::uint64_t>::max();
+    return {begin, begin > top - size ? top : begin + size};
 }
 
 }  // namespace
@@ -158,6 +201,21 @@ AsyncSwapEngine::AsyncSwapEngine(KVLayout device, KVLayout host,
                                         ": host block_bytes " + std::to_string(hb) +
                                         " != device block_bytes " + std::to_string(db));
     }
+    // A host pool that aliases the device pool would copy a pool onto itself (overlapping
+    // memcpy on the host backend). Regions of one layout may interleave (K and V per
+    // block), so only device-vs-host pairs are compared. O(regions^2), once.
+    for (std::size_t i = 0; i < device_.num_regions(); ++i) {
+        const ByteRange d = byte_range(device_.regions()[i], device_.num_blocks());
+        for (std::size_t k = 0; k < host_.num_regions(); ++k) {
+            const ByteRange h = byte_range(host_.regions()[k], host_.num_blocks());
+            if (d.begin < h.end && h.begin < d.end)
+                throw std::invalid_argument(
+                    "AsyncSwapEngine: host pool region " + std::to_string(k) +
+                    " shares memory with device region " + std::to_string(i) +
+                    ": the host pool must be memory of its own (e.g. a HostKVPool), not a view "
+                    "of the device pool");
+        }
+    }
     for (int i = 0; i < opts_.num_workers; ++i) workers_.emplace_back([this] { run_worker(); });
 }
 
@@ -177,8 +235,11 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     };
     std::vector<Row> rows;
     rows.reserve(n);
+    const auto* bytes = reinterpret_cast<const unsigned char*>(pairs);
     for (std::size_t i = 0; i < n; ++i) {
-        const std::int64_t s = pairs[3 * i], d = pairs[3 * i + 1], len = pairs[3 * i + 2];
+        std::int64_t row[3];  // memcpy: no misaligned load even if the caller's rows are
+        std::memcpy(row, bytes + i * sizeof row, sizeof row);
+        const std::int64_t s = row[0], d = row[1], len = row[2];
         // Messages are built only on error: this loop runs in the caller's thread.
         auto where = [&] {
             return "pairs row " + std::to_string(i) + " (" + std::to_string(s) + ", " +
@@ -226,8 +287,13 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
         job->rows.push_back({r.src, r.dst, r.len});
         blocks += r.len;
     }
-    job->nbytes = static_cast<std::uint64_t>(blocks) *
-                  static_cast<std::uint64_t>(src.bytes_per_block());
+    // blocks <= the destination pool's size (extents do not overlap), but the sum over
+    // regions of a hand-built layout can still be huge.
+    const auto bpb = static_cast<std::uint64_t>(src.bytes_per_block());
+    const auto nblocks = static_cast<std::uint64_t>(blocks);
+    if (nblocks && bpb > std::numeric_limits<std::uint64_t>::max() / nblocks)
+        throw std::invalid_argument("the job's size in bytes overflows 64 bits");
+    job->nbytes = nblocks * bpb;
     job->num_copies = job->rows.size() * nreg;
     job->device_spans = merged(std::move(dev));
     job->host_spans = merged(std::move(hst));
@@ -265,21 +331,45 @@ void AsyncSwapEngine::expand(const SwapJob& job, std::vector<CopyOp>& ops) const
     }
 }
 
+void AsyncSwapEngine::check(Direction dir, StreamRef after, StreamRef before) const {
+    if (closed()) throw EngineClosed("AsyncSwapEngine is closed");
+    backend_->validate(dir, after, before);
+}
+
 SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std::size_t n,
                                    StreamRef after, StreamRef before) {
-    if (closed()) throw EngineClosed("AsyncSwapEngine is closed");
+    check(dir, after, before);
     std::shared_ptr<SwapJob> job = build(dir, pairs, n);  // throws before anything happens
-    job->sync = backend_->prepare(dir, after, before);
+    // From here on nothing throws but EngineClosed (a close() racing this call): a backend
+    // error becomes a failed job, reported on its handle like any copy error.
+    std::string prepare_error;
+    try {
+        job->sync = backend_->prepare(dir, after, before);
+    } catch (const std::exception& e) {
+        prepare_error = std::string("could not order the job against the caller's streams: ") +
+                        e.what();
+    }
+    auto take_injected = [&] {  // under mu_: failures are armed in submission order
+        if (fail_next_ > 0) {
+            --fail_next_;
+            job->injected_error = fail_message_;
+        }
+    };
 
     if (opts_.num_workers == 0) {
         std::lock_guard<std::mutex> inline_lock(inline_mu_);
         {
             std::lock_guard<std::mutex> lock(mu_);
             if (closing_) {
-                backend_->abandon(*job->sync);
+                if (job->sync) backend_->abandon(*job->sync);
                 throw EngineClosed("AsyncSwapEngine is closed");
             }
             job->id = next_id_++;
+            take_injected();
+        }
+        if (!prepare_error.empty()) {
+            complete(job, 0.0, prepare_error);
+            return SwapHandle(job);
         }
         if (!inline_queue_) {
             try {
@@ -299,10 +389,12 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
         if (closing_) {
             lock.unlock();
-            backend_->abandon(*job->sync);
+            if (job->sync) backend_->abandon(*job->sync);
             throw EngineClosed("AsyncSwapEngine is closed");
         }
         job->id = next_id_++;
+        take_injected();
+        if (!prepare_error.empty()) job->injected_error = prepare_error;  // fails in order
         for (const auto& other : in_flight_)
             if (conflicts(*other, *job)) job->deps.push_back(other);
         in_flight_.push_back(job);
@@ -320,70 +412,97 @@ void AsyncSwapEngine::set_paused(bool paused) {
     work_cv_.notify_all();
 }
 
-bool AsyncSwapEngine::consume_injected_failure(std::string& message) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (fail_next_ <= 0) return false;
-    --fail_next_;
-    message = fail_message_;
-    return true;
-}
-
 void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
     std::lock_guard<std::mutex> lock(mu_);
     fail_next_ = n;
     fail_message_ = std::move(message);
 }
 
-// Issues the job on `q` after its dependencies are issued. Returns false when it failed
-// (then it is already completed as failed).
-static bool issue_after_deps(CopyQueue& q, SwapJob& job, const std::vector<CopyOp>& ops,
-                             std::vector<std::shared_ptr<JobSync>>& keep, std::string& error) {
-    std::vector<JobSync*> dep_syncs;
+namespace {
+
+/// Waits until every dependency of `job` has left the queue (issued or finished); returns
+/// the first one that failed, or null. `issued` collects the syncs of those still running.
+const SwapJob* wait_for_deps_issued(const SwapJob& job,
+                                    std::vector<std::shared_ptr<JobSync>>& keep,
+                                    std::vector<JobSync*>& issued) {
     for (const auto& dep : job.deps) {
         std::unique_lock<std::mutex> lock(dep->mu);
         dep->cv.wait(lock, [&] { return dep->state != JobState::kQueued; });
+        if (dep->state == JobState::kFailed) return dep.get();
         if (dep->state == JobState::kIssued && dep->sync) {  // still running: order after it
             keep.push_back(dep->sync);
-            dep_syncs.push_back(dep->sync.get());
+            issued.push_back(dep->sync.get());
         }
     }
-    std::shared_ptr<JobSync> sync;
-    {
-        std::lock_guard<std::mutex> lock(job.mu);
-        sync = job.sync;
+    return nullptr;
+}
+
+/// Waits until every dependency of `job` has finished; returns the first that failed.
+const SwapJob* wait_for_deps_finished(const SwapJob& job) {
+    for (const auto& dep : job.deps) {
+        std::unique_lock<std::mutex> lock(dep->mu);
+        dep->cv.wait(lock, [&] { return dep->finished_locked(); });
+        if (dep->state == JobState::kFailed) return dep.get();
     }
-    try {
-        q.issue(ops, *sync, dep_syncs);
-    } catch (const std::exception& e) {
-        error = e.what();
+    return nullptr;
+}
+
+}  // namespace
+
+bool AsyncSwapEngine::issue(CopyQueue& q, const std::shared_ptr<SwapJob>& job,
+                            std::vector<CopyOp>& ops) {
+    std::vector<std::shared_ptr<JobSync>> keep;
+    std::vector<JobSync*> issued_deps;
+    // A job ordered after a failed one is not run: the blocks it reads may never have been
+    // written, or a failed job's copies may still be in flight over the blocks it writes.
+    if (const SwapJob* failed = wait_for_deps_issued(*job, keep, issued_deps)) {
+        backend_->abandon(*job->sync);
+        complete_after_failed(job, *failed);
         return false;
     }
+    if (!job->injected_error.empty()) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, job->injected_error);
+        return false;
+    }
+    expand(*job, ops);
+    try {
+        q.issue(ops, *job->sync, issued_deps);
+    } catch (const std::exception& e) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, e.what());
+        return false;
+    }
+    {
+        std::lock_guard<std::mutex> lock(job->mu);
+        job->state = JobState::kIssued;
+    }
+    job->cv.notify_all();
     return true;
+}
+
+void AsyncSwapEngine::finish(CopyQueue& q, const std::shared_ptr<SwapJob>& job) {
+    double seconds = 0.0;
+    try {
+        seconds = q.finish(*job->sync);
+    } catch (const std::exception& e) {
+        backend_->abandon(*job->sync);
+        complete(job, 0.0, e.what());
+        return;
+    }
+    // Its copies ran after its dependencies' copies; if one of those failed after this job
+    // was issued (a CUDA error reported at its end), this job's bytes are not trusted.
+    if (const SwapJob* failed = wait_for_deps_finished(*job)) {
+        complete_after_failed(job, *failed);
+        return;
+    }
+    complete(job, seconds, "");
 }
 
 void AsyncSwapEngine::run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job) {
     // Inline mode: issue and finish in the calling thread.
-    std::string error;
-    if (consume_injected_failure(error)) {
-        backend_->abandon(*job->sync);
-        complete(job, 0.0, error);
-        return;
-    }
-    std::vector<std::shared_ptr<JobSync>> keep;
     std::vector<CopyOp> ops;
-    expand(*job, ops);
-    if (!issue_after_deps(q, *job, ops, keep, error)) {
-        backend_->abandon(*job->sync);
-        complete(job, 0.0, error);
-        return;
-    }
-    try {
-        const double s = q.finish(*job->sync);
-        complete(job, s, "");
-    } catch (const std::exception& e) {
-        backend_->abandon(*job->sync);
-        complete(job, 0.0, e.what());
-    }
+    if (issue(q, job, ops)) finish(q, job);
 }
 
 void AsyncSwapEngine::run_worker() {
@@ -398,16 +517,6 @@ void AsyncSwapEngine::run_worker() {
     std::vector<CopyOp> ops;                       // reused across jobs
     int since_sync = 0;
 
-    auto finish = [&](const std::shared_ptr<SwapJob>& job) {
-        try {
-            const double s = q->finish(*job->sync);
-            complete(job, s, "");
-        } catch (const std::exception& e) {
-            backend_->abandon(*job->sync);
-            complete(job, 0.0, e.what());
-        }
-    };
-
     for (;;) {
         // Retire jobs whose copies are already complete, without blocking (CUDA).
         while (!pending.empty()) {
@@ -418,7 +527,7 @@ void AsyncSwapEngine::run_worker() {
                 // finish() reports the error
             }
             if (!ready) break;
-            finish(pending.front());
+            finish(*q, pending.front());
             pending.pop_front();
         }
         std::shared_ptr<SwapJob> job;
@@ -434,37 +543,19 @@ void AsyncSwapEngine::run_worker() {
             }
         }
         if (!job) {  // nothing queued: retire the oldest issued job
-            finish(pending.front());
+            finish(*q, pending.front());
             pending.pop_front();
             continue;
         }
         space_cv_.notify_one();
-        std::string error;
         if (!q) {
             backend_->abandon(*job->sync);
             complete(job, 0.0, "worker could not open a copy queue: " + open_error);
             continue;
         }
-        if (consume_injected_failure(error)) {
-            backend_->abandon(*job->sync);
-            complete(job, 0.0, error);
-            continue;
-        }
-        std::vector<std::shared_ptr<JobSync>> keep;
-        expand(*job, ops);
-        if (!issue_after_deps(*q, *job, ops, keep, error)) {
-            backend_->abandon(*job->sync);
-            complete(job, 0.0, error);
-            continue;
-        }
-        {
-            std::lock_guard<std::mutex> lock(job->mu);
-            job->state = JobState::kIssued;
-        }
-        job->cv.notify_all();
-        job->deps.clear();
+        if (!issue(*q, job, ops)) continue;
         if (q->completes_on_issue()) {
-            finish(job);
+            finish(*q, job);
             continue;
         }
         pending.push_back(std::move(job));
@@ -477,7 +568,7 @@ void AsyncSwapEngine::run_worker() {
                 // each job's finish() reports its own error
             }
             while (!pending.empty()) {
-                finish(pending.front());
+                finish(*q, pending.front());
                 pending.pop_front();
             }
             since_sync = 0;
@@ -485,16 +576,40 @@ void AsyncSwapEngine::run_worker() {
     }
 }
 
+void AsyncSwapEngine::complete_after_failed(const std::shared_ptr<SwapJob>& job,
+                                            const SwapJob& failed_dep) {
+    std::uint64_t root_id;
+    std::string root_error;
+    {
+        std::lock_guard<std::mutex> lock(failed_dep.mu);
+        root_id = failed_dep.root_id;
+        root_error = failed_dep.root_error;
+    }
+    complete(job, 0.0,
+             "not run: it is ordered after swap job " + std::to_string(root_id) +
+                 " over the same blocks, which failed: " + root_error,
+             root_id, root_error);
+}
+
 void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double seconds,
                                std::string error) {
+    const std::uint64_t root_id = error.empty() ? 0 : job->id;  // it is its own root cause
+    std::string root_error = error;
+    complete(job, seconds, std::move(error), root_id, std::move(root_error));
+}
+
+void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double seconds,
+                               std::string error, std::uint64_t root_id,
+                               std::string root_error) {
     std::shared_ptr<JobSync> drop;
     std::vector<SwapJob::Row> rows;
+    std::vector<std::shared_ptr<SwapJob>> deps;
     {
         std::lock_guard<std::mutex> lock(job->mu);
         drop = std::move(job->sync);
         rows.swap(job->rows);
     }
-    job->deps.clear();
+    deps.swap(job->deps);  // only this job's worker touches deps after submission
     {
         std::lock_guard<std::mutex> lock(mu_);
         in_flight_.remove(job);
@@ -523,6 +638,8 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
         job->state = error.empty() ? JobState::kDone : JobState::kFailed;
         job->seconds = seconds;
         job->error = std::move(error);
+        job->root_id = root_id;
+        job->root_error = std::move(root_error);
     }
     job->cv.notify_all();
 }

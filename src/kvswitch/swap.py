@@ -36,13 +36,13 @@ Example (vLLM-style per-layer KV tensors on the GPU)::
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kvswitch import _core
+from kvswitch._validate import INT32_MAX, INT64_MAX, as_count
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
 
@@ -53,12 +53,13 @@ SwapError = _core.SwapError
 #: The engine is closed; raised by ``swap_out``/``swap_in`` after ``close()``.
 EngineClosedError = _core.EngineClosedError
 #: Handle of one queued job: ``done()``, ``wait(timeout=None) -> bool`` (GIL released;
-#: raises SwapError if the job failed), ``nbytes``, ``num_copies``, ``elapsed_s`` (seconds,
-#: None until done), ``direction`` (``"out"``/``"in"``), ``id``, ``error``.
+#: None or ``inf``: no limit; raises SwapError if the job failed, ValueError for a negative
+#: or NaN timeout), ``nbytes``, ``num_copies``, ``elapsed_s`` (seconds, None until done),
+#: ``direction`` (``"out"``/``"in"``), ``id``, ``error`` (``""`` unless failed) and
+#: ``root_job_id`` (the job whose failure made this one fail; None unless failed).
 SwapHandle = _core.SwapHandle
 
 _NONE, _STREAM, _EVENT = 0, 1, 2
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -93,22 +94,42 @@ def _stream_ref(obj: Any, what: str) -> tuple[int, int]:
         f"{type(obj).__name__}")
 
 
+def _as_int64(values: Any, what: str) -> np.ndarray:
+    """``values`` as an aligned, C-contiguous int64 array (a copy only where needed).
+
+    Raises TypeError for non-integers (bools included) and ValueError for integers outside
+    int64: NumPy turns Python ints past 2**63 into an object array.
+    """
+    arr = np.asarray(values)
+    if arr.dtype == object:
+        flat = arr.reshape(-1)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
+            raise TypeError(f"{what} must be integers, got {arr.dtype} values")
+        bad = next((int(v) for v in flat if not -INT64_MAX - 1 <= int(v) <= INT64_MAX), None)
+        if bad is not None:
+            raise ValueError(f"{what}: {bad} is out of range (int64)")
+        arr = arr.astype(np.int64)
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > INT64_MAX:
+        raise ValueError(f"{what}: {int(arr.max())} is out of range (int64)")
+    # "A": aligned. A C-contiguous view at an odd byte offset is not, and the core reads
+    # int64 values directly.
+    return np.require(arr, dtype=np.int64, requirements=("C", "A"))
+
+
 def _as_pairs(pairs: Any) -> np.ndarray:
     if (type(pairs) is np.ndarray and pairs.dtype == np.int64 and pairs.ndim == 2
-            and pairs.flags.c_contiguous):
+            and pairs.flags.c_contiguous and pairs.flags.aligned):
         return pairs  # fast path: no conversion
     arr = np.asarray(pairs)
     if arr.size == 0 and arr.ndim <= 2:
         return np.zeros((0, 3), dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"pairs must be integers (src_start, dst_start, length), got dtype "
-                        f"{arr.dtype}")
+    arr = _as_int64(arr, "pairs (src_start, dst_start, length)")
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"pairs must have shape [n, 3] (src_start, dst_start, length), got "
                          f"{list(arr.shape)}")
-    if arr.dtype.kind == "u" and arr.size and arr.max() > _INT64_MAX:
-        raise ValueError("pairs: value out of range")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return arr
 
 
 def _version(v: int) -> str:
@@ -145,8 +166,17 @@ class AsyncSwapEngine:
             usable driver/device; the message says why.
 
     Jobs that touch overlapping blocks (device or host) where one of them writes run in
-    submission order; others run concurrently. Errors inside a worker surface from the
-    job's ``handle.wait()`` as :class:`SwapError`; the engine stays usable.
+    submission order; others run concurrently.
+
+    Failures: a copy that fails inside a worker (a CUDA error) is reported on its handle:
+    ``handle.wait()`` raises :class:`SwapError`, ``handle.error`` holds the text and
+    ``handle.root_job_id`` the job that failed first. Every job queued while it was in
+    flight and ordered after it (it touches the same device or host blocks) fails too,
+    without copying anything, and its error names that root job. The engine stays usable.
+    A call that raises (``swap_out``, ``swap_in``, ``check_*``) queues nothing.
+
+    Thread safety: every method may be called from any thread; jobs from several threads
+    are ordered by submission. Waits release the GIL.
     """
 
     def __init__(self, device_layout: KVLayout, host_pool: HostKVPool | KVLayout, *,
@@ -162,9 +192,9 @@ class AsyncSwapEngine:
         else:
             raise TypeError(f"host_pool must be a HostKVPool (or a host KVLayout), got "
                             f"{type(host_pool).__name__}")
-        num_workers = operator.index(num_workers)
-        sync_every = operator.index(sync_every)
-        max_queue = operator.index(max_queue)
+        num_workers = as_count(num_workers, "num_workers", minimum=0, maximum=64)
+        sync_every = as_count(sync_every, "sync_every", maximum=INT32_MAX)
+        max_queue = as_count(max_queue, "max_queue", maximum=INT64_MAX)
         if host_layout.device != "cpu":
             raise ValueError(f"the host pool must be in CPU memory, got "
                              f"{_device_name(host_layout.device)}")
@@ -177,8 +207,6 @@ class AsyncSwapEngine:
                 raise ValueError(
                     f"host pool does not match the device layout: region {i} has "
                     f"{h.block_bytes} bytes per block on the host, {d.block_bytes} on the device")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         name, reason = self._select_backend(backend, device_layout)
         self._device_layout = device_layout
         self._host_pool = host_pool
@@ -241,13 +269,27 @@ class AsyncSwapEngine:
 
         Raises:
             TypeError: pairs not integers, ``after`` of an unknown type.
-            ValueError: pairs not ``[n, 3]``, negative length, an extent outside the device
-                layout or the host pool, overlapping destination extents, ``after`` on the
-                host backend. Nothing is copied.
+            ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
+                extent outside the device layout or the host pool, overlapping destination
+                extents, ``after`` on the host backend. Nothing is queued.
             EngineClosedError: the engine is closed.
+
+        A driver error while ordering the job against ``after`` does not raise: the job is
+        queued as failed and its handle reports it, like a failed copy.
         """
         kind, handle = _stream_ref(after, "after") if after is not None else (0, 0)
         return self._engine.submit(0, _as_pairs(pairs), kind, handle, 0, 0)
+
+    def check_swap_out(self, *, after: Any = None) -> None:
+        """Raise what :meth:`swap_out` would raise for ``after`` or a closed engine, without
+        queueing anything, so a caller can validate before it changes its own state.
+
+        Raises:
+            TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
+            backend. EngineClosedError: the engine is closed.
+        """
+        kind, handle = _stream_ref(after, "after") if after is not None else (0, 0)
+        self._engine.check(0, kind, handle, 0, 0)
 
     def swap_in(self, pairs: Any, *, before: Any = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
@@ -266,6 +308,12 @@ class AsyncSwapEngine:
         """
         kind, handle = _stream_ref(before, "before") if before is not None else (0, 0)
         return self._engine.submit(1, _as_pairs(pairs), 0, 0, kind, handle)
+
+    def check_swap_in(self, *, before: Any = None) -> None:
+        """Raise what :meth:`swap_in` would raise for ``before`` or a closed engine, without
+        queueing anything. Raises: as :meth:`check_swap_out`."""
+        kind, handle = _stream_ref(before, "before") if before is not None else (0, 0)
+        self._engine.check(1, 0, 0, kind, handle)
 
     def poll(self) -> list[SwapHandle]:
         """Handles of jobs finished (successfully or not) since the previous poll, in
@@ -286,10 +334,7 @@ class AsyncSwapEngine:
         Raises:
             TypeError: ids not integers. ValueError: ids outside ``[0, num_blocks)``.
         """
-        ids = np.asarray(gpu_block_ids)
-        if ids.size and ids.dtype.kind not in "iu":
-            raise TypeError(f"gpu_block_ids must be integers, got dtype {ids.dtype}")
-        ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        ids = _as_int64(np.asarray(gpu_block_ids).reshape(-1), "gpu_block_ids")
         if ids.size and (ids.min() < 0 or ids.max() >= self._device_layout.num_blocks):
             raise ValueError(f"gpu_block_ids must lie in [0, {self._device_layout.num_blocks})")
         return int(self._engine.wait_blocks(ids))

@@ -5,6 +5,7 @@
 // worker thread) and CudaBackend (driver API on a low-priority stream per worker).
 //
 // Call sequence for one job:
+//   calling thread: validate()          -- rejects streams the backend cannot take
 //   calling thread: prepare()           -- orders the job after/before the caller's streams
 //   worker thread:  queue.issue()       -- dispatches the copies (host: performs them)
 //   worker thread:  queue.finish()      -- blocks until they are complete; returns seconds
@@ -75,9 +76,13 @@ class CopyBackend {
   public:
     virtual ~CopyBackend() = default;
     virtual std::string name() const = 0;
-    /// Calling thread, before the job is queued. `after`: the copies start only after the
-    /// work queued on that stream (or the event) so far. `before`: that stream's later
-    /// work waits for the copies. Throws std::invalid_argument when unsupported.
+    /// Throws std::invalid_argument when this backend cannot take these streams (kinds it
+    /// does not support). No side effects: the engine calls it before changing anything.
+    virtual void validate(Direction dir, StreamRef after, StreamRef before) const = 0;
+    /// Calling thread, before the job is queued, after validate(). `after`: the copies
+    /// start only after the work queued on that stream (or the event) so far. `before`:
+    /// that stream's later work waits for the copies. Throws on a driver error; the engine
+    /// then fails the job on its handle.
     virtual std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after,
                                              StreamRef before) = 0;
     /// A queue for the calling thread. `dedicated_thread`: the thread is an engine worker

@@ -36,6 +36,7 @@ class CudaBackend final : public CopyBackend {
     ~CudaBackend() override;
 
     std::string name() const override { return "cuda"; }
+    void validate(Direction dir, StreamRef after, StreamRef before) const override;
     std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
     std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) override;
     void abandon(JobSync& sync) noexcept override;

@@ -2,7 +2,7 @@
 // memory). A 2D copy is a loop of one memcpy per row. The duration of a job is measured
 // with std::chrono::steady_clock around its copies.
 //
-// Streams and events (after=/before=) are not supported: prepare() throws
+// Streams and events (after=/before=) are not supported: validate() throws
 // std::invalid_argument when one is given.
 #pragma once
 
@@ -13,6 +13,7 @@ namespace kvswitch {
 class HostBackend final : public CopyBackend {
   public:
     std::string name() const override { return "host"; }
+    void validate(Direction dir, StreamRef after, StreamRef before) const override;
     std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
     std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) override;
 };

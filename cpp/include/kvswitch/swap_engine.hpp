@@ -17,6 +17,13 @@
 // Ordering: jobs that touch overlapping blocks (device or host) where at least one of them
 // writes run in submission order, whichever workers they land on. Others run concurrently.
 //
+// Failures: a job that fails is reported on its handle (SwapHandle::wait throws SwapError)
+// and counted in stats().num_failed; its copies are never reported done. Every job
+// submitted while it was queued or running that is ordered after it (it touches the same
+// blocks) fails too, without copying, and its error names the root cause: the first
+// failed job of the chain. A call that throws (bad pairs, bad streams, closed engine)
+// queues nothing.
+//
 // Thread safety: every public member is thread-safe.
 #pragma once
 
@@ -72,14 +79,18 @@ class SwapHandle {
     std::uint64_t num_copies() const;  ///< copy operations (linear or 2D) it issues
     /// True when the job has finished (successfully or not). Never blocks.
     bool done() const;
-    /// Blocks until done or `timeout_s` seconds pass (negative: no limit). Returns
-    /// whether it is done. Throws SwapError when the job failed.
+    /// Blocks until done or `timeout_s` seconds pass (negative or +infinity: no limit; any
+    /// finite value, however large, is honoured). Returns whether it is done. Throws
+    /// SwapError when the job failed, std::invalid_argument when `timeout_s` is NaN.
     bool wait(double timeout_s = -1.0) const;
     /// Seconds the copies took (CUDA events on cuda, steady clock on host); empty until
     /// the job is done or when it failed.
     std::optional<double> elapsed_s() const;
     /// The error text of a failed job ("" otherwise).
     std::string error() const;
+    /// Id of the job whose failure made this one fail: its own id when it failed itself,
+    /// an earlier job's when it was not run because that one failed; 0 when not failed.
+    std::uint64_t root_job_id() const;
 
   private:
     std::shared_ptr<SwapJob> job_;
@@ -107,20 +118,27 @@ class AsyncSwapEngine {
   public:
     /// device: the GPU pool (or a host pool on the host backend); host: the host pool.
     /// Throws std::invalid_argument when the layouts do not match (region count, block
-    /// bytes per region), the host layout is not on the CPU, or options are out of range.
+    /// bytes per region), the host layout is not on the CPU, a host region shares bytes
+    /// with a device region (a swap would copy a pool onto itself), or options are out of
+    /// range.
     AsyncSwapEngine(KVLayout device, KVLayout host, std::shared_ptr<CopyBackend> backend,
                     EngineOptions options = {});
     ~AsyncSwapEngine();  ///< close()
     AsyncSwapEngine(const AsyncSwapEngine&) = delete;
     AsyncSwapEngine& operator=(const AsyncSwapEngine&) = delete;
 
-    /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major.
-    /// Validates everything first (std::invalid_argument: negative length, extent out of
-    /// range, overlapping destination extents; EngineClosed) and then copies nothing on
-    /// error. Length-0 rows are skipped. Returns once the job is queued (inline mode: once
-    /// it is done). Blocks while the queue is full.
+    /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major,
+    /// int64-aligned. Validates everything first (std::invalid_argument: negative length,
+    /// extent out of range, overlapping destination extents, streams the backend does not
+    /// take; EngineClosed) and then queues nothing on error. A backend error after
+    /// validation (a driver call that fails) does not throw: the job is queued as failed
+    /// and its handle reports it. Length-0 rows are skipped. Returns once the job is
+    /// queued (inline mode: once it is done). Blocks while the queue is full.
     SwapHandle submit(Direction dir, const std::int64_t* pairs, std::size_t n,
                       StreamRef after = {}, StreamRef before = {});
+    /// Throws what submit() would throw for these streams or a closed engine, without
+    /// queueing anything: lets a caller validate before it changes its own state.
+    void check(Direction dir, StreamRef after = {}, StreamRef before = {}) const;
 
     /// Handles finished since the previous poll(), in completion order.
     std::vector<SwapHandle> poll();
@@ -140,7 +158,9 @@ class AsyncSwapEngine {
     const KVLayout& host_layout() const { return host_; }
     const EngineOptions& options() const { return opts_; }
 
-    /// Test hook: the next `n` jobs fail inside the worker with `message` (nothing copied).
+    /// Test hook: the next `n` jobs submitted fail when a worker would issue them, with
+    /// `message` (nothing copied). Counted at submission, so which jobs fail does not
+    /// depend on thread timing. n = 0 disarms.
     void fail_next_jobs(int n, std::string message);
     /// Test hook: while paused, workers take no new job from the queue (close() still
     /// drains it). Makes "job still in flight" states deterministic in tests.
@@ -152,8 +172,17 @@ class AsyncSwapEngine {
     void expand(const SwapJob& job, std::vector<CopyOp>& ops) const;
     void run_worker();
     void run_job(CopyQueue& q, const std::shared_ptr<SwapJob>& job);
+    /// Issues `job` on `q` once its dependencies are issued; false when it failed (then it
+    /// is already completed as failed).
+    bool issue(CopyQueue& q, const std::shared_ptr<SwapJob>& job, std::vector<CopyOp>& ops);
+    /// Blocks until `job`'s copies are complete, then completes it (done or failed).
+    void finish(CopyQueue& q, const std::shared_ptr<SwapJob>& job);
+    /// Completes `job`: done when `error` is empty, else failed with itself as root cause.
     void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error);
-    bool consume_injected_failure(std::string& message);
+    void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error,
+                  std::uint64_t root_id, std::string root_error);
+    /// Completes `job` as not run because `failed_dep` failed (root cause carried over).
+    void complete_after_failed(const std::shared_ptr<SwapJob>& job, const SwapJob& failed_dep);
 
     KVLayout device_;
     KVLayout host_;
