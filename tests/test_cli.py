@@ -255,3 +255,13 @@ def test_more_conversations_than_the_trace_says_so_and_serves_all(tmp_path, caps
     assert "--conversations 5 exceeds the 2 conversations of the trace" in err
     assert json.loads((tmp_path / "o.json").read_text())["conversations"] == 2
 
+
+def test_undefined_percentiles_print_as_n_a_not_nan(tmp_path, capsys):
+    # Every turn generates one token: no time between tokens, TBT has no samples.
+    trace = write_trace(tmp_path / "t.csv", [[(30, 1), (20, 1)], [(40, 1)]])
+    rc, out, err = run(capsys, *FAST, "--trace", trace, "--configs", "baseline,full")
+    assert rc == 0, err
+    assert "nan" not in out
+    assert "P99.9 TBT n/a of baseline" in out
+    tbt = [line for line in out.splitlines() if line.startswith("TBT P99.9")]
+    assert tbt[0].split()[-2:] == ["n/a", "n/a"]

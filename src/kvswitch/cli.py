@@ -166,6 +166,8 @@ ROWS = [
 
 
 def _cell(f: dict[str, float], key: str, fmt: str) -> str:
+    if isinstance(f.get(key), float) and math.isnan(f[key]):
+        return "n/a"  # a percentile of no samples (e.g. no turn generated a second token)
     if fmt == "gib":
         return f"{f[key] / GIB:,.1f}"
     if fmt == "pp":
@@ -193,7 +195,7 @@ def compare(figures: dict[str, dict[str, float]], name: str = "full",
     f, b = figures[name], figures[base]
 
     def ratio(x: float, y: float) -> str:
-        return f"{x / y:.2f}x" if y else "n/a"
+        return f"{x / y:.2f}x" if y and math.isfinite(x / y) else "n/a"
 
     return (
         f"{name} vs {base}: {ratio(b['copies'], f['copies'])} fewer copies issued; "
