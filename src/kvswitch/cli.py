@@ -13,17 +13,85 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import numpy as np
 
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS
-from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, ServeResult, serve
+from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, ServeResult, min_gpu_blocks, serve
 from kvswitch.trace import TraceError, load_trace, sample
 
 GIB = 1 << 30
+INT32_MAX = (1 << 31) - 1  # block counts reach the C++ allocator as int32
+MAX_WORKERS = 64  # what the C++ swap engine accepts
+
+
+# -- option types: a bad value ends in argparse's one-line error (exit status 2) before any
+# work starts, instead of a traceback or a run of nonsense figures minutes later.
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in ``[minimum, maximum]`` (no upper bound when None)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if n < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {n}")
+        if maximum is not None and n > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {n:,}")
+        return n
+    return parse
+
+
+def _number(*, positive: bool) -> Callable[[str], float]:
+    """argparse type: a finite float, > 0 (``positive``) or >= 0; nan and inf are refused."""
+    what = "a finite number > 0" if positive else "a finite number >= 0"
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(x) or x < 0 or (positive and x == 0):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return x
+    return parse
+
+
+def _output_path(text: str) -> str:
+    """argparse type: a file that can be written at the end of the run.
+
+    The path itself is not created now: that would leave an empty file behind when the run
+    fails or is interrupted, and truncate an existing one early. An existing file must pass
+    os.access; for a new one, an anonymous temporary file in its directory (O_TMPFILE on
+    Linux, else unlinked at once) tries the very operation the final write needs.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("must be a file path, got ''")
+    path = os.path.abspath(text)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path) or text.endswith(os.sep):
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    if not os.path.isdir(parent):
+        missing = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} {missing}")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
+        return text
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text}: {parent}: {e.strerror or e}") from None
+    return text
 
 
 def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
@@ -98,6 +166,8 @@ ROWS = [
 
 
 def _cell(f: dict[str, float], key: str, fmt: str) -> str:
+    if isinstance(f.get(key), float) and math.isnan(f[key]):
+        return "n/a"  # a percentile of no samples (e.g. no turn generated a second token)
     if fmt == "gib":
         return f"{f[key] / GIB:,.1f}"
     if fmt == "pp":
@@ -125,7 +195,7 @@ def compare(figures: dict[str, dict[str, float]], name: str = "full",
     f, b = figures[name], figures[base]
 
     def ratio(x: float, y: float) -> str:
-        return f"{x / y:.2f}x" if y else "n/a"
+        return f"{x / y:.2f}x" if y and math.isfinite(x / y) else "n/a"
 
     return (
         f"{name} vs {base}: {ratio(b['copies'], f['copies'])} fewer copies issued; "
@@ -187,15 +257,27 @@ def _bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
-        conversations = sample(load_trace(args.trace), args.conversations, args.seed)
+        trace = load_trace(args.trace)
     except (TraceError, OSError) as e:
         print(f"kvswitch bench: {e}", file=sys.stderr)
         return 2
+    if args.conversations > len(trace):
+        print(f"kvswitch bench: --conversations {args.conversations:,} exceeds the "
+              f"{len(trace):,} conversations of the trace; serving all of them", file=sys.stderr)
+    conversations = sample(trace, args.conversations, args.seed)
     config = ServeConfig(
         model=args.model, gpu=args.gpu, gpu_blocks=args.gpu_blocks,
         host_blocks=args.host_blocks, arrival_rate=args.arrival_rate, think_s=args.think_s,
         pattern=args.pattern, update_every=args.update_every, time_scale=args.time_scale,
         num_workers=args.workers, seed=args.seed)
+    # serve() refuses a pool too small for a conversation; say it here, before any run.
+    big = max(conversations, key=lambda c: c.total_tokens)
+    need = min_gpu_blocks(big.total_tokens, config)
+    if args.gpu_blocks < need:
+        print(f"kvswitch bench: error: argument --gpu-blocks: must be at least {need:,} for "
+              f"these conversations (the largest, {big.conversation_id!r}, holds "
+              f"{big.total_tokens:,} tokens of KV), got {args.gpu_blocks:,}", file=sys.stderr)
+        return 2
     model = MODEL_PRESETS[args.model]
     print(
         f"kvswitch bench: {len(conversations)} conversations from "
@@ -227,13 +309,18 @@ def _bench(args: argparse.Namespace) -> int:
         f"preset's bytes); model compute is "
         f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
         f"compute + measured stalls x {args.time_scale:g}). See docs/benchmarks.md.")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": asdict(config), "trace": args.trace or "bundled",
-                       "conversations": len(conversations), "configurations": figures}, f,
-                      indent=2)
-    if args.plot:
-        plot(figures, args.plot)
+    try:  # checked before the run, but the directory may have changed since
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": asdict(config), "trace": args.trace or "bundled",
+                           "conversations": len(conversations), "configurations": figures},
+                          f, indent=2)
+        if args.plot:
+            plot(figures, args.plot)
+    except OSError as e:
+        print(f"kvswitch bench: cannot write {e.filename or 'output'}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -247,32 +334,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace", default=None,
                    help="CSV with conversation_id, turn, new_input_tokens, output_tokens and "
                         "optional arrival_s (default: the bundled ShareGPT trace)")
-    b.add_argument("--conversations", type=int, default=1000,
-                   help="conversations sampled from the trace")
-    b.add_argument("--seed", type=int, default=d.seed)
-    b.add_argument("--arrival-rate", type=float, default=d.arrival_rate,
-                   help="Poisson conversation arrivals per second (ignored where the trace "
-                        "has arrival_s)")
-    b.add_argument("--think-s", type=float, default=d.think_s,
-                   help="mean think time between a turn's end and the next turn (exponential)")
+    b.add_argument("--conversations", type=_integer(1), default=1000,
+                   help="conversations sampled from the trace (>= 1; all of them when it "
+                        "holds fewer)")
+    b.add_argument("--seed", type=int, default=d.seed, help="random seed (any integer)")
+    b.add_argument("--arrival-rate", type=_number(positive=True), default=d.arrival_rate,
+                   help="Poisson conversation arrivals per second (> 0; ignored where the "
+                        "trace has arrival_s)")
+    b.add_argument("--think-s", type=_number(positive=False), default=d.think_s,
+                   help="mean think time between a turn's end and the next turn, seconds "
+                        "(exponential; >= 0, 0 = none)")
     b.add_argument("--pattern", choices=("markov", "random"), default=d.pattern,
                    help="priority pattern")
-    b.add_argument("--update-every", type=int, default=d.update_every,
-                   help="iterations between priority updates (50 = frequency 0.02)")
+    b.add_argument("--update-every", type=_integer(1), default=d.update_every,
+                   help="iterations between priority updates (>= 1; 50 = frequency 0.02)")
     b.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model)
     b.add_argument("--gpu", choices=sorted(GPU_PRESETS), default=d.gpu,
                    help="GPU preset of the cost model")
-    b.add_argument("--gpu-blocks", type=int, default=d.gpu_blocks,
-                   help="GPU pool size, blocks of 16 tokens")
-    b.add_argument("--host-blocks", type=int, default=d.host_blocks, help="host pool size")
-    b.add_argument("--time-scale", type=float, default=d.time_scale,
-                   help="run this many times faster than the modelled system")
-    b.add_argument("--workers", type=int, default=d.num_workers,
-                   help="swap engine worker threads")
+    b.add_argument("--gpu-blocks", type=_integer(1, INT32_MAX), default=d.gpu_blocks,
+                   help="GPU pool size, blocks of 16 tokens (1 to 2^31-1, and enough for the "
+                        "largest sampled conversation: checked before the run)")
+    b.add_argument("--host-blocks", type=_integer(1, INT32_MAX), default=d.host_blocks,
+                   help="host pool size, blocks of 16 tokens (1 to 2^31-1)")
+    b.add_argument("--time-scale", type=_number(positive=True), default=d.time_scale,
+                   help="run this many times faster than the modelled system (> 0; 1 = real "
+                        "time)")
+    b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
+                   help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),
                    help="comma-separated configurations to compare")
-    b.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    b.add_argument("--plot", default=None, help="also write a PNG of latency and swap volume")
+    b.add_argument("--json", type=_output_path, default=None,
+                   help="also write the figures to this JSON file (its directory must exist "
+                        "and be writable; checked before the run)")
+    b.add_argument("--plot", type=_output_path, default=None,
+                   help="also write a PNG of latency and swap volume (checked like --json)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
     return parser

@@ -50,7 +50,9 @@ from kvswitch.manager import SwapManager
 from kvswitch.swap import AsyncSwapEngine
 from kvswitch.trace import Conversation
 
-__all__ = ["CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "serve"]
+__all__ = [
+    "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "min_gpu_blocks", "serve",
+]
 
 
 @dataclass(frozen=True)
@@ -438,13 +440,36 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
 
     Raises:
         KeyError: unknown model or GPU preset.
-        ValueError: a turn whose context cannot fit the GPU pool, or bad sizes.
+        ValueError: a conversation whose KV cannot fit the GPU pool (see
+            :func:`min_gpu_blocks`), or bad sizes.
     """
     if config.time_scale <= 0:
         raise ValueError(f"time_scale must be positive, got {config.time_scale}")
-    limit = config.gpu_blocks - math.ceil(config.watermark * config.gpu_blocks) - 1
-    for c in conversations:
-        if -(-c.total_tokens // config.block_size) > limit:
-            raise ValueError(f"conversation {c.conversation_id!r} needs {c.total_tokens} tokens "
-                             f"of KV; the GPU pool admits {limit * config.block_size}")
+    if conversations:
+        big = max(conversations, key=lambda c: c.total_tokens)
+        need = min_gpu_blocks(big.total_tokens, config)
+        if config.gpu_blocks < need:
+            limit = config.gpu_blocks - math.ceil(config.watermark * config.gpu_blocks) - 1
+            raise ValueError(
+                f"conversation {big.conversation_id!r} needs {big.total_tokens:,} tokens of KV; "
+                f"the GPU pool admits {max(limit, 0) * config.block_size:,} "
+                f"(gpu_blocks={config.gpu_blocks:,}); gpu_blocks must be at least {need:,}")
     return _Server(conversations, config, mechanisms, on_conversation_done).run()
+
+
+def min_gpu_blocks(tokens: int, config: ServeConfig) -> int:
+    """The smallest ``gpu_blocks`` with which :func:`serve` admits a conversation of
+    ``tokens`` tokens of KV (all its turns): its blocks of ``config.block_size`` tokens, one
+    block of headroom and the ``config.watermark`` fraction of the pool kept free.
+
+    Raises:
+        ValueError: ``config.watermark`` outside [0, 1) (no pool is large enough).
+    """
+    if not 0.0 <= config.watermark < 1.0:
+        raise ValueError(f"watermark must be in [0, 1), got {config.watermark}")
+    need = -(-tokens // config.block_size) + 1
+    blocks = need
+    # _schedule's admission test on an empty pool, searched upwards (few steps at 1%).
+    while blocks - math.ceil(config.watermark * blocks) < need:
+        blocks += 1
+    return blocks
