@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvswitch import (
     AsyncSwapEngine,
@@ -17,6 +16,8 @@ from kvswitch import (
     SwapManager,
 )
 from kvswitch.manager import should_wait_for_swap_ins
+from kvswitch.testing import SwapManagerStateMachine
+from kvswitch.testing.swap_manager_state_machine import default_manager
 
 BLOCK_SIZE = 4
 REGIONS = 3
@@ -159,7 +160,7 @@ def test_adaptive_waits_for_a_short_swap_in_under_a_small_batch(monkeypatch):
 
     class Slow:  # a job that looks unfinished until waited for
         def __init__(self, h):
-            self.h, self.nbytes, self.waited = h, h.nbytes, False
+            self.h, self.nbytes, self.error, self.waited = h, h.nbytes, "", False
 
         def done(self):
             return self.waited
@@ -169,7 +170,7 @@ def test_adaptive_waits_for_a_short_swap_in_under_a_small_batch(monkeypatch):
             waited.append(1)
             return self.h.wait()
 
-    m._swapping_in["a"] = Slow(m._swapping_in["a"])
+    m._swapping_in["a"].handle = Slow(m._swapping_in["a"].handle)
     monkeypatch.setattr(m, "estimate_swap_in_s", lambda ids=None: 0.001)
     assert m.decide(batch_size=200, iteration_s=0.01) == []  # 200 x 1 ms > 1 x 10 ms
     assert m.state("a") == "swapping_in" and m.stats().async_decisions == 1
@@ -244,109 +245,37 @@ def test_free_releases_gpu_and_host_blocks():
     m.close()
 
 
-class ManagerMachine(RuleBasedStateMachine):
-    """Any interleaving of writes, growth, swaps and frees keeps every sequence's KV.
-
-    Each logical block's bytes encode (sequence, block, tokens held); a block that gains
-    tokens is rewritten, so a swap-out that skipped a stale partial block, a swap-in into the
-    wrong blocks, or a write into a block an in-flight swap-out still reads is caught.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.m, self.gpu = make_manager(gpu_blocks=48, host_blocks=96, swap_in="adaptive")
-        self.tokens = {}  # seq -> tokens of KV
-        self.next_id = 0
-
-    def teardown(self):
-        self.m.close()
-
-    @staticmethod
-    def value(seq, block, tokens):
-        return (seq * 37 + block * 11 + tokens * 3) % 251
-
-    def write(self, seq, first_block):
-        first_block = max(first_block, 0)
-        table = self.m.block_table(seq)
-        n = self.tokens[seq]
-        for i in range(first_block, -(-n // BLOCK_SIZE)):
-            held = min(BLOCK_SIZE, n - i * BLOCK_SIZE)
-            fill(self.gpu, [table[i]], self.value(seq, i, held))
-
-    def running(self):
-        return [s for s in self.tokens if self.m.state(s) == "running"]
-
-    @rule(n=st.integers(1, 20))
-    def new_sequence(self, n):
-        s = self.next_id
-        try:
-            self.m.allocate(s, -(-n // BLOCK_SIZE))
-        except OutOfBlocksError:
-            return
-        self.next_id += 1
-        self.tokens[s] = n
-        self.write(s, 0)
-
-    @precondition(lambda self: self.running())
-    @rule(data=st.data(), k=st.integers(1, 9))
-    def grow(self, data, k):
-        s = data.draw(st.sampled_from(self.running()))
-        n = self.tokens[s]
-        need = -(-(n + k) // BLOCK_SIZE) - self.m.gpu.num_table_blocks(s)
-        if need > 0:
-            try:
-                self.m.allocate(s, need)
-            except OutOfBlocksError:
-                return
-        self.tokens[s] = n + k
-        self.write(s, n // BLOCK_SIZE)
-
-    @precondition(lambda self: self.running())
-    @rule(data=st.data())
-    def swap_out(self, data):
-        s = data.draw(st.sampled_from(self.running()))
-        with contextlib.suppress(OutOfBlocksError):
-            self.m.swap_out(s, self.tokens[s], priority=data.draw(st.floats(0, 1)))
-
-    @precondition(lambda self: self.m.swapped_out)
-    @rule(data=st.data())
-    def swap_in(self, data):
-        s = data.draw(st.sampled_from(self.m.swapped_out))
-        with contextlib.suppress(OutOfBlocksError):
-            self.m.swap_in(s)
-
-    @rule(batch=st.integers(0, 8))
-    def iterate(self, batch):
-        self.m.poll()
-        self.m.decide(batch, 1e-4)
-
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
-    def free(self, data):
-        s = data.draw(st.sampled_from(sorted(self.tokens)))
-        self.m.free(s)
-        del self.tokens[s]
-
-    @invariant()
-    def kv_survives(self):
-        for s in self.running():
-            table = self.m.block_table(s)
-            n = self.tokens[s]
-            for i in range(-(-n // BLOCK_SIZE)):
-                held = min(BLOCK_SIZE, n - i * BLOCK_SIZE)
-                expect = self.value(s, i, held)
-                for r, a in enumerate(self.gpu):
-                    assert (a[table[i]] == (expect + r) % 256).all(), (s, i, r)
-
-    @invariant()
-    def counters_agree(self):
-        st_ = self.m.stats()
-        assert st_.swap_out_blocks == st_.copied_blocks + st_.reused_blocks
-        self.m.gpu.check_invariants()
+class ManagerMachine(SwapManagerStateMachine):
+    """The shipped fuzz machine (kvswitch.testing) in the default configuration: async
+    swap-outs, adaptive swap-ins, reuse, 2 worker threads. Red-team finding 7: the former
+    machine drew its rules from which swap-ins worker threads had finished (flaky); this
+    one draws only from its own model."""
 
 
+class BlockingManagerMachine(SwapManagerStateMachine):
+    """vLLM's swap path: per-block allocation and copies, blocking swap-outs, no reuse."""
+
+    def make_manager(self):
+        return default_manager(per_block=True, async_swap_out=False, reuse=False,
+                               coalesce=False, swap_in="sync")
+
+
+class InlineManagerMachine(SwapManagerStateMachine):
+    """num_workers=0: every job runs in the calling thread; tight host pool."""
+
+    def make_manager(self):
+        return default_manager(num_workers=0, host_blocks=24, swap_in="async")
+
+
+# 200 examples: the mutation "rollback not applied at commit" needs a backup, a shorter
+# swap-out and a regrowth of one sequence; 60 examples missed it, 400 found it.
+MACHINE_SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestManagerMachine = ManagerMachine.TestCase
-TestManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestManagerMachine.settings = settings(MACHINE_SETTINGS, max_examples=200)
+TestBlockingManagerMachine = BlockingManagerMachine.TestCase
+TestBlockingManagerMachine.settings = settings(MACHINE_SETTINGS, max_examples=30)
+TestInlineManagerMachine = InlineManagerMachine.TestCase
+TestInlineManagerMachine.settings = settings(MACHINE_SETTINGS, max_examples=30)
 
 
 def test_stream_arguments_reach_the_engine():

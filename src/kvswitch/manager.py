@@ -4,19 +4,28 @@ FastSwitch (arXiv 2411.18424), section 3.2, Algorithm 1 "Multithreading Swap Man
 An engine calls, once per iteration::
 
     ready = manager.poll()                       # step 1: finished swap-ins -> running
+    for seq, error in manager.take_failed().items():   # copies that failed (rare)
+        ...                                      # recompute or abort seq, then free(seq)
     manager.swap_in(seq)  /  manager.swap_out(seq, num_tokens, priority=p)   # steps 2-3
     manager.allocate(seq, n)                     # step 3.1: waits only for conflicting jobs
     ready += manager.decide(batch_size, iteration_s)   # step 4: async or sync swap-in
 
 The manager owns the GPU-pool allocator's sequences, a :class:`~kvswitch.ReuseTracker` over
 the host-pool allocator, and issues every copy through an
-:class:`~kvswitch.AsyncSwapEngine`. Sequence states: ``"running"`` (KV on the GPU, usable),
-``"swapping_in"`` (copies queued, not known to be done), ``"swapped_out"`` (the CPU copy is
-the only copy).
+:class:`~kvswitch.AsyncSwapEngine`. Sequence states (docs/design.md draws the diagram):
+
+* ``"running"``: KV on the GPU, usable.
+* ``"swapping_in"``: copies queued, not yet reported done (do not read its blocks).
+* ``"swapped_out"``: the CPU copy is the only copy (its copies may still be in flight).
+* ``"failed"``: a copy of its KV failed, so its KV is lost; its blocks stay held until
+  :meth:`SwapManager.free`. Other sequences are not affected, except those whose own
+  copies were ordered after the failed one (they share blocks): they fail too, and their
+  errors name the root cause.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -26,9 +35,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from kvswitch._validate import INT32_MAX, as_count
 from kvswitch.allocator import BlockGroupAllocator
 from kvswitch.reuse import ReuseTracker, SwapPlan
-from kvswitch.swap import AsyncSwapEngine, SwapHandle
+from kvswitch.swap import AsyncSwapEngine, SwapError, SwapHandle
 
 __all__ = [
     "SwapInPolicy",
@@ -38,7 +48,7 @@ __all__ = [
     "should_wait_for_swap_ins",
 ]
 
-SwapState = Literal["running", "swapping_in", "swapped_out"]
+SwapState = Literal["running", "swapping_in", "swapped_out", "failed"]
 SwapInPolicy = Literal["adaptive", "async", "sync"]
 
 
@@ -50,7 +60,7 @@ class SwapManagerStats:
     ``swap_out_blocks == copied_blocks + reused_blocks`` always holds.
     """
 
-    swap_outs: int
+    swap_outs: int  #: swap-outs whose copies were issued (and, if blocking, succeeded)
     swap_ins: int
     swap_out_blocks: int  #: blocks the swapped-out sequences held (copied or reused)
     copied_blocks: int  #: of those, blocks copied GPU -> host
@@ -66,12 +76,35 @@ class SwapManagerStats:
     swap_in_wait_s: float  #: time waiting for swap-ins (synchronous decisions, wait_swap_in)
     sync_decisions: int  #: iterations whose pending swap-ins were waited for
     async_decisions: int  #: iterations whose pending swap-ins proceeded asynchronously
+    swap_failures: int = 0  #: swaps whose copies failed (sequences failed, or raised)
 
     @property
     def stall_s(self) -> float:
         """Total time the caller was blocked on swaps (conflicts, sync swap-outs and
         swap-ins)."""
         return self.conflict_wait_s + self.swap_out_wait_s + self.swap_in_wait_s
+
+
+@dataclass
+class _Swap:
+    """One swap of one sequence: its plan and the handle of its job (None: no copies, or
+    seen finished successfully)."""
+
+    plan: SwapPlan
+    handle: SwapHandle | None
+
+
+@dataclass
+class _SwappedOut(_Swap):
+    num_tokens: int = 0
+
+
+def _quiet_wait(handle: SwapHandle) -> None:
+    """Block until the job ends; a failure is read from ``handle.error`` afterwards."""
+    try:
+        handle.wait()
+    except SwapError:
+        pass
 
 
 def _per_block_pairs(pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -120,12 +153,23 @@ class SwapManager:
             :meth:`decide` chooses per iteration from recent swap bandwidth (see there).
         coalesce: issue one copy per block extent (block group); False issues one copy per
             block, as vLLM does.
-        block_size: tokens per block (> 0).
+        block_size: tokens per block (int > 0).
         window: swap jobs remembered for the adaptive decision's bandwidth estimate (> 0).
 
     Raises:
-        ValueError: non-empty allocators, pool sizes that disagree with the engine, a bad
-            policy, block size or window.
+        TypeError: ``block_size`` or ``window`` not an int. ValueError: non-empty
+            allocators, pool sizes that disagree with the engine, a bad policy, block size
+            or window.
+
+    Failures (docs/design.md, "Failures and threads"): every job's handle is checked. A
+    blocking swap-out whose copies fail raises :class:`SwapError` and the sequence stays
+    running on its GPU blocks. Any other failed copy moves its sequence to ``"failed"``:
+    :meth:`poll` and :meth:`decide` leave it out and go on with the others,
+    :meth:`take_failed` reports it once, :meth:`free` releases its blocks. A call that
+    raises anything else (bad arguments, out of blocks, a closed engine) changes nothing.
+
+    Thread safety: methods may be called from several threads; one re-entrant lock
+    serialises them, waits included (the engine's worker threads never take it).
     """
 
     def __init__(
@@ -141,6 +185,8 @@ class SwapManager:
         block_size: int = 16,
         window: int = 32,
     ) -> None:
+        block_size = as_count(block_size, "block_size", maximum=INT32_MAX)
+        window = as_count(window, "window")
         if len(gpu_allocator):
             raise ValueError("gpu_allocator must be empty: the manager owns its sequences")
         if engine.device_layout.num_blocks != gpu_allocator.num_blocks:
@@ -153,8 +199,6 @@ class SwapManager:
                              f"allocator {host_allocator.num_blocks}")
         if swap_in not in ("adaptive", "async", "sync"):
             raise ValueError(f"swap_in must be 'adaptive', 'async' or 'sync', got {swap_in!r}")
-        if window <= 0:
-            raise ValueError(f"window must be positive, got {window}")
         self.gpu = gpu_allocator
         self.engine = engine
         self.tracker = ReuseTracker(host_allocator, block_size=block_size)
@@ -163,16 +207,21 @@ class SwapManager:
         self.async_swap_out = async_swap_out
         self.swap_in_policy: SwapInPolicy = swap_in
         self.coalesce = coalesce
+        self._lock = threading.RLock()
         self._regions = engine.device_layout.num_regions
         self._block_bytes = engine.device_layout.bytes_per_block
-        self._swapped: dict[Hashable, int] = {}  # swapped-out sequence -> tokens
-        self._swapping_in: dict[Hashable, SwapHandle] = {}  # in submission order
+        self._swapped: dict[Hashable, _SwappedOut] = {}
+        self._outs_in_flight: dict[Hashable, _SwappedOut] = {}  # handle not yet seen done
+        self._swapping_in: dict[Hashable, _Swap] = {}  # in submission order
+        self._failed: dict[Hashable, SwapError] = {}
+        self._unreported: dict[Hashable, SwapError] = {}  # for take_failed()
         self._recent: deque[SwapHandle] = deque(maxlen=window)  # r_info of Algorithm 1
         self._unfinished: list[SwapHandle] = []  # jobs not yet seen done (for r_info)
         self._n = dict.fromkeys(
             ("swap_outs", "swap_ins", "swap_out_blocks", "copied_blocks", "reused_blocks",
              "swap_in_blocks", "swap_out_extents", "swap_in_extents", "copies",
-             "bytes_copied", "conflicts", "sync_decisions", "async_decisions"), 0)
+             "bytes_copied", "conflicts", "sync_decisions", "async_decisions",
+             "swap_failures"), 0)
         self._t = dict.fromkeys(("conflict_wait_s", "swap_out_wait_s", "swap_in_wait_s"), 0.0)
 
     # -- GPU blocks of running sequences -------------------------------------------------
@@ -191,23 +240,28 @@ class SwapManager:
         its swap-in does not touch the new blocks.
 
         Raises:
-            ValueError: the sequence is swapped out.
+            ValueError: the sequence is swapped out or failed; ``num_blocks`` <= 0.
+            SwapError: the sequence failed and that was not reported yet (reported now).
+            TypeError: ``num_blocks`` is not an int.
             OutOfBlocksError: the GPU pool lacks free blocks (nothing changes).
         """
-        if seq_id in self._swapped:
-            raise ValueError(f"sequence {seq_id!r} is swapped out")
-        new = self.gpu.allocate(seq_id, num_blocks)
-        if self.engine.num_workers and self._unfinished_jobs():
-            t0 = time.perf_counter()
-            if self.engine.wait_blocks(new):
-                self._n["conflicts"] += 1
-                self._t["conflict_wait_s"] += time.perf_counter() - t0
-        return new
+        with self._lock:
+            if seq_id in self._swapped:
+                raise ValueError(f"sequence {seq_id!r} is swapped out")
+            self._check_not_failed(seq_id)
+            new = self.gpu.allocate(seq_id, num_blocks)
+            if self.engine.num_workers and self._unfinished_jobs():
+                t0 = time.perf_counter()
+                if self.engine.wait_blocks(new):
+                    self._n["conflicts"] += 1
+                    self._t["conflict_wait_s"] += time.perf_counter() - t0
+            return new
 
     def block_table(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
         """int32 array ``[blocks]``: the sequence's GPU block ids in token order (a copy).
         Raises KeyError if the sequence holds no GPU blocks."""
-        return self.gpu.block_table(seq_id)
+        with self._lock:
+            return self.gpu.block_table(seq_id)
 
     # -- step 3: swap-out ----------------------------------------------------------------
 
@@ -216,9 +270,15 @@ class SwapManager:
         """Preempt a running sequence: copy its first ``num_tokens`` tokens' blocks to the
         host pool (only missing or stale ones with ``reuse``) and free its GPU blocks.
 
-        The GPU blocks are free on return even while the copies run: a later
-        :meth:`allocate` over them waits for the copies; a later swap-in into them is
-        ordered after them by the engine.
+        Asynchronous (default): the GPU blocks are free on return even while the copies
+        run: a later :meth:`allocate` over them waits for the copies; a later swap-in into
+        them is ordered after them by the engine. If the copies fail, the sequence becomes
+        ``"failed"`` (reported by :meth:`take_failed`). Blocking (``async_swap_out=False``):
+        returns once the copies are done; if they failed, raises :class:`SwapError` and the
+        sequence stays running on its GPU blocks.
+
+        A ``num_tokens`` below what its CPU copy holds is a rollback: the copy's tokens at
+        and beyond ``num_tokens`` become invalid (see :meth:`truncate`).
 
         Args:
             seq_id: a running sequence.
@@ -233,30 +293,45 @@ class SwapManager:
             ``pairs``).
 
         Raises:
-            KeyError: unknown sequence. ValueError: not running, bad token count.
+            KeyError: unknown sequence. ValueError: not running, bad token count, ``after``
+                the backend cannot take. TypeError: bad argument types.
             OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every
-                backup (nothing changes).
+                backup. EngineClosedError: the engine is closed. (All: nothing changes.)
+            SwapError: blocking mode only: the copies failed; the sequence stays running.
         """
-        self._check_not_swapped(seq_id)
-        table = self.gpu.block_table(seq_id)
-        plan = self.tracker.plan_swap_out(seq_id, table, num_tokens, priority=priority)
-        try:
-            handle = self._submit("out", plan, after=after)
-        except BaseException:
-            self.tracker.cancel(plan)  # nothing was queued: leave every pool unchanged
-            raise
-        self.tracker.commit(plan)
-        self.gpu.free(seq_id)
-        self._swapped[seq_id] = num_tokens
-        self._n["swap_outs"] += 1
-        self._n["swap_out_blocks"] += plan.copied_blocks + plan.reused_blocks
-        self._n["copied_blocks"] += plan.copied_blocks
-        self._n["reused_blocks"] += plan.reused_blocks
-        if handle is not None and not self.async_swap_out:
-            t0 = time.perf_counter()
-            handle.wait()
-            self._t["swap_out_wait_s"] += time.perf_counter() - t0
-        return plan
+        with self._lock:
+            self._check_running(seq_id)
+            num_tokens = as_count(num_tokens, "num_tokens")
+            # Everything the submit could refuse is checked before the tracker reclaims
+            # anyone's backup: a call that raises must change nothing.
+            self.engine.check_swap_out(after=after)
+            table = self.gpu.block_table(seq_id)
+            plan = self.tracker.plan_swap_out(seq_id, table, num_tokens, priority=priority)
+            try:
+                handle = self._submit("out", plan, after=after)
+            except BaseException:
+                self.tracker.cancel(plan)  # nothing was queued
+                raise
+            if handle is not None and not self.async_swap_out:
+                t0 = time.perf_counter()
+                _quiet_wait(handle)
+                self._t["swap_out_wait_s"] += time.perf_counter() - t0
+                if handle.error:
+                    self.tracker.fail(plan)
+                    self._n["swap_failures"] += 1
+                    raise self._error(seq_id, "out", handle)
+                handle = None
+            self.tracker.commit(plan)
+            self.gpu.free(seq_id)
+            record = _SwappedOut(plan, handle, num_tokens)
+            self._swapped[seq_id] = record
+            if handle is not None:
+                self._outs_in_flight[seq_id] = record
+            self._n["swap_outs"] += 1
+            self._n["swap_out_blocks"] += plan.copied_blocks + plan.reused_blocks
+            self._n["copied_blocks"] += plan.copied_blocks
+            self._n["reused_blocks"] += plan.reused_blocks
+            return plan
 
     # -- step 2: swap-in -----------------------------------------------------------------
 
@@ -264,7 +339,9 @@ class SwapManager:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
         The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
-        :meth:`wait_swap_in` reports it running; do not read its blocks before that.
+        :meth:`wait_swap_in` reports it running (or failed); do not read its blocks before.
+        Its swap-out may still be in flight: the engine orders the copies after it, and if
+        it fails, so does this swap-in.
 
         Args:
             seq_id: a swapped-out sequence.
@@ -275,42 +352,65 @@ class SwapManager:
             int32 array: its new GPU block table (block ids may differ from before).
 
         Raises:
-            KeyError: unknown sequence. ValueError: not swapped out.
-            OutOfBlocksError: the GPU pool lacks the blocks (nothing changes).
+            KeyError: unknown sequence. ValueError: not swapped out, ``before`` the backend
+                cannot take. OutOfBlocksError: the GPU pool lacks the blocks.
+                EngineClosedError: the engine is closed. (All: nothing changes.)
+            SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
+                reported yet: this raise reports it, :meth:`take_failed` will not.
+                A failure already reported gives ValueError.
         """
-        if seq_id not in self._swapped:
-            if seq_id in self.gpu or seq_id in self._swapping_in:
-                raise ValueError(f"sequence {seq_id!r} is not swapped out")
-            raise self._unknown(seq_id)
-        num_tokens = self._swapped[seq_id]
-        table = self.gpu.allocate(seq_id, -(-num_tokens // self.block_size))
-        plan = self.tracker.plan_swap_in(seq_id, table)
-        try:
-            handle = self._submit("in", plan, before=before)
-        except BaseException:
-            self.tracker.cancel(plan)
-            self.gpu.free(seq_id)
-            raise
-        self.tracker.commit(plan)
-        if not self.reuse:
-            # The engine orders this job's host reads before any later write to the blocks.
-            self.tracker.drop(seq_id)
-        del self._swapped[seq_id]
-        self._n["swap_ins"] += 1
-        self._n["swap_in_blocks"] += plan.copied_blocks
-        self._swapping_in[seq_id] = handle
-        return table
+        with self._lock:
+            self._check_not_failed(seq_id)
+            record = self._swapped.get(seq_id)
+            if record is None:
+                if seq_id in self.gpu or seq_id in self._swapping_in:
+                    raise ValueError(f"sequence {seq_id!r} is not swapped out "
+                                     f"({self.state(seq_id)})")
+                raise self._unknown(seq_id)
+            if record.handle is not None and record.handle.done():
+                if record.handle.error:
+                    error = self._fail_swap_out(seq_id, record)
+                    del self._unreported[seq_id]
+                    raise error
+                self._outs_in_flight.pop(seq_id, None)
+                record.handle = None
+            self.engine.check_swap_in(before=before)
+            table = self.gpu.allocate(seq_id, -(-record.num_tokens // self.block_size))
+            try:
+                plan = self.tracker.plan_swap_in(seq_id, table)
+                try:
+                    handle = self._submit("in", plan, before=before)
+                except BaseException:
+                    self.tracker.cancel(plan)
+                    raise
+            except BaseException:
+                self.gpu.free(seq_id)
+                raise
+            self.tracker.commit(plan)
+            if not self.reuse:
+                # The engine orders this job's host reads before any later write to the blocks.
+                self.tracker.drop(seq_id)
+            # A swap-out still in flight is not lost track of: this swap-in is ordered after
+            # it and fails with it.
+            del self._swapped[seq_id]
+            self._outs_in_flight.pop(seq_id, None)
+            self._n["swap_ins"] += 1
+            self._n["swap_in_blocks"] += plan.copied_blocks
+            self._swapping_in[seq_id] = _Swap(plan, handle)
+            return table
 
     # -- step 1 and step 4 ---------------------------------------------------------------
 
     def poll(self) -> list[Hashable]:
         """Step 1: sequences whose swap-in finished since the last call; they are running.
 
-        Raises:
-            SwapError: a swap-in job failed (the sequence stays swapping in).
+        A sequence whose swap-in or asynchronous swap-out failed becomes ``"failed"`` here
+        instead (see :meth:`take_failed`); the others are unaffected. Never raises
+        :class:`SwapError`.
         """
-        ready = [s for s, h in self._swapping_in.items() if h is None or h.done()]
-        return self._finish(ready)
+        with self._lock:
+            self._reap_swap_outs()
+            return self._finish_swap_ins()
 
     def decide(self, batch_size: int, iteration_s: float) -> list[Hashable]:
         """Step 4: wait for pending swap-ins now (synchronous) or let them finish in the
@@ -330,78 +430,152 @@ class SwapManager:
             iteration_s: expected duration of this iteration's model step, seconds.
 
         Returns:
-            Sequences whose swap-in was waited for (running now); empty when asynchronous
-            or nothing was pending.
+            Sequences whose swap-in finished or was waited for (running now); empty when
+            asynchronous or nothing was pending. Failed ones are left out, as in
+            :meth:`poll`. Never raises :class:`SwapError`.
         """
-        pending = [s for s, h in self._swapping_in.items() if h is not None and not h.done()]
-        ready = self._finish([s for s in self._swapping_in if s not in pending])
-        if not pending:
-            return ready
-        wait = self.swap_in_policy == "sync"
-        if self.swap_in_policy == "adaptive":
-            wait = should_wait_for_swap_ins(batch_size, iteration_s, len(pending),
-                                            self.estimate_swap_in_s(pending))
-        if not wait:
-            self._n["async_decisions"] += 1
-            return ready
-        self._n["sync_decisions"] += 1
-        t0 = time.perf_counter()
-        for s in pending:
-            self._swapping_in[s].wait()
-        self._t["swap_in_wait_s"] += time.perf_counter() - t0
-        return ready + self._finish(pending)
+        with self._lock:
+            self._reap_swap_outs()
+            ready = self._finish_swap_ins()
+            pending = list(self._swapping_in)
+            if not pending:
+                return ready
+            wait = self.swap_in_policy == "sync"
+            if self.swap_in_policy == "adaptive":
+                wait = should_wait_for_swap_ins(batch_size, iteration_s, len(pending),
+                                                self.estimate_swap_in_s(pending))
+            if not wait:
+                self._n["async_decisions"] += 1
+                return ready
+            self._n["sync_decisions"] += 1
+            t0 = time.perf_counter()
+            for s in pending:
+                handle = self._swapping_in[s].handle
+                if handle is not None:
+                    _quiet_wait(handle)
+            self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            return ready + self._finish_swap_ins()
+
+    def take_failed(self) -> dict[Hashable, SwapError]:
+        """Sequences that became ``"failed"`` since the last call, each reported once, with
+        the :class:`SwapError` of its copies (attributes ``seq_id``, ``direction``
+        (``"out"``/``"in"``), ``job_id`` and ``root_job_id``: the job whose failure caused
+        it, possibly another sequence's). A failure already raised to the caller (by
+        :meth:`swap_in` or :meth:`wait_swap_in`) is not repeated here.
+
+        Swap-ins are checked by :meth:`poll`, :meth:`decide` and :meth:`wait_swap_in`;
+        asynchronous swap-outs also here and by :meth:`synchronize`.
+        """
+        with self._lock:
+            self._reap_swap_outs()
+            failed, self._unreported = self._unreported, {}
+            return failed
 
     def estimate_swap_in_s(self, seq_ids: list[Hashable] | None = None) -> float | None:
         """Seconds the pending swap-ins of ``seq_ids`` (default: all) would take at the
         bandwidth of recent finished jobs; None before any job finished. An upper bound:
         bytes already copied by running jobs are counted again."""
-        self._refresh_recent()
-        done_bytes = sum(h.nbytes for h in self._recent)
-        done_s = sum(h.elapsed_s or 0.0 for h in self._recent)
-        if not self._recent or done_s <= 0.0:
-            return None
-        ids = self._swapping_in if seq_ids is None else seq_ids
-        pending = sum(self._swapping_in[s].nbytes for s in ids
-                      if self._swapping_in[s] is not None)
-        return pending * done_s / done_bytes
+        with self._lock:
+            self._refresh_recent()
+            done_bytes = sum(h.nbytes for h in self._recent)
+            done_s = sum(h.elapsed_s or 0.0 for h in self._recent)
+            if not self._recent or done_s <= 0.0:
+                return None
+            ids = self._swapping_in if seq_ids is None else seq_ids
+            pending = 0
+            for s in ids:
+                handle = self._swapping_in[s].handle
+                if handle is not None:
+                    pending += handle.nbytes
+            return pending * done_s / done_bytes
 
     def wait_swap_in(self, seq_id: Hashable) -> None:
         """Block until one swapping-in sequence's copies are done; it is then running.
 
         Raises:
-            ValueError: the sequence is not swapping in. SwapError: the job failed.
+            ValueError: the sequence is not swapping in.
+            SwapError: the copies failed (now or earlier, unreported); the sequence is
+                ``"failed"`` and this raise reports it (:meth:`take_failed` will not).
         """
-        if seq_id not in self._swapping_in:
-            raise ValueError(f"sequence {seq_id!r} is not swapping in")
-        handle = self._swapping_in[seq_id]
-        if handle is not None and not handle.done():
-            t0 = time.perf_counter()
-            handle.wait()
-            self._t["swap_in_wait_s"] += time.perf_counter() - t0
-        self._finish([seq_id])
+        with self._lock:
+            self._check_not_failed(seq_id)
+            if seq_id not in self._swapping_in:
+                state = f" ({self.state(seq_id)})" if self._known(seq_id) else ""
+                raise ValueError(f"sequence {seq_id!r} is not swapping in{state}")
+            handle = self._swapping_in[seq_id].handle
+            if handle is not None and not handle.done():
+                t0 = time.perf_counter()
+                _quiet_wait(handle)
+                self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            record = self._swapping_in.pop(seq_id)
+            if handle is not None and handle.error:
+                error = self._fail_swap_in(seq_id, record)
+                del self._unreported[seq_id]
+                raise error
 
     # -- life cycle ----------------------------------------------------------------------
 
-    def free(self, seq_id: Hashable) -> None:
-        """Forget a finished sequence: release its GPU blocks and its CPU copy.
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Roll a sequence back to its first ``num_tokens`` tokens: the engine regenerated
+        a reply, rejected speculative tokens, or pruned a beam, and will write new KV from
+        token ``num_tokens`` on. Its CPU copy's tokens at and beyond ``num_tokens`` become
+        invalid, so no later swap-out reuses them. A swapped-out sequence keeps only
+        ``num_tokens`` tokens (its swap-in restores those). The GPU block table is left as
+        it is.
 
-        A sequence still swapping in is waited for first (its blocks are being written).
+        Call it whenever KV of tokens that were already swapped out once can change: the
+        tracker otherwise takes a block's past tokens as fixed.
+
+        Raises:
+            KeyError: unknown sequence. ValueError: failed; swapped out and ``num_tokens``
+                0; or negative. TypeError: ``num_tokens`` not an int.
+        """
+        with self._lock:
+            num_tokens = as_count(num_tokens, "num_tokens", minimum=0)
+            state = self.state(seq_id)
+            if state == "failed":
+                raise ValueError(f"sequence {seq_id!r} has failed; free() it")
+            record = self._swapped.get(seq_id)
+            if record is not None:
+                if num_tokens == 0:
+                    raise ValueError(f"sequence {seq_id!r} is swapped out: truncating it to "
+                                     "0 tokens leaves nothing to swap in; free() it instead")
+                if record.handle is not None:  # host blocks it writes may be released
+                    _quiet_wait(record.handle)
+                self._reap_swap_outs()
+                if seq_id in self._failed:
+                    return
+                record.num_tokens = min(record.num_tokens, num_tokens)
+            if seq_id in self.tracker:
+                self.tracker.truncate(seq_id, num_tokens)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Forget a finished (or failed) sequence: release its GPU blocks and its CPU copy.
+
+        Copies of it still in flight are waited for first (its blocks are being read or
+        written). A failure of those copies is no longer reported: the KV is discarded.
 
         Raises:
             KeyError: unknown sequence.
         """
-        if seq_id in self._swapping_in:
-            self.wait_swap_in(seq_id)
-        known = False
-        if seq_id in self.gpu:
-            self.gpu.free(seq_id)
-            known = True
-        if seq_id in self.tracker:
-            self.tracker.drop(seq_id)
-            known = True
-        self._swapped.pop(seq_id, None)
-        if not known:
-            raise self._unknown(seq_id)
+        with self._lock:
+            known = self._known(seq_id)
+            swap_in = self._swapping_in.pop(seq_id, None)
+            swap_out = self._swapped.pop(seq_id, None)
+            self._outs_in_flight.pop(seq_id, None)
+            for record in (swap_in, swap_out):
+                if record is not None and record.handle is not None:
+                    t0 = time.perf_counter()
+                    _quiet_wait(record.handle)
+                    self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            self._failed.pop(seq_id, None)
+            self._unreported.pop(seq_id, None)
+            if seq_id in self.gpu:
+                self.gpu.free(seq_id)
+            if seq_id in self.tracker:
+                self.tracker.drop(seq_id)
+            if not known:
+                raise self._unknown(seq_id)
 
     def drop_cpu_copy(self, seq_id: Hashable) -> int:
         """Release a running sequence's backup CPU copy (the next swap-out copies every
@@ -410,45 +584,65 @@ class SwapManager:
         Raises:
             ValueError: the sequence is swapped out (the copy is its only KV).
         """
-        if seq_id in self._swapped:
-            raise ValueError(f"sequence {seq_id!r} is swapped out; its CPU copy is its only KV")
-        return self.tracker.drop(seq_id) if seq_id in self.tracker else 0
+        with self._lock:
+            if seq_id in self._swapped:
+                raise ValueError(f"sequence {seq_id!r} is swapped out; its CPU copy is its "
+                                 "only KV")
+            return self.tracker.drop(seq_id) if seq_id in self.tracker else 0
 
     def state(self, seq_id: Hashable) -> SwapState:
-        """``"running"``, ``"swapping_in"`` or ``"swapped_out"``. Raises KeyError if the
-        manager does not know the sequence."""
-        if seq_id in self._swapped:
-            return "swapped_out"
-        if seq_id in self._swapping_in:
-            return "swapping_in"
-        if seq_id in self.gpu:
-            return "running"
-        raise self._unknown(seq_id)
+        """``"running"``, ``"swapping_in"``, ``"swapped_out"`` or ``"failed"``. A copy's
+        failure shows once :meth:`poll`, :meth:`decide`, :meth:`take_failed` or
+        :meth:`synchronize` saw it. Raises KeyError if the manager does not know the
+        sequence."""
+        with self._lock:
+            if seq_id in self._failed:
+                return "failed"
+            if seq_id in self._swapped:
+                return "swapped_out"
+            if seq_id in self._swapping_in:
+                return "swapping_in"
+            if seq_id in self.gpu:
+                return "running"
+            raise self._unknown(seq_id)
 
     def num_tokens_swapped(self, seq_id: Hashable) -> int:
         """Tokens of KV a swapped-out sequence holds in the host pool. Raises KeyError."""
-        try:
-            return self._swapped[seq_id]
-        except KeyError:
-            raise self._unknown(seq_id) from None
+        with self._lock:
+            try:
+                return self._swapped[seq_id].num_tokens
+            except KeyError:
+                raise self._unknown(seq_id) from None
 
     @property
     def swapping_in(self) -> list[Hashable]:
-        """Sequences whose swap-in is queued and not yet reported running."""
-        return list(self._swapping_in)
+        """Sequences whose swap-in is queued and not yet reported running or failed."""
+        with self._lock:
+            return list(self._swapping_in)
 
     @property
     def swapped_out(self) -> list[Hashable]:
-        return list(self._swapped)
+        with self._lock:
+            return list(self._swapped)
+
+    @property
+    def failed(self) -> list[Hashable]:
+        """Sequences in the ``"failed"`` state (until :meth:`free`)."""
+        with self._lock:
+            return list(self._failed)
 
     def synchronize(self) -> None:
-        """Wait for every queued copy (counted as swap-in wait time)."""
-        t0 = time.perf_counter()
-        self.engine.synchronize()
-        self._t["swap_in_wait_s"] += time.perf_counter() - t0
+        """Wait for every queued copy (counted as swap-in wait time); failed asynchronous
+        swap-outs are then ``"failed"``."""
+        with self._lock:
+            t0 = time.perf_counter()
+            self.engine.synchronize()
+            self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            self._reap_swap_outs()
 
     def stats(self) -> SwapManagerStats:
-        return SwapManagerStats(**self._n, **self._t)
+        with self._lock:
+            return SwapManagerStats(**self._n, **self._t)
 
     @property
     def stall_s(self) -> float:
@@ -466,7 +660,7 @@ class SwapManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals -----------------------------------------------------------------------
+    # -- internals (the lock is held) ----------------------------------------------------
 
     def _submit(self, direction: str, plan: SwapPlan, **stream: Any) -> SwapHandle | None:
         pairs = plan.pairs if self.coalesce else _per_block_pairs(plan.pairs)
@@ -487,25 +681,90 @@ class SwapManager:
     def _refresh_recent(self) -> None:
         still = []
         for h in self._unfinished:
-            if h.done():
-                self._recent.append(h)
-            else:
+            if not h.done():
                 still.append(h)
+            elif not h.error:  # a failed job says nothing about bandwidth
+                self._recent.append(h)
         self._unfinished = still
 
-    def _finish(self, seq_ids: list[Hashable]) -> list[Hashable]:
-        for s in seq_ids:
-            handle = self._swapping_in[s]
-            if handle is not None:
-                handle.wait()  # done already; raises SwapError if the job failed
+    def _finish_swap_ins(self) -> list[Hashable]:
+        """Swap-ins whose job ended: running ones returned, failed ones marked failed."""
+        ready = []
+        for s, record in list(self._swapping_in.items()):
+            handle = record.handle
+            if handle is not None and not handle.done():
+                continue
             del self._swapping_in[s]
-        return seq_ids
+            if handle is not None and handle.error:
+                self._fail_swap_in(s, record)
+            else:
+                ready.append(s)
+        return ready
 
-    def _check_not_swapped(self, seq_id: Hashable) -> None:
+    def _reap_swap_outs(self) -> None:
+        """Asynchronous swap-outs whose job ended: failed ones mark their sequence."""
+        for s, record in list(self._outs_in_flight.items()):
+            handle = record.handle
+            if handle is None or not handle.done():
+                continue
+            del self._outs_in_flight[s]
+            if handle.error:
+                self._fail_swap_out(s, record)
+            else:
+                record.handle = None
+
+    def _fail_swap_out(self, seq_id: Hashable, record: _SwappedOut) -> SwapError:
+        assert record.handle is not None
+        error = self._error(seq_id, "out", record.handle)
+        self._swapped.pop(seq_id, None)
+        self._outs_in_flight.pop(seq_id, None)
+        self.tracker.fail(record.plan)  # its copies are invalid; the rest is reclaimable
+        return self._mark_failed(seq_id, error)
+
+    def _fail_swap_in(self, seq_id: Hashable, record: _Swap) -> SwapError:
+        assert record.handle is not None
+        error = self._error(seq_id, "in", record.handle)
+        if seq_id in self.tracker:
+            self.tracker.fail(record.plan)
+        return self._mark_failed(seq_id, error)
+
+    def _mark_failed(self, seq_id: Hashable, error: SwapError) -> SwapError:
+        self._failed[seq_id] = error
+        self._unreported[seq_id] = error
+        self._n["swap_failures"] += 1
+        return error
+
+    @staticmethod
+    def _error(seq_id: Hashable, direction: str, handle: SwapHandle) -> SwapError:
+        error = SwapError(f"swap-{direction} of sequence {seq_id!r} failed: swap job "
+                          f"{handle.id}: {handle.error}")
+        error.seq_id = seq_id
+        error.direction = direction
+        error.job_id = handle.id
+        error.root_job_id = handle.root_job_id
+        return error
+
+    def _known(self, seq_id: Hashable) -> bool:
+        return (seq_id in self._failed or seq_id in self._swapped or seq_id in self._swapping_in
+                or seq_id in self.gpu or seq_id in self.tracker)
+
+    def _check_not_failed(self, seq_id: Hashable) -> None:
+        """A failed sequence refuses work: with its SwapError while that is unreported
+        (raising reports it), else with a ValueError."""
+        if seq_id not in self._failed:
+            return
+        if self._unreported.pop(seq_id, None) is not None:
+            raise self._failed[seq_id]
+        raise ValueError(f"sequence {seq_id!r} has failed ({self._failed[seq_id]}); free() it")
+
+    def _check_running(self, seq_id: Hashable) -> None:
         if seq_id in self._swapped:
             raise ValueError(f"sequence {seq_id!r} is swapped out")
         if seq_id in self._swapping_in:
             raise ValueError(f"sequence {seq_id!r} is still swapping in")
+        self._check_not_failed(seq_id)
+        if seq_id not in self.gpu:
+            raise self._unknown(seq_id)
 
     @staticmethod
     def _unknown(seq_id: Hashable) -> KeyError:

@@ -1,5 +1,11 @@
-"""Reusable test tools for engine developers (needs ``hypothesis``: ``kvswitch[test]``)."""
+"""Reusable test tools for engine developers (needs ``hypothesis``: ``kvswitch[test]``).
+
+* :class:`AllocatorStateMachine`: the allocator's invariants against a reference model.
+* :class:`SwapManagerStateMachine`: serving histories over a SwapManager with real bytes,
+  rollbacks, host-pool pressure, injected copy failures and concurrent callers.
+"""
 
 from kvswitch.testing.allocator_state_machine import AllocatorStateMachine
+from kvswitch.testing.swap_manager_state_machine import SwapManagerStateMachine
 
-__all__ = ["AllocatorStateMachine"]
+__all__ = ["AllocatorStateMachine", "SwapManagerStateMachine"]
