@@ -1,0 +1,145 @@
+"""Regression tests for the red-team input-check findings 1, 2, 3, 13, 14 and 16.
+
+Each test names its finding and repro (../shared/redteam/repro_N.py at the time of the
+red-team run, against kvswitch 0.1.0).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+import numpy as np
+import pytest
+
+from kvswitch import (
+    AsyncSwapEngine,
+    HostKVPool,
+    KVLayout,
+)
+
+
+def region_bytes(layout: KVLayout) -> bytes:
+    r = layout.regions[0]
+    return ctypes.string_at(r.base, r.nbytes)
+
+
+def swap_in_all(layout: KVLayout, fill: int) -> None:
+    """Host pool filled with `fill`, then every host block copied into `layout`."""
+    host = HostKVPool(layout, layout.num_blocks)
+    for a in host.arrays:
+        a.view(np.uint8)[...] = fill
+    with AsyncSwapEngine(layout, host, num_workers=0) as e:
+        e.swap_in([[0, 0, layout.num_blocks]]).wait()
+
+
+class DLPackOnly:
+    """A producer with only the DLPack protocol (like a JAX array)."""
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def read_only(shape=(4, 16)) -> np.ndarray:
+    a = np.zeros(shape, np.uint8)
+    a.flags.writeable = False
+    return a
+
+
+# ------------------------------------------------------------------------------ finding 1
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: bytes(64), id="bytes"),
+        pytest.param(lambda: memoryview(read_only()), id="memoryview-ro"),
+        pytest.param(lambda: memoryview(bytearray(64)).toreadonly(), id="toreadonly"),
+        pytest.param(lambda: DLPackOnly(read_only()), id="dlpack-ro"),
+        pytest.param(lambda: read_only().__dlpack__(max_version=(1, 0)), id="capsule-ro"),
+        pytest.param(lambda: read_only(), id="numpy-ro"),
+    ],
+)
+@pytest.mark.parametrize("position", [0, 1])
+def test_read_only_memory_is_rejected(make, position):
+    """Red-team finding 1 (repro_1): read-only memory is rejected on every input route,
+    naming the tensor, and its bytes are never written."""
+    obj = make()
+    writable = np.zeros((4, 16), np.uint8)
+    tensors = [obj, writable] if position == 0 else [writable, obj]
+    with pytest.raises(ValueError, match=rf"tensor {position}: .*read-only.*must be writable"):
+        KVLayout.from_tensors(tensors)
+    if isinstance(obj, (bytes, memoryview)):
+        assert bytes(obj) == bytes(64)
+
+
+def test_read_only_memory_is_rejected_by_from_vllm_and_cross_layer():
+    """Red-team finding 1 (repro_1): the other constructors reject read-only memory too."""
+    ro = read_only((2, 4, 16, 1, 1))
+    with pytest.raises(ValueError, match="layer 0 K: .*read-only"):
+        KVLayout.from_vllm([DLPackOnly(ro)])
+    with pytest.raises(ValueError, match="cross-layer tensor: .*read-only"):
+        KVLayout.cross_layer(memoryview(ro))
+
+
+def test_writable_buffers_are_accepted_and_host_arrays_stay_writable():
+    """Red-team finding 1 (repro_1): writable buffers still work; host arrays are writable."""
+    buf = bytearray(64)
+    layout = KVLayout.from_tensors([memoryview(buf).cast("B", (4, 16))])
+    swap_in_all(layout, 0xAB)
+    assert buf == bytearray([0xAB] * 64)
+    host = HostKVPool(layout, 4)
+    assert all(a.flags.writeable for a in host.arrays)
+    assert all(a.flags.writeable for a in HostKVPool(layout, 4).arrays)
+
+
+# ------------------------------------------------------------------------------ finding 2
+PATTERN = (np.arange(16 * 1024) % 251).astype(np.uint8).reshape(16, 1024)
+
+
+class TemporaryExport:
+    """A DLPack producer whose export owns the memory (nothing else references it)."""
+
+    def __dlpack__(self, **kw):
+        return PATTERN.copy().__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return PATTERN.__dlpack_device__()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: PATTERN.copy().__dlpack__(), id="capsule"),
+        pytest.param(lambda: PATTERN.copy().__dlpack__(max_version=(1, 0)), id="capsule-v1"),
+        pytest.param(TemporaryExport, id="temporary-export"),
+        pytest.param(lambda: DLPackOnly(PATTERN.copy()), id="dlpack"),
+        pytest.param(lambda: memoryview(bytearray(PATTERN.tobytes())).cast("B", (16, 1024)),
+                     id="buffer"),
+    ],
+)
+def test_layout_keeps_imported_memory_alive(make):
+    """Red-team finding 2 (repro_2): the memory a layout points at stays allocated as long
+    as the layout, whatever owned it (a raw capsule, a temporary DLPack export, a buffer)."""
+    layout = KVLayout.from_tensors([make()])
+    gc.collect()
+    victims = [np.full((16, 1024), 7, np.uint8) for _ in range(64)]
+    assert region_bytes(layout) == PATTERN.tobytes()
+    assert layout.regions[0].base not in {v.ctypes.data for v in victims}
+    swap_in_all(layout, 0xCD)
+    assert all((v == 7).all() for v in victims)
+    assert region_bytes(layout) == bytes([0xCD]) * PATTERN.nbytes
+
+
+def test_consumed_capsule_is_a_clear_type_error():
+    """Red-team finding 2 (repro_2): a DLPack capsule can be imported once; a second use
+    says so."""
+    cap = PATTERN.copy().__dlpack__()
+    layout = KVLayout.from_tensors([cap])
+    with pytest.raises(TypeError, match="tensor 0: .*capsule was already consumed"):
+        KVLayout.from_tensors([cap])
+    assert region_bytes(layout) == PATTERN.tobytes()
