@@ -19,6 +19,8 @@ from kvswitch import (
     BlockGroupAllocator,
     HostKVPool,
     KVLayout,
+    KVRegion,
+    _core,
 )
 
 
@@ -181,3 +183,32 @@ def test_allocator_lock_is_an_instance_attribute():
     a = BlockGroupAllocator(8)
     assert hasattr(a._lock, "__enter__") and hasattr(a._lock, "__exit__")
     assert "several threads" in BlockGroupAllocator.__doc__
+
+
+# ------------------------------------------------------------------------------ finding 13
+U8 = np.dtype(np.uint8)
+THIRD = ((1 << 63) - 1) // 3
+
+
+def fake_region(block_bytes: int) -> KVRegion:
+    return KVRegion(4096, block_bytes, block_bytes, 1, "cpu", (block_bytes,), "uint8", U8)
+
+
+def test_layout_bytes_per_block_overflow_is_a_value_error():
+    """Red-team finding 13 (repro_13): regions whose block bytes sum past 2**63 - 1."""
+    big = (1 << 63) - 1
+    with pytest.raises(ValueError, match="overflow"):
+        KVLayout([fake_region(big), fake_region(big), fake_region(4096)])
+
+
+def test_host_pool_total_size_overflow_is_a_value_error():
+    """Red-team finding 13 (repro_13): region sizes that each fit but sum (with 4096-byte
+    rounding) past 2**64 raise ValueError instead of allocating a small pool."""
+    layout = KVLayout([fake_region(THIRD), fake_region(THIRD), fake_region(4096)])
+    with pytest.raises(ValueError, match="overflow"):
+        HostKVPool(layout, 3)
+    big = (1 << 63) - 1
+    with pytest.raises(ValueError, match="overflow"):
+        _core.HostPoolCore([big, big, 4096], 1, False)
+    ok = HostKVPool(KVLayout([fake_region(4096)]), 2, pin=False)  # the sane case still works
+    assert ok.nbytes == 8192
