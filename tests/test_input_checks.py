@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvswitch import (
     AsyncSwapEngine,
@@ -20,8 +23,10 @@ from kvswitch import (
     HostKVPool,
     KVLayout,
     KVRegion,
+    OutOfBlocksError,
     _core,
 )
+from kvswitch._validate import as_count
 
 
 def region_bytes(layout: KVLayout) -> bytes:
@@ -212,3 +217,111 @@ def test_host_pool_total_size_overflow_is_a_value_error():
         _core.HostPoolCore([big, big, 4096], 1, False)
     ok = HostKVPool(KVLayout([fake_region(4096)]), 2, pin=False)  # the sane case still works
     assert ok.nbytes == 8192
+
+
+# ------------------------------------------------------------------------------ finding 14
+@given(st.one_of(st.integers(-(2**70), 2**70), st.booleans(), st.floats(allow_nan=True),
+                 st.text(max_size=3), st.none()),
+       st.integers(-5, 5), st.one_of(st.none(), st.integers(5, 2**66)))
+def test_as_count_accepts_exactly_the_integers_in_range(value, minimum, maximum):
+    """Red-team finding 14 (repro_14): as_count takes ints in [minimum, maximum] and
+    rejects bools and floats with TypeError, other ints with ValueError naming the range."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int:
+        with pytest.raises(TypeError, match="n must be an integer"):
+            as_count(value, "n", minimum=minimum, maximum=maximum)
+    elif value < minimum or (maximum is not None and value > maximum):
+        with pytest.raises(ValueError, match="n must be") as info:
+            as_count(value, "n", minimum=minimum, maximum=maximum)
+        if maximum is not None:
+            assert f"at most {maximum:,}" in str(info.value)
+    else:
+        assert as_count(np.int64(value) if abs(value) < 2**62 else value, "n",
+                        minimum=minimum, maximum=maximum) == value
+
+
+def test_object_dtype_is_named():
+    """Red-team finding 14 (repro_14): an object-dtype array says its dtype is unsupported."""
+    with pytest.raises(TypeError, match="tensor 0: .*dtype object is not supported"):
+        KVLayout.from_tensors([np.zeros((4, 4), object)])
+
+
+def allocator_state(a: BlockGroupAllocator):
+    return (a.sequences(), a.num_free_blocks, a.free_groups(),
+            [a.block_table(s).tolist() for s in a.sequences()])
+
+
+@pytest.mark.parametrize(
+    ("count", "error", "match"),
+    [(2**31, OutOfBlocksError, "2147483648 blocks requested"),
+     (2**70, OutOfBlocksError, "blocks requested"),
+     (9, OutOfBlocksError, "only 5 of 8"),
+     (True, TypeError, "num_blocks must be an integer, got bool"),
+     (2.0, TypeError, "num_blocks must be an integer, got float"),
+     (0, ValueError, "positive"),
+     (-(2**40), ValueError, "positive")],
+)
+def test_allocate_count_errors_change_nothing(count, error, match):
+    """Red-team finding 14 (repro_14): allocate(seq, 2**31) is OutOfBlocksError like any
+    request for more blocks than are free; bools/floats TypeError; <= 0 ValueError."""
+    a = BlockGroupAllocator(8, initial_group_blocks=2)
+    a.allocate("a", 3)
+    before = allocator_state(a)
+    with pytest.raises(error, match=match):
+        a.allocate("s", count)
+    with pytest.raises(error, match=match):
+        a.allocate("a", count)
+    assert allocator_state(a) == before
+    a.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "match"),
+    [("num_workers", 2**40, ValueError, r"num_workers must be >= 0 and at most 64"),
+     ("num_workers", -1, ValueError, r"num_workers must be >= 0 and at most 64"),
+     ("num_workers", True, TypeError, "num_workers must be an integer, got bool"),
+     ("num_workers", 2.0, TypeError, "num_workers must be an integer, got float"),
+     ("sync_every", 0, ValueError, r"sync_every must be positive and at most"),
+     ("sync_every", 2**40, ValueError, r"sync_every must be positive and at most"),
+     ("sync_every", True, TypeError, "sync_every must be an integer"),
+     ("max_queue", 0, ValueError, r"max_queue must be positive and at most"),
+     ("max_queue", 2**70, ValueError, r"max_queue must be positive and at most"),
+     ("max_queue", 1.0, TypeError, "max_queue must be an integer")],
+)
+def test_engine_options_are_checked(option, value, error, match):
+    """Red-team finding 14 (repro_14): engine options out of range name the allowed range."""
+    layout = KVLayout.from_tensors([np.zeros((4, 4), np.float32)])
+    host = HostKVPool(layout, 4)
+    with pytest.raises(error, match=match):
+        AsyncSwapEngine(layout, host, backend="host", **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [(lambda lay: HostKVPool(lay, True), TypeError, "num_blocks must be an integer, got bool"),
+     (lambda lay: HostKVPool(lay, 16.0), TypeError, "num_blocks must be an integer, got float"),
+     (lambda lay: HostKVPool(lay, 0), ValueError, "num_blocks must be positive"),
+     (lambda lay: HostKVPool(lay, 2**64), ValueError, "num_blocks must be positive and at most"),
+     (lambda lay: BlockGroupAllocator(True), TypeError, "num_blocks must be an integer"),
+     (lambda lay: BlockGroupAllocator(16.0), TypeError, "num_blocks must be an integer"),
+     (lambda lay: BlockGroupAllocator(8, initial_group_blocks=True), TypeError,
+      "initial_group_blocks must be an integer")],
+)
+def test_counts_reject_bools_and_floats(make, error, match):
+    """Red-team finding 14 (repro_14): True is never taken as 1, nor 16.0 as 16."""
+    layout = KVLayout.from_tensors([np.zeros((4, 4), np.float32)])
+    with pytest.raises(error, match=match):
+        make(layout)
+
+
+def test_testing_without_hypothesis_names_the_extra():
+    """Red-team finding 14 (repro_14): kvswitch.testing without hypothesis says what to
+    install."""
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "try:\n    import kvswitch.testing\n"
+            "except ImportError as e:\n    print('ImportError:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'ImportError: kvswitch.testing needs hypothesis: pip install "kvswitch[test]"' \
+        in r.stdout

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvswitch import _core
+from kvswitch._validate import INT32_MAX, as_count
 
 __all__ = ["AllocatorStats", "BlockGroupAllocator", "OutOfBlocksError"]
 
@@ -101,8 +102,8 @@ class BlockGroupAllocator:
         self, num_blocks: int, *, initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS
     ) -> None:
         self._core = _core.BlockGroupAllocator(
-            _as_count(num_blocks, "num_blocks"),
-            _as_count(initial_group_blocks, "initial_group_blocks"),
+            as_count(num_blocks, "num_blocks", maximum=INT32_MAX),
+            as_count(initial_group_blocks, "initial_group_blocks", maximum=INT32_MAX),
         )
         # Sequence ids are mapped to dense ints for the C++ core.
         self._ids: dict[Hashable, int] = {}
@@ -126,16 +127,25 @@ class BlockGroupAllocator:
 
         Args:
             seq_id: the sequence (any hashable).
-            num_blocks: blocks to add (> 0).
+            num_blocks: blocks to add (an int > 0).
 
         Returns:
             The new block ids in table order: int32 array of shape ``[num_blocks]``.
 
         Raises:
+            TypeError: ``num_blocks`` is not an int (or is a bool).
             ValueError: ``num_blocks`` is not positive.
-            OutOfBlocksError: fewer than ``num_blocks`` blocks lie outside all block tables.
+            OutOfBlocksError: fewer than ``num_blocks`` blocks lie outside all block tables
+                (also any count larger than the pool).
         """
+        if type(num_blocks) is not int or num_blocks <= 0:  # fast path: a plain positive int
+            num_blocks = as_count(num_blocks, "num_blocks")
         with self._lock:
+            if num_blocks > self._core.num_blocks:  # the core takes int32 counts
+                raise OutOfBlocksError(
+                    f"allocate: {num_blocks} blocks requested but only "
+                    f"{self._core.num_free_blocks} of {self._core.num_blocks} lie outside all "
+                    f"block tables")
             sid = self._ids.get(seq_id)
             if sid is not None:
                 return self._core.allocate(sid, num_blocks)
@@ -318,14 +328,4 @@ class BlockGroupAllocator:
             raise KeyError(f"unknown sequence {seq_id!r}") from None
         except TypeError:
             raise KeyError(f"unknown sequence {seq_id!r} (not hashable)") from None
-
-
-def _as_count(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if value > np.iinfo(np.int32).max:
-        raise ValueError(f"{name} must fit in int32, got {value}")
-    return int(value)
 

@@ -36,13 +36,13 @@ Example (vLLM-style per-layer KV tensors on the GPU)::
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kvswitch import _core
+from kvswitch._validate import INT32_MAX, INT64_MAX, as_count
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
 
@@ -162,9 +162,9 @@ class AsyncSwapEngine:
         else:
             raise TypeError(f"host_pool must be a HostKVPool (or a host KVLayout), got "
                             f"{type(host_pool).__name__}")
-        num_workers = operator.index(num_workers)
-        sync_every = operator.index(sync_every)
-        max_queue = operator.index(max_queue)
+        num_workers = as_count(num_workers, "num_workers", minimum=0, maximum=64)
+        sync_every = as_count(sync_every, "sync_every", maximum=INT32_MAX)
+        max_queue = as_count(max_queue, "max_queue", maximum=INT64_MAX)
         if host_layout.device != "cpu":
             raise ValueError(f"the host pool must be in CPU memory, got "
                              f"{_device_name(host_layout.device)}")
@@ -177,8 +177,6 @@ class AsyncSwapEngine:
                 raise ValueError(
                     f"host pool does not match the device layout: region {i} has "
                     f"{h.block_bytes} bytes per block on the host, {d.block_bytes} on the device")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         name, reason = self._select_backend(backend, device_layout)
         self._device_layout = device_layout
         self._host_pool = host_pool
