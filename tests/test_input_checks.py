@@ -10,6 +10,7 @@ import ctypes
 import gc
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -325,3 +326,75 @@ def test_testing_without_hypothesis_names_the_extra():
     assert r.returncode == 0, r.stderr
     assert 'ImportError: kvswitch.testing needs hypothesis: pip install "kvswitch[test]"' \
         in r.stdout
+
+
+# ------------------------------------------------------------------------------ finding 16
+DAEMON_WAIT = """
+import threading
+import numpy as np
+from kvswitch import AsyncSwapEngine, HostKVPool, KVLayout
+lay = KVLayout.from_tensors([np.zeros((64, 4096), np.float32)]); host = HostKVPool(lay, 64)
+e = AsyncSwapEngine(lay, host, backend="host"); e._engine._set_paused(True)
+h = e.swap_out([[0, 0, 64]])
+started = threading.Event()
+def wait():
+    started.set()
+    h.wait()
+threading.Thread(target=wait, daemon=True).start()
+started.wait()
+print("exiting")
+"""
+
+NO_DAEMON = """
+import numpy as np
+from kvswitch import AsyncSwapEngine, HostKVPool, KVLayout
+lay = KVLayout.from_tensors([np.zeros((64, 4096), np.float32)]); host = HostKVPool(lay, 64)
+with AsyncSwapEngine(lay, host, backend="host") as e:
+    e.swap_out([[0, 0, 64]]).wait()
+print("exiting")
+"""
+
+
+@pytest.mark.parametrize("script", [DAEMON_WAIT, NO_DAEMON], ids=["daemon-wait", "no-daemon"])
+def test_exit_with_daemon_thread_in_wait_is_quiet(script):
+    """Red-team finding 16 (repro_16): a daemon thread blocked in SwapHandle.wait() at exit
+    prints no nanobind leak report; a clean exit stays clean."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("exiting")
+    assert "leaked" not in r.stderr
+
+
+def test_leak_warnings_off_only_while_daemon_threads_live():
+    """Red-team finding 16 (repro_16): the exit hook turns leak warnings off only when
+    daemon threads are alive (the warnings catch real reference-counting bugs otherwise)."""
+    code = textwrap.dedent("""
+        import threading, kvswitch
+        calls = []
+        kvswitch._core._set_leak_warnings = calls.append
+        kvswitch._quiet_leak_warnings_at_exit()
+        print(calls)
+        release = threading.Event()
+        t = threading.Thread(target=release.wait, daemon=True)
+        t.start()
+        kvswitch._quiet_leak_warnings_at_exit()
+        print(calls)
+        release.set(); t.join()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-2:] == ["[]", "[False]"]
+
+
+def test_real_leaks_are_still_reported():
+    """Red-team finding 16 (repro_16): without daemon threads, a real reference leak of a
+    kvswitch object is still reported at exit."""
+    code = ("import ctypes, kvswitch\n"
+            "a = kvswitch.BlockGroupAllocator(8)\n"
+            "ctypes.pythonapi.Py_IncRef(ctypes.py_object(a._core))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "leaked instance" in r.stderr and "kvswitch._core.BlockGroupAllocator" in r.stderr
