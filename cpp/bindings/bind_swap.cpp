@@ -62,6 +62,29 @@ const std::int64_t* aligned_data(const Array& a, std::vector<std::int64_t>& copy
     return copy.data();
 }
 
+/// describe_array's tuple for an imported array. The import is moved into the returned
+/// `owner` capsule: a raw DLPack capsule's memory is freed by its deleter, which must run
+/// only when the layout built on it drops the owner, not when this call returns.
+template <typename Array>
+nb::tuple describe(Array a, bool read_only) {
+    nb::list shape, strides;
+    const auto dt = a.dtype();
+    const std::int64_t itemsize = (static_cast<std::int64_t>(dt.bits) * dt.lanes + 7) / 8;
+    for (std::size_t i = 0; i < a.ndim(); ++i) {
+        shape.append(a.shape(i));
+        strides.append(a.stride(i) * itemsize);
+    }
+    const auto ptr = reinterpret_cast<std::uintptr_t>(a.data());
+    const int device_type = a.device_type(), device_id = a.device_id();
+    auto held = std::make_unique<Array>(std::move(a));
+    nb::capsule owner(held.get(), "kvswitch.array_import",
+                      [](void* p) noexcept { delete static_cast<Array*>(p); });
+    held.release();
+    return nb::make_tuple(ptr, nb::tuple(shape), nb::tuple(strides), static_cast<int>(dt.code),
+                          static_cast<int>(dt.bits), static_cast<int>(dt.lanes), device_type,
+                          device_id, read_only, owner);
+}
+
 }  // namespace
 
 void bind_swap(nb::module_& m) {
@@ -71,22 +94,28 @@ void bind_swap(nb::module_& m) {
     // ---------------------------------------------------------------- arrays
     m.def(
         "describe_array",
-        [](nb::ndarray<nb::ro> a) {
-            nb::list shape, strides;
-            const auto dt = a.dtype();
-            const std::int64_t itemsize = (static_cast<std::int64_t>(dt.bits) * dt.lanes + 7) / 8;
-            for (std::size_t i = 0; i < a.ndim(); ++i) {
-                shape.append(a.shape(i));
-                strides.append(a.stride(i) * itemsize);
+        [](nb::handle obj) {
+            // Writable import first: nanobind refuses it for a DLPack export flagged read-only
+            // and for a read-only buffer; the read-only import then says which case it was.
+            if (nb::ndarray<> w; nb::try_cast(obj, w)) return describe(w, false);
+            if (nb::ndarray<nb::ro> r; nb::try_cast(obj, r)) return describe(r, true);
+            if (PyCapsule_CheckExact(obj.ptr())) {
+                const char* name = PyCapsule_GetName(obj.ptr());
+                if (!name) PyErr_Clear();
+                const std::string n = name ? name : "";
+                if (n == "used_dltensor" || n == "used_dltensor_versioned")
+                    throw nb::type_error(
+                        "this DLPack capsule was already consumed (a capsule can be imported "
+                        "once); pass the array itself, which exports a new capsule each time");
+                throw nb::type_error(("a capsule named '" + n + "' is not a DLPack tensor").c_str());
             }
-            return nb::make_tuple(reinterpret_cast<std::uintptr_t>(a.data()), nb::tuple(shape),
-                                  nb::tuple(strides), static_cast<int>(dt.code),
-                                  static_cast<int>(dt.bits), static_cast<int>(dt.lanes),
-                                  a.device_type(), a.device_id());
+            throw nb::type_error("not an array (no __dlpack__ or buffer protocol)");
         },
         "array"_a,
         "(data_ptr, shape, strides_bytes, dlpack_dtype_code, bits, lanes, dlpack_device_type, "
-        "device_id) of a DLPack/NumPy array, without copying it.");
+        "device_id, read_only, owner) of a DLPack capsule, __dlpack__ object or buffer, without "
+        "copying it. `owner` holds the import: keep it as long as data_ptr is used. Raises "
+        "TypeError when the object is none of these (or a consumed capsule).");
 
     // ---------------------------------------------------------------- layout
     nb::class_<KVLayout>(m, "KVLayoutCore",

@@ -14,8 +14,18 @@ namespace kvswitch {
 namespace {
 
 constexpr std::size_t kAlign = 4096;
+// Sizes stay within int64 (they reach Python and pointer arithmetic as signed values).
+constexpr auto kMaxBytes = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
 
-std::size_t round_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+[[noreturn]] void overflow() {
+    throw std::invalid_argument("HostPool: pool size overflows (more than 2**63 - 1 bytes)");
+}
+
+/// a + b rounded up to kAlign, or overflow() past kMaxBytes.
+std::size_t add_rounded(std::size_t a, std::size_t b) {
+    if (a > kMaxBytes || b > kMaxBytes - a || a + b > kMaxBytes - (kAlign - 1)) overflow();
+    return (a + b + kAlign - 1) / kAlign * kAlign;
+}
 
 struct Plan {
     std::vector<std::size_t> offsets;
@@ -28,16 +38,14 @@ Plan plan(const std::vector<std::int64_t>& block_bytes, std::int64_t num_blocks)
         throw std::invalid_argument("HostPool: num_blocks must be positive, got " +
                                     std::to_string(num_blocks));
     Plan p;
-    const auto max = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
     for (std::size_t i = 0; i < block_bytes.size(); ++i) {
         if (block_bytes[i] <= 0)
             throw std::invalid_argument("HostPool: region " + std::to_string(i) +
                                         ": block_bytes must be positive");
         const auto bb = static_cast<std::size_t>(block_bytes[i]);
-        if (bb > max / static_cast<std::size_t>(num_blocks))
-            throw std::invalid_argument("HostPool: pool size overflows");
+        if (bb > kMaxBytes / static_cast<std::size_t>(num_blocks)) overflow();
         p.offsets.push_back(p.total);
-        p.total = round_up(p.total + bb * static_cast<std::size_t>(num_blocks));
+        p.total = add_rounded(p.total, bb * static_cast<std::size_t>(num_blocks));
     }
     return p;
 }
@@ -58,6 +66,28 @@ struct Allocation {
     bool driver = false;
     std::string reason;
 };
+
+/// Frees what allocate() returned (and the primary-context retain of a pinned allocation).
+void release(void* data, bool driver, int ordinal) noexcept {
+    if (!data) return;
+    if (!driver) {
+        std::free(data);
+        return;
+    }
+    const cu::CudaDriver& d = cu::CudaDriver::get();
+    cu::CUdevice dev = 0;
+    cu::CUcontext ctx = nullptr;
+    if (d.cuDeviceGet(&dev, ordinal) == cu::CUDA_SUCCESS &&
+        d.cuDevicePrimaryCtxRetain(&ctx, dev) == cu::CUDA_SUCCESS) {
+        try {
+            cu::ScopedContext scope(d, ctx);
+            d.cuMemFreeHost(data);
+        } catch (...) {
+        }
+        d.cuDevicePrimaryCtxRelease(dev);  // this call's retain
+        d.cuDevicePrimaryCtxRelease(dev);  // allocate()'s retain
+    }
+}
 
 Allocation allocate(std::size_t nbytes, bool pin, int ordinal) {
     Allocation a;
@@ -113,37 +143,26 @@ HostPool::HostPool(const std::vector<std::int64_t>& region_block_bytes, std::int
     : layout_([&] {
           Plan p = plan(region_block_bytes, num_blocks);
           Allocation a = allocate(p.total, pin, cuda_ordinal);
-          data_ = a.data;
-          nbytes_ = p.total;
-          pinned_ = a.pinned;
-          driver_allocated_ = a.driver;
-          pin_reason_ = a.reason;
-          offsets_ = p.offsets;
-          return KVLayout(regions_at(data_, region_block_bytes, offsets_), num_blocks,
-                          Device{DeviceType::kCPU, 0});
+          // The destructor does not run when a constructor throws: free the memory here if
+          // building the layout (or copying the offsets) fails.
+          try {
+              KVLayout layout(regions_at(a.data, region_block_bytes, p.offsets), num_blocks,
+                              Device{DeviceType::kCPU, 0});
+              offsets_ = std::move(p.offsets);
+              pin_reason_ = std::move(a.reason);
+              data_ = a.data;
+              nbytes_ = p.total;
+              pinned_ = a.pinned;
+              driver_allocated_ = a.driver;
+              return layout;
+          } catch (...) {
+              release(a.data, a.driver, cuda_ordinal);
+              throw;
+          }
       }()) {
     ordinal_ = cuda_ordinal;
 }
 
-HostPool::~HostPool() {
-    if (!data_) return;
-    if (driver_allocated_) {
-        const cu::CudaDriver& d = cu::CudaDriver::get();
-        cu::CUdevice dev = 0;
-        cu::CUcontext ctx = nullptr;
-        if (d.cuDeviceGet(&dev, ordinal_) == cu::CUDA_SUCCESS &&
-            d.cuDevicePrimaryCtxRetain(&ctx, dev) == cu::CUDA_SUCCESS) {
-            try {
-                cu::ScopedContext scope(d, ctx);
-                d.cuMemFreeHost(data_);
-            } catch (...) {
-            }
-            d.cuDevicePrimaryCtxRelease(dev);  // this call's retain
-            d.cuDevicePrimaryCtxRelease(dev);  // the constructor's retain
-        }
-    } else {
-        std::free(data_);
-    }
-}
+HostPool::~HostPool() { release(data_, driver_allocated_, ordinal_); }
 
 }  // namespace kvswitch

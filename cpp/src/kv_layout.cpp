@@ -34,6 +34,9 @@ KVLayout::KVLayout(std::vector<KVRegion> regions, std::int64_t num_blocks, Devic
         const auto max = std::numeric_limits<std::int64_t>::max();
         if ((num_blocks_ - 1) > (max - r.block_bytes) / r.block_stride)
             throw std::invalid_argument(where + "region size overflows 64 bits");
+        if (r.block_bytes > max - bytes_per_block_)
+            throw std::invalid_argument(
+                where + "bytes per block (the sum of block_bytes over regions) overflows 64 bits");
         bytes_per_block_ += r.block_bytes;
     }
 }

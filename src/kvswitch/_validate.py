@@ -24,7 +24,8 @@ def as_count(value: Any, name: str, *, minimum: int = 1, maximum: int | None = N
 
     Raises:
         TypeError: not an integer, or a bool.
-        ValueError: outside ``[minimum, maximum]`` (``maximum`` None: no upper bound).
+        ValueError: outside ``[minimum, maximum]`` (``maximum`` None: no upper bound); the
+            message states the allowed range.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got bool ({value!r})")
@@ -32,9 +33,9 @@ def as_count(value: Any, name: str, *, minimum: int = 1, maximum: int | None = N
         n = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if n < minimum:
-        limit = "positive" if minimum == 1 else f">= {minimum}"
-        raise ValueError(f"{name} must be {limit}, got {n}")
-    if maximum is not None and n > maximum:
-        raise ValueError(f"{name} must be at most {maximum:,}, got {n:,}")
+    if n < minimum or (maximum is not None and n > maximum):
+        limit = "positive" if minimum == 1 else f">= {minimum:,}"
+        if maximum is not None:
+            limit += f" and at most {maximum:,}"
+        raise ValueError(f"{name} must be {limit}, got {n:,}")
     return n

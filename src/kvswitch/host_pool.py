@@ -9,11 +9,10 @@ uses page-aligned plain memory (the host backend, tests, CPU-only machines).
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
 from kvswitch import _core
+from kvswitch._validate import INT64_MAX, as_count
 from kvswitch.layout import KVLayout, KVRegion
 
 __all__ = ["HostKVPool"]
@@ -25,7 +24,8 @@ class HostKVPool:
     Args:
         layout: the device pool's :class:`~kvswitch.KVLayout`; the host pool gets one
             region per region of it, with the same block shape and dtype.
-        num_blocks: blocks in the host pool (> 0); independent of the device pool's size.
+        num_blocks: blocks in the host pool (an int > 0); independent of the device pool's
+            size.
         pin: pin the memory through the CUDA driver when a driver and device answer
             (on the layout's device when it is a CUDA device, else device 0). Without a
             driver the pool silently uses plain memory; :attr:`pinned` and
@@ -45,21 +45,17 @@ class HostKVPool:
         nbytes: bytes allocated (each region is 4096-byte aligned).
 
     Raises:
-        TypeError: ``layout`` is not a KVLayout or ``num_blocks`` not an integer.
-        ValueError: ``num_blocks`` <= 0.
+        TypeError: ``layout`` is not a KVLayout, or ``num_blocks`` is not an int (a bool or
+            a float such as ``16.0`` included).
+        ValueError: ``num_blocks`` <= 0 or above 2**63 - 1, or a pool size past 2**63 - 1
+            bytes.
         MemoryError: the allocation failed.
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int, *, pin: bool = True):
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
-        try:
-            num_blocks = operator.index(num_blocks)
-        except TypeError:
-            raise TypeError(
-                f"num_blocks must be an integer, got {type(num_blocks).__name__}") from None
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        num_blocks = as_count(num_blocks, "num_blocks", maximum=INT64_MAX)
         ordinal = layout.device[1] if layout.device != "cpu" else 0
         self._core = _core.HostPoolCore(
             [r.block_bytes for r in layout.regions], num_blocks, bool(pin), int(ordinal))

@@ -7,9 +7,10 @@ region (FastSwitch, arXiv 2411.18424, sections 3.1 and 3.2), so a layout is all 
 to know about an engine's KV tensors.
 
 Tensors from any framework are accepted without copies: objects with ``__dlpack__``
-(PyTorch, CuPy, JAX, ...), NumPy arrays, and objects with ``__cuda_array_interface__``.
-A layout keeps references to the tensors it was built from, so their memory stays valid
-while the layout (or an engine using it) lives.
+(PyTorch, CuPy, JAX, ...), raw DLPack capsules, NumPy arrays, buffer-protocol objects, and
+objects with ``__cuda_array_interface__``. Read-only memory is refused: swap-in writes into
+the pool. A layout keeps references to the tensors it was built from and to their imports,
+so their memory stays valid while the layout (or an engine using it) lives.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class _ArrayInfo:
     dtype: str
     numpy_dtype: np.dtype
     device: Device
+    read_only: bool
+    owner: object  # holds the import (e.g. a raw DLPack capsule's memory) while referenced
 
 
 def _dtype_from_dlpack(code: int, bits: int, lanes: int, what: str) -> tuple[str, np.dtype]:
@@ -119,8 +122,6 @@ def _describe_cai(obj: Any, cai: Mapping[str, Any], what: str) -> _ArrayInfo:
         ptr, readonly = cai["data"]
     except (KeyError, TypeError, ValueError) as e:
         raise TypeError(f"{what}: malformed __cuda_array_interface__ ({e})") from None
-    if readonly:
-        raise ValueError(f"{what}: the array is read-only; a KV pool must be writable")
     dt = np.dtype(typestr)
     strides = cai.get("strides")
     if strides is None:  # C-contiguous
@@ -132,23 +133,28 @@ def _describe_cai(obj: Any, cai: Mapping[str, Any], what: str) -> _ArrayInfo:
     else:
         strides = tuple(int(s) for s in strides)
     ordinal = _core.cuda_pointer_device(int(ptr)) if ptr else 0
-    return _ArrayInfo(int(ptr), shape, strides, dt.itemsize, dt.name, dt, ("cuda", ordinal))
+    return _ArrayInfo(int(ptr), shape, strides, dt.itemsize, dt.name, dt, ("cuda", ordinal),
+                      bool(readonly), obj)
 
 
 def _describe(obj: Any, what: str) -> _ArrayInfo:
     """Pointer, shape, byte strides, dtype and device of an array, without copying it."""
-    if isinstance(obj, np.ndarray) and not obj.flags.writeable:
-        raise ValueError(f"{what}: the NumPy array is read-only; a KV pool must be writable")
     try:
-        ptr, shape, strides, code, bits, lanes, dev_type, dev_id = _core.describe_array(obj)
-    except TypeError:
+        (ptr, shape, strides, code, bits, lanes, dev_type, dev_id, read_only,
+         owner) = _core.describe_array(obj)
+    except TypeError as e:
         cai = getattr(obj, "__cuda_array_interface__", None)
-        if cai is None:
-            raise TypeError(
-                f"{what}: expected an array with __dlpack__ or __cuda_array_interface__, or a "
-                f"NumPy array, got {type(obj).__module__}.{type(obj).__qualname__}"
-            ) from None
-        return _describe_cai(obj, cai, what)
+        if cai is not None:
+            return _describe_cai(obj, cai, what)
+        if isinstance(obj, np.ndarray):
+            raise TypeError(f"{what}: NumPy dtype {obj.dtype} is not supported (KV tensors "
+                            f"hold numbers: integer, float, complex or bool)") from None
+        if type(obj).__name__ == "PyCapsule":
+            raise TypeError(f"{what}: {e}") from None
+        raise TypeError(
+            f"{what}: expected an array with __dlpack__ or __cuda_array_interface__, a NumPy "
+            f"array or a buffer, got {type(obj).__module__}.{type(obj).__qualname__}"
+        ) from None
     dtype, np_dtype = _dtype_from_dlpack(code, bits, lanes, what)
     if dev_type in (_DL_CPU, _DL_CUDA_HOST):
         device: Device = "cpu"
@@ -156,12 +162,16 @@ def _describe(obj: Any, what: str) -> _ArrayInfo:
         device = ("cuda", int(dev_id))
     else:
         raise TypeError(f"{what}: DLPack device type {dev_type} is not supported (cpu or cuda)")
-    return _ArrayInfo(ptr, tuple(shape), tuple(strides), bits // 8, dtype, np_dtype, device)
+    return _ArrayInfo(ptr, tuple(shape), tuple(strides), bits // 8, dtype, np_dtype, device,
+                      bool(read_only), owner)
 
 
 def _region(info: _ArrayInfo, what: str, *, base: int, num_blocks: int, block_stride: int,
             block_shape: tuple[int, ...], inner_strides: tuple[int, ...]) -> KVRegion:
     """A region whose blocks have `block_shape` with byte strides `inner_strides`."""
+    if info.read_only:
+        raise ValueError(f"{what}: the memory is read-only; a KV pool must be writable "
+                         f"(swap-in writes into it)")
     if num_blocks <= 0:
         raise ValueError(f"{what}: has no blocks (block dimension of size {num_blocks})")
     block_bytes = info.itemsize * math.prod(block_shape)
@@ -189,8 +199,7 @@ def _region(info: _ArrayInfo, what: str, *, base: int, num_blocks: int, block_st
                     dtype=info.dtype, numpy_dtype=info.numpy_dtype)
 
 
-def _region_of(tensor: Any, what: str) -> KVRegion:
-    info = _describe(tensor, what)
+def _region_of(info: _ArrayInfo, what: str) -> KVRegion:
     if len(info.shape) < 1:
         raise ValueError(f"{what}: needs a block dimension first, got a 0-d array")
     return _region(info, what, base=info.ptr, num_blocks=info.shape[0],
@@ -242,12 +251,22 @@ class KVLayout:
                     f"{_device_str(first.device)}, region {i} on {_device_str(r.device)}"
                 )
         self._regions = regions
-        self._keepalive = tuple(keepalive)
+        self._tensors = tuple(keepalive)
+        self._keepalive = self._tensors  # plus the imports of the from_* constructors
         dev_type = 0 if first.device == "cpu" else 1
         ordinal = 0 if first.device == "cpu" else int(first.device[1])
         self._core = _core.KVLayoutCore(
             [(r.base, r.block_stride, r.block_bytes) for r in regions],
             first.num_blocks, dev_type, ordinal)
+
+    @classmethod
+    def _of_arrays(cls, regions: list[KVRegion], tensors: Sequence[Any],
+                   infos: Iterable[_ArrayInfo]) -> KVLayout:
+        layout = cls(regions, keepalive=tensors)
+        # The imports own the memory when the tensor does not (a raw DLPack capsule, or a
+        # producer that exports a temporary): keep them as long as the layout.
+        layout._keepalive += tuple(info.owner for info in infos)
+        return layout
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -255,22 +274,27 @@ class KVLayout:
         """One region per tensor; the first dimension of each tensor is the block id.
 
         Args:
-            tensors: arrays ``[num_blocks, *block_shape]`` (DLPack, NumPy or
+            tensors: writable arrays ``[num_blocks, *block_shape]`` (``__dlpack__``
+                objects, raw DLPack capsules, NumPy arrays, buffers or
                 ``__cuda_array_interface__``), all with the same ``num_blocks`` and on
                 the same device. Strided views are fine as long as each block's own
                 elements are contiguous (the block stride may exceed the block bytes).
+                A raw capsule is consumed: the layout then owns its memory.
 
         Raises:
-            TypeError: an object is not an array, or has an unsupported dtype or device.
-            ValueError: empty list, read-only array, non-contiguous blocks, or tensors
+            TypeError: an object is not an array, has an unsupported dtype or device, or is
+                a DLPack capsule that was already consumed.
+            ValueError: empty list, read-only memory (a read-only NumPy array, ``bytes``,
+                a read-only buffer or DLPack export), non-contiguous blocks, or tensors
                 that disagree on block count or device.
         """
         if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence):
             raise TypeError(f"from_tensors takes a list of arrays, got {type(tensors).__name__}")
         if len(tensors) == 0:
             raise ValueError("from_tensors: empty list of tensors")
-        regions = [_region_of(t, f"tensor {i}") for i, t in enumerate(tensors)]
-        return cls(regions, keepalive=tensors)
+        infos = [_describe(t, f"tensor {i}") for i, t in enumerate(tensors)]
+        regions = [_region_of(info, f"tensor {i}") for i, info in enumerate(infos)]
+        return cls._of_arrays(regions, tensors, infos)
 
     @classmethod
     def from_vllm(cls, kv_caches: Sequence[Any] | Mapping[str, Any], *,
@@ -299,10 +323,11 @@ class KVLayout:
             raise ValueError("from_vllm: no layers")
         if kv_dim not in (None, 0, 1):
             raise ValueError(f"from_vllm: kv_dim must be 0, 1 or None, got {kv_dim!r}")
-        regions = []
+        regions, infos = [], []
         for i, t in enumerate(layers):
             what = f"layer {i}"
             info = _describe(t, what)
+            infos.append(info)
             if len(info.shape) < 3:
                 raise ValueError(
                     f"{what}: expected [2, num_blocks, block_size, heads, head_dim] or "
@@ -326,7 +351,7 @@ class KVLayout:
                     info, f"{what} {name}", base=info.ptr + kv * info.strides[dim],
                     num_blocks=info.shape[blk], block_stride=info.strides[blk],
                     block_shape=info.shape[2:], inner_strides=info.strides[2:]))
-        return cls(regions, keepalive=layers)
+        return cls._of_arrays(regions, layers, infos)
 
     @classmethod
     def cross_layer(cls, tensor: Any) -> KVLayout:
@@ -341,7 +366,8 @@ class KVLayout:
         Raises:
             TypeError/ValueError: as :meth:`from_tensors`.
         """
-        return cls([_region_of(tensor, "cross-layer tensor")], keepalive=(tensor,))
+        info = _describe(tensor, "cross-layer tensor")
+        return cls._of_arrays([_region_of(info, "cross-layer tensor")], (tensor,), (info,))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -377,8 +403,12 @@ class KVLayout:
 
     @property
     def tensors(self) -> tuple[object, ...]:
-        """The objects this layout keeps alive."""
-        return self._keepalive
+        """The tensors (or ``keepalive`` objects) the layout was built from.
+
+        The layout also keeps their DLPack/buffer imports alive, which own the memory where
+        the tensor does not (a raw DLPack capsule, consumed by the import).
+        """
+        return self._tensors
 
     def __repr__(self) -> str:
         return (f"KVLayout({self.num_regions} regions, {self.num_blocks} blocks x "

@@ -5,6 +5,12 @@
   rollbacks, host-pool pressure, injected copy failures and concurrent callers.
 """
 
+try:
+    import hypothesis  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        'kvswitch.testing needs hypothesis: pip install "kvswitch[test]"') from e
+
 from kvswitch.testing.allocator_state_machine import AllocatorStateMachine
 from kvswitch.testing.swap_manager_state_machine import SwapManagerStateMachine
 
