@@ -1,7 +1,5 @@
 """SwapManager (Algorithm 1): real bytes through the host-backend swap engine."""
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings

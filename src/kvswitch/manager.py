@@ -25,6 +25,7 @@ the host-pool allocator, and issues every copy through an
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -101,10 +102,8 @@ class _SwappedOut(_Swap):
 
 def _quiet_wait(handle: SwapHandle) -> None:
     """Block until the job ends; a failure is read from ``handle.error`` afterwards."""
-    try:
+    with contextlib.suppress(SwapError):
         handle.wait()
-    except SwapError:
-        pass
 
 
 def _per_block_pairs(pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
