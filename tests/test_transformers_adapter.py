@@ -158,7 +158,11 @@ def test_continuous_batch_matches_generate(family):
 def test_preemption_at_random_iterations_matches_generate(seed):
     """Preempt random running sequences (often mid-block), swap them out through the async
     engine and back in later (Algorithm 1's poll/decide loop); the tight GPU pool hands
-    their old blocks to others, so they resume at other block ids."""
+    their old blocks to others, so they resume at other block ids.
+
+    A sequence swapped in at iteration i rejoins at i + 1 (waited for if poll/decide did
+    not report it yet), so which sequences run, and so every random draw, follows from
+    the seed alone, never from how fast the worker threads were."""
     rng = random.Random(seed)
     ref, model = model_pair("llama", seed)
     cache = PagedKVCache.for_model(model, num_blocks=24, block_size=BLOCK)
@@ -170,18 +174,24 @@ def test_preemption_at_random_iterations_matches_generate(seed):
         s.pending = list(s.prompt)
     manager = make_manager(cache, host_blocks=48)
     comeback: dict[str, int] = {}  # swapped-out sid -> iteration at which it swaps in
+    joining: dict[str, int] = {}  # swapped-in sid -> iteration of its swap-in
     before: dict[str, np.ndarray] = {}  # block table at swap-out
     resumed: list[tuple[np.ndarray, np.ndarray]] = []  # (table before, table after)
     mid_block = 0
     try:
         for it in range(300):
+            for sid in [s for s, at in joining.items() if at < it]:
+                if sid in manager.swapping_in:
+                    manager.wait_swap_in(sid)
+                del joining[sid]
             for sid, back in list(comeback.items()):
                 if back <= it:
                     del comeback[sid]
                     resumed.append((before.pop(sid), manager.swap_in(sid).copy()))
+                    joining[sid] = it
             manager.poll()
             manager.decide(len(seqs), 0.001)
-            away = set(comeback) | set(manager.swapping_in)
+            away = set(comeback) | set(joining)
             running = [s for s in seqs if not s.done and s.sid not in away]
             candidates = [s for s in running if s.num_cached > 0]
             if candidates and rng.random() < 0.4:
