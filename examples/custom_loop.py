@@ -170,6 +170,13 @@ def main() -> None:
             for c in chats:
                 c.priority = rng.random()
         manager.poll()
+        for cid, error in manager.take_failed().items():  # a copy failed: that KV is lost
+            c = next(c for c in chats if c.cid == cid)
+            print(f"conversation {cid} dropped: {error}")  # a real engine would recompute
+            manager.free(cid)
+            c.turn, c.on_gpu = len(c.turns), False
+            next_turn_at.pop(cid, None)
+            counts["failed"] += 1
         active = [c for c in chats if not c.finished and c.pending and c.cid not in next_turn_at]
         want = sorted(active, key=lambda c: -c.priority)[: args.batch]
         # Preempt running conversations that lost their place; bring wanted ones back.
