@@ -357,6 +357,8 @@ class _Server:
             if update:
                 self.prio.update()
             m.poll()
+            if failed := m.take_failed():  # a benchmark must not go on with lost KV
+                raise RuntimeError(f"swap copies failed: {list(failed.values())}")
             self._schedule(update)
             self._grow()
             ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
