@@ -50,6 +50,10 @@ class HostKVPool:
         ValueError: ``num_blocks`` <= 0 or above 2**63 - 1, or a pool size past 2**63 - 1
             bytes.
         MemoryError: the allocation failed.
+
+    Thread safety: the object is immutable once built and may be shared between threads.
+    The bytes of :attr:`arrays` are not synchronised: a swap job writes them on a worker
+    thread, so read them only after its handle is done.
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int, *, pin: bool = True):

@@ -229,6 +229,10 @@ class KVLayout:
         regions: tuple of :class:`KVRegion`.
         num_blocks: blocks in the pool.
         device: ``"cpu"`` or ``("cuda", ordinal)``.
+
+    Thread safety: immutable once built; share it between threads freely. It keeps the
+    memory it describes alive, not its contents consistent: the swap engine orders its own
+    copies, other writers order themselves against it.
     """
 
     def __init__(self, regions: Iterable[KVRegion], *, keepalive: Iterable[object] = ()):

@@ -49,6 +49,9 @@ class PagedKVCache:
         UnsupportedModelError: (a ``ValueError``) the config is not supported.
         ValueError: non-positive ``num_blocks`` or ``block_size``.
         torch.OutOfMemoryError: the pool does not fit on the device.
+
+    Thread safety: the tensors are not synchronised; one decode loop (with one
+    SwapManager ordering the swaps against it) writes them.
     """
 
     def __init__(self, config: Any, num_blocks: int, *, block_size: int = 16,

@@ -62,6 +62,9 @@ class PagedModelRunner:
     Raises:
         UnsupportedModelError: (a ``ValueError``) the model is not supported.
         ValueError: the pool's geometry or device does not match the model.
+
+    Thread safety: none; call it from one decode loop (the model's forward is not
+    reentrant, and the runner writes the pool).
     """
 
     def __init__(self, model: Any, cache: PagedKVCache):
