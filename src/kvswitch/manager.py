@@ -535,12 +535,11 @@ class SwapManager:
             if state == "failed":
                 raise ValueError(f"sequence {seq_id!r} has failed; free() it")
             record = self._swapped.get(seq_id)
+            if record is not None and num_tokens == 0:
+                raise ValueError(f"sequence {seq_id!r} is swapped out: truncating it to 0 "
+                                 "tokens leaves nothing to swap in; free() it instead")
+            self._wait_own_jobs(seq_id)  # host blocks they use may be released
             if record is not None:
-                if num_tokens == 0:
-                    raise ValueError(f"sequence {seq_id!r} is swapped out: truncating it to "
-                                     "0 tokens leaves nothing to swap in; free() it instead")
-                if record.handle is not None:  # host blocks it writes may be released
-                    _quiet_wait(record.handle)
                 self._reap_swap_outs()
                 if seq_id in self._failed:
                     return
@@ -558,23 +557,18 @@ class SwapManager:
             KeyError: unknown sequence.
         """
         with self._lock:
-            known = self._known(seq_id)
-            swap_in = self._swapping_in.pop(seq_id, None)
-            swap_out = self._swapped.pop(seq_id, None)
+            if not self._known(seq_id):
+                raise self._unknown(seq_id)
+            self._wait_own_jobs(seq_id)
+            self._swapping_in.pop(seq_id, None)
+            self._swapped.pop(seq_id, None)
             self._outs_in_flight.pop(seq_id, None)
-            for record in (swap_in, swap_out):
-                if record is not None and record.handle is not None:
-                    t0 = time.perf_counter()
-                    _quiet_wait(record.handle)
-                    self._t["swap_in_wait_s"] += time.perf_counter() - t0
             self._failed.pop(seq_id, None)
             self._unreported.pop(seq_id, None)
             if seq_id in self.gpu:
                 self.gpu.free(seq_id)
             if seq_id in self.tracker:
                 self.tracker.drop(seq_id)
-            if not known:
-                raise self._unknown(seq_id)
 
     def drop_cpu_copy(self, seq_id: Hashable) -> int:
         """Release a running sequence's backup CPU copy (the next swap-out copies every
@@ -587,7 +581,10 @@ class SwapManager:
             if seq_id in self._swapped:
                 raise ValueError(f"sequence {seq_id!r} is swapped out; its CPU copy is its "
                                  "only KV")
-            return self.tracker.drop(seq_id) if seq_id in self.tracker else 0
+            if seq_id not in self.tracker:
+                return 0
+            self._wait_own_jobs(seq_id)  # a swap-in may still read the copy
+            return self.tracker.drop(seq_id)
 
     def state(self, seq_id: Hashable) -> SwapState:
         """``"running"``, ``"swapping_in"``, ``"swapped_out"`` or ``"failed"``. A copy's
@@ -595,6 +592,8 @@ class SwapManager:
         :meth:`synchronize` saw it. Raises KeyError if the manager does not know the
         sequence."""
         with self._lock:
+            if not self._known(seq_id):
+                raise self._unknown(seq_id)
             if seq_id in self._failed:
                 return "failed"
             if seq_id in self._swapped:
@@ -744,8 +743,22 @@ class SwapManager:
         return error
 
     def _known(self, seq_id: Hashable) -> bool:
+        try:
+            hash(seq_id)
+        except TypeError:  # an unhashable id is an unknown sequence, as in the allocator
+            return False
         return (seq_id in self._failed or seq_id in self._swapped or seq_id in self._swapping_in
                 or seq_id in self.gpu or seq_id in self.tracker)
+
+    def _wait_own_jobs(self, seq_id: Hashable) -> None:
+        """Wait for the sequence's swap-in and swap-out still in flight (counted as swap-in
+        wait), so that releasing its blocks cannot order another sequence's job after a
+        job of this one, which would fail with it."""
+        for record in (self._swapping_in.get(seq_id), self._swapped.get(seq_id)):
+            if record is not None and record.handle is not None and not record.handle.done():
+                t0 = time.perf_counter()
+                _quiet_wait(record.handle)
+                self._t["swap_in_wait_s"] += time.perf_counter() - t0
 
     def _check_not_failed(self, seq_id: Hashable) -> None:
         """A failed sequence refuses work: with its SwapError while that is unreported

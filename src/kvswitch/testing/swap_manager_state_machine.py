@@ -317,7 +317,10 @@ class SwapManagerStateMachine(RuleBasedStateMachine):
         """Every token a running sequence's CPU copy claims as valid equals the KV the
         sequence holds now: the next swap-out may reuse it without copying. (Running: its
         last job, a swap-in, ended after every job that wrote its copy.)"""
-        host = self.m.engine.host_pool.arrays
+        pool = self.m.engine.host_pool
+        if not isinstance(pool, HostKVPool):  # a bare host layout: no arrays to read
+            return
+        host = pool.arrays
         for seq in self.seqs(RUNNING):
             if seq not in self.m.tracker:
                 continue
