@@ -3,7 +3,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#if defined(__SSE2__)
+// KVSWITCH_NO_STREAMING_STORES (CMake: KVSWITCH_STREAMING_STORES=OFF, forced in sanitizer
+// builds) makes copy_row plain memcpy: AddressSanitizer does not check the SSE2 stores.
+#if defined(__SSE2__) && !defined(KVSWITCH_NO_STREAMING_STORES)
 #include <emmintrin.h>
 #endif
 #include <stdexcept>
@@ -43,7 +45,7 @@ namespace {
 /// when source and destination are not mutually 64-byte aligned, e.g. a 4096-aligned pool
 /// and a NumPy array (16-byte aligned). Shorter rows use memcpy.
 inline void copy_row(unsigned char* dst, const unsigned char* src, std::size_t n) noexcept {
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(KVSWITCH_NO_STREAMING_STORES)
     const auto d = reinterpret_cast<std::uintptr_t>(dst);
     if (n >= 4096) {
         const std::size_t head = (64 - (d & 63)) & 63;

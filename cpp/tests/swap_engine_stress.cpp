@@ -1,9 +1,12 @@
 // Stress test of AsyncSwapEngine on the host backend without Python: several submitter
 // threads, random jobs with overlapping extents, wait_blocks, poll and close racing with
 // workers. Checks the final bytes against a sequential replay per submitter (each
-// submitter owns its blocks). Meant to run under -fsanitize=thread / address:
-//   g++ -std=c++17 -O1 -g -fsanitize=thread -Icpp/include cpp/tests/swap_engine_stress.cpp \
-//       cpp/src/{kv_layout,host_backend,swap_engine}.cpp -o /tmp/stress -lpthread && /tmp/stress
+// submitter owns its blocks). Meant to run under sanitizers (CI: .ci/sanitizers.sh), e.g.
+//   cmake -S . -B build/tsan -DKVSWITCH_PYTHON=OFF -DKVSWITCH_CPP_TESTS=ON \
+//         -DKVSWITCH_SANITIZE=thread -DCMAKE_BUILD_TYPE=RelWithDebInfo
+//   cmake --build build/tsan && ctest --test-dir build/tsan --output-on-failure
+// or KVSWITCH_SANITIZE=address,undefined (not thread with address). Sanitizer builds turn
+// KVSWITCH_STREAMING_STORES off: ASan does not check the SSE stores of host_backend.cpp.
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
