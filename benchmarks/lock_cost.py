@@ -10,7 +10,8 @@ state), and prints the medians and their ratios:
   allocator locks);
 * ``SwapManager.swap_out`` and ``swap_in`` of 64 sequences of 30 blocks over 64 regions,
   host backend, 2 worker threads (manager + tracker + both allocators' locks). Only the
-  calls are timed; the copies run on the workers and are waited for outside the timing.
+  calls are timed: the workers are held (the engine's ``_set_paused`` test hook) during a
+  burst of calls and copy between bursts, so they do not compete for the cores.
 
 Each call is timed alone with ``perf_counter_ns``; the timer's overhead is printed and
 included in every figure.
@@ -102,16 +103,21 @@ def manager_round(locked: bool, sequences: int = 64, regions: int = 64) -> dict[
     for s in range(sequences):
         m.allocate(s, 30)
     m.synchronize()
+    pause = engine._engine._set_paused  # workers copy only between the timed bursts
     for _ in range(3):
+        pause(True)
         for s in range(sequences):
             t0 = clock()
             m.swap_out(s, 30 * 16)
             outs.append(clock() - t0)
+        pause(False)
         m.synchronize()
+        pause(True)
         for s in range(sequences):
             t0 = clock()
             m.swap_in(s)
             ins.append(clock() - t0)
+        pause(False)
         m.synchronize()
         m.poll()
         for s in range(sequences):  # drop the backups: every swap-out copies again
