@@ -208,12 +208,17 @@ def test_one_failed_swap_in_does_not_wedge_the_others():
     m.close()
 
 
+def swap_in_that_fails(m, seq):
+    """Swap `seq` out, then in with the engine armed to fail that job."""
+    m.allocate(seq, 2)
+    m.swap_out(seq, 8)
+    m.engine._engine._fail_next_jobs(1, "boom")
+    m.swap_in(seq)
+
+
 def test_wait_swap_in_raises_for_its_failed_sequence_only_once():
     m, kv = make()
-    m.allocate("a", 2)
-    m.swap_out("a", 8)
-    m.engine._engine._fail_next_jobs(1, "boom")
-    m.swap_in("a")
+    swap_in_that_fails(m, "a")
     with pytest.raises(SwapError, match="boom"):
         m.wait_swap_in("a")
     assert m.state("a") == "failed" and m.take_failed() == {}
@@ -229,10 +234,7 @@ def test_wait_swap_in_raises_for_its_failed_sequence_only_once():
 
 def test_failed_sequence_raises_its_error_on_first_use():
     m, kv = make()
-    m.allocate("a", 2)
-    m.swap_out("a", 8)
-    m.engine._engine._fail_next_jobs(1, "boom")
-    m.swap_in("a")
+    swap_in_that_fails(m, "a")
     m.synchronize()
     assert m.poll() == []
     with pytest.raises(SwapError, match="boom"):
