@@ -297,6 +297,7 @@ class SwapManager:
             OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every
                 backup. EngineClosedError: the engine is closed. (All: nothing changes.)
             SwapError: blocking mode only: the copies failed; the sequence stays running.
+                Or the sequence had failed and that was not reported yet (reported now).
         """
         with self._lock:
             self._check_running(seq_id)
