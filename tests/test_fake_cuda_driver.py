@@ -163,6 +163,26 @@ def test_after_and_before_streams(fake_driver):
     ''')
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_error_at_submit_fails_the_job_on_its_handle(fake_driver, workers):
+    """A driver error while ordering the job after the caller's stream (prepare) is not
+    raised by swap_out: the job is queued as failed, reported on its handle, and the engine
+    goes on. (With worker threads this dereferenced the missing job sync.)"""
+    run(fake_driver, f'''
+        ts, views, layout = vllm(0)
+        pool = K.HostKVPool(layout, 8)
+        with K.AsyncSwapEngine(layout, pool, num_workers={workers}) as eng:
+            h = eng.swap_out([(0, 0, 2)], after=0xBAD)
+            try:
+                h.wait(timeout=30)
+                raise AssertionError("no error")
+            except K.SwapError as e:
+                assert "could not order the job" in str(e), e
+            assert h.root_job_id == h.id and eng.stats()["num_failed"] == 1
+            assert eng.swap_out([(0, 0, 2)], after=0x1234).wait(timeout=30)
+    ''', FAKE_CUDA_FAIL_RECORD_ON="0xBAD")
+
+
 def test_copy_error_surfaces_from_wait_and_engine_recovers(fake_driver):
     run(fake_driver, '''
         ts, views, layout = vllm(0)

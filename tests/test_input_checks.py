@@ -315,15 +315,21 @@ def test_counts_reject_bools_and_floats(make, error, match):
         make(layout)
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter; it must exit with status 0."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_testing_without_hypothesis_names_the_extra():
     """Red-team finding 14 (repro_14): kvswitch.testing without hypothesis says what to
     install."""
     code = ("import sys; sys.modules['hypothesis'] = None\n"
             "try:\n    import kvswitch.testing\n"
             "except ImportError as e:\n    print('ImportError:', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_python(code)
     assert 'ImportError: kvswitch.testing needs hypothesis: pip install "kvswitch[test]"' \
         in r.stdout
 
@@ -359,9 +365,7 @@ print("exiting")
 def test_exit_with_daemon_thread_in_wait_is_quiet(script):
     """Red-team finding 16 (repro_16): a daemon thread blocked in SwapHandle.wait() at exit
     prints no nanobind leak report; a clean exit stays clean."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_python(textwrap.dedent(script))
     assert r.stdout.strip().endswith("exiting")
     assert "leaked" not in r.stderr
 
@@ -382,9 +386,7 @@ def test_leak_warnings_off_only_while_daemon_threads_live():
         print(calls)
         release.set(); t.join()
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_python(code)
     assert r.stdout.strip().splitlines()[-2:] == ["[]", "[False]"]
 
 
@@ -394,7 +396,5 @@ def test_real_leaks_are_still_reported():
     code = ("import ctypes, kvswitch\n"
             "a = kvswitch.BlockGroupAllocator(8)\n"
             "ctypes.pythonapi.Py_IncRef(ctypes.py_object(a._core))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_python(code)
     assert "leaked instance" in r.stderr and "kvswitch._core.BlockGroupAllocator" in r.stderr

@@ -10,8 +10,6 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
-#include <cmath>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -50,17 +48,6 @@ StreamRef stream_ref(int kind, std::uintptr_t handle) {
 }
 
 const char* direction_name(Direction d) { return d == Direction::kOut ? "out" : "in"; }
-
-/// The rows of an int64 array as an aligned pointer: NumPy arrays can be C-contiguous but
-/// misaligned (a view at an odd byte offset), and the core reads int64 values directly.
-template <typename Array>
-const std::int64_t* aligned_data(const Array& a, std::vector<std::int64_t>& copy) {
-    const auto addr = reinterpret_cast<std::uintptr_t>(a.data());
-    if (addr % alignof(std::int64_t) == 0) return a.data();
-    copy.resize(a.size());
-    std::memcpy(copy.data(), a.data(), a.size() * sizeof(std::int64_t));
-    return copy.data();
-}
 
 /// describe_array's tuple for an imported array. The import is moved into the returned
 /// `owner` capsule: a raw DLPack capsule's memory is freed by its deleter, which must run
@@ -238,10 +225,8 @@ void bind_swap(nb::module_& m) {
                 const Direction dir = direction == 0 ? Direction::kOut : Direction::kIn;
                 const StreamRef after = stream_ref(after_kind, after_handle);
                 const StreamRef before = stream_ref(before_kind, before_handle);
-                std::vector<std::int64_t> copy;
-                const std::int64_t* rows = aligned_data(pairs, copy);
                 nb::gil_scoped_release release;
-                return e.submit(dir, rows, pairs.shape(0), after, before);
+                return e.submit(dir, pairs.data(), pairs.shape(0), after, before);
             },
             "direction"_a, "pairs"_a, "after_kind"_a = 0, "after_handle"_a = 0,
             "before_kind"_a = 0, "before_handle"_a = 0)
@@ -259,10 +244,8 @@ void bind_swap(nb::module_& m) {
         .def(
             "wait_blocks",
             [](AsyncSwapEngine& e, Ids ids) {
-                std::vector<std::int64_t> copy;
-                const std::int64_t* data = aligned_data(ids, copy);
                 nb::gil_scoped_release release;
-                return e.wait_blocks(data, ids.shape(0));
+                return e.wait_blocks(ids.data(), ids.shape(0));
             },
             "block_ids"_a)
         .def("synchronize", &AsyncSwapEngine::synchronize, nb::call_guard<nb::gil_scoped_release>())

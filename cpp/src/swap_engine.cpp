@@ -24,7 +24,9 @@ struct SwapJob {
     // Earlier conflicting jobs, kept until this one completes: it completes as failed if
     // one of them fails, even after its own copies were issued (CUDA).
     std::vector<std::shared_ptr<SwapJob>> deps;
-    std::string injected_error;  // fail_next_jobs(): set at submission, read by the worker
+    // Set at submission (fail_next_jobs(), or prepare() failed): the worker fails the job
+    // with it instead of issuing it.
+    std::string fail_before_issue;
 
     mutable std::mutex mu;
     mutable std::condition_variable cv;
@@ -352,8 +354,9 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
     auto take_injected = [&] {  // under mu_: failures are armed in submission order
         if (fail_next_ > 0) {
             --fail_next_;
-            job->injected_error = fail_message_;
+            job->fail_before_issue = fail_message_;
         }
+        if (!prepare_error.empty()) job->fail_before_issue = prepare_error;
     };
 
     if (opts_.num_workers == 0) {
@@ -361,21 +364,17 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         {
             std::lock_guard<std::mutex> lock(mu_);
             if (closing_) {
-                if (job->sync) backend_->abandon(*job->sync);
+                abandon(*job);
                 throw EngineClosed("AsyncSwapEngine is closed");
             }
             job->id = next_id_++;
             take_injected();
         }
-        if (!prepare_error.empty()) {
-            complete(job, 0.0, prepare_error);
-            return SwapHandle(job);
-        }
         if (!inline_queue_) {
             try {
                 inline_queue_ = backend_->open_queue(false);
             } catch (const std::exception& e) {
-                backend_->abandon(*job->sync);
+                abandon(*job);
                 complete(job, 0.0, std::string("could not open a copy queue: ") + e.what());
                 return SwapHandle(job);
             }
@@ -389,12 +388,11 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
         if (closing_) {
             lock.unlock();
-            if (job->sync) backend_->abandon(*job->sync);
+            abandon(*job);
             throw EngineClosed("AsyncSwapEngine is closed");
         }
         job->id = next_id_++;
         take_injected();
-        if (!prepare_error.empty()) job->injected_error = prepare_error;  // fails in order
         for (const auto& other : in_flight_)
             if (conflicts(*other, *job)) job->deps.push_back(other);
         in_flight_.push_back(job);
@@ -456,20 +454,20 @@ bool AsyncSwapEngine::issue(CopyQueue& q, const std::shared_ptr<SwapJob>& job,
     // A job ordered after a failed one is not run: the blocks it reads may never have been
     // written, or a failed job's copies may still be in flight over the blocks it writes.
     if (const SwapJob* failed = wait_for_deps_issued(*job, keep, issued_deps)) {
-        backend_->abandon(*job->sync);
+        abandon(*job);
         complete_after_failed(job, *failed);
         return false;
     }
-    if (!job->injected_error.empty()) {
-        backend_->abandon(*job->sync);
-        complete(job, 0.0, job->injected_error);
+    if (!job->fail_before_issue.empty()) {
+        abandon(*job);
+        complete(job, 0.0, job->fail_before_issue);
         return false;
     }
     expand(*job, ops);
     try {
         q.issue(ops, *job->sync, issued_deps);
     } catch (const std::exception& e) {
-        backend_->abandon(*job->sync);
+        abandon(*job);
         complete(job, 0.0, e.what());
         return false;
     }
@@ -486,7 +484,7 @@ void AsyncSwapEngine::finish(CopyQueue& q, const std::shared_ptr<SwapJob>& job) 
     try {
         seconds = q.finish(*job->sync);
     } catch (const std::exception& e) {
-        backend_->abandon(*job->sync);
+        abandon(*job);
         complete(job, 0.0, e.what());
         return;
     }
@@ -549,7 +547,7 @@ void AsyncSwapEngine::run_worker() {
         }
         space_cv_.notify_one();
         if (!q) {
-            backend_->abandon(*job->sync);
+            abandon(*job);
             complete(job, 0.0, "worker could not open a copy queue: " + open_error);
             continue;
         }
@@ -574,6 +572,10 @@ void AsyncSwapEngine::run_worker() {
             since_sync = 0;
         }
     }
+}
+
+void AsyncSwapEngine::abandon(SwapJob& job) noexcept {
+    if (job.sync) backend_->abandon(*job.sync);  // no sync: prepare() itself failed
 }
 
 void AsyncSwapEngine::complete_after_failed(const std::shared_ptr<SwapJob>& job,
@@ -664,7 +666,8 @@ void wait_finished(const SwapJob& j) {
 }  // namespace
 
 std::size_t AsyncSwapEngine::wait_blocks(const std::int64_t* ids, std::size_t n) {
-    std::vector<std::int64_t> sorted(ids, ids + n);
+    std::vector<std::int64_t> sorted(n);  // memcpy: the caller's ids may be misaligned
+    if (n) std::memcpy(sorted.data(), ids, n * sizeof(std::int64_t));
     std::sort(sorted.begin(), sorted.end());
     std::vector<std::shared_ptr<SwapJob>> hits;
     {

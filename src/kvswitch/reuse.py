@@ -484,10 +484,8 @@ class ReuseTracker:
         if plan.direction != "out" or not plan._new_host_blocks.size:
             return
         copy = self._copies[plan.seq_id]
+        self.host.free_blocks(plan.seq_id, plan._new_host_blocks)
         gone = np.isin(copy.host_blocks, plan._new_host_blocks)
-        held = plan._new_host_blocks[np.isin(plan._new_host_blocks, copy.host_blocks)]
-        if held.size:
-            self.host.free_blocks(plan.seq_id, held)
         copy.host_blocks[gone] = -1
         copy.copied_tokens[gone] = 0
 

@@ -113,8 +113,8 @@ def _as_int64(values: Any, what: str) -> np.ndarray:
         raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.size and arr.max() > INT64_MAX:
         raise ValueError(f"{what}: {int(arr.max())} is out of range (int64)")
-    # "A": aligned. A C-contiguous view at an odd byte offset is not, and the core reads
-    # int64 values directly.
+    # "A": aligned, so the submit's fast path (and NumPy's own math) never sees a
+    # C-contiguous view at an odd byte offset.
     return np.require(arr, dtype=np.int64, requirements=("C", "A"))
 
 
@@ -277,7 +277,7 @@ class AsyncSwapEngine:
         A driver error while ordering the job against ``after`` does not raise: the job is
         queued as failed and its handle reports it, like a failed copy.
         """
-        kind, handle = _stream_ref(after, "after") if after is not None else (0, 0)
+        kind, handle = _stream_ref(after, "after")
         return self._engine.submit(0, _as_pairs(pairs), kind, handle, 0, 0)
 
     def check_swap_out(self, *, after: Any = None) -> None:
@@ -288,7 +288,7 @@ class AsyncSwapEngine:
             TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
             backend. EngineClosedError: the engine is closed.
         """
-        kind, handle = _stream_ref(after, "after") if after is not None else (0, 0)
+        kind, handle = _stream_ref(after, "after")
         self._engine.check(0, kind, handle, 0, 0)
 
     def swap_in(self, pairs: Any, *, before: Any = None) -> SwapHandle:
@@ -306,13 +306,13 @@ class AsyncSwapEngine:
 
         Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event).
         """
-        kind, handle = _stream_ref(before, "before") if before is not None else (0, 0)
+        kind, handle = _stream_ref(before, "before")
         return self._engine.submit(1, _as_pairs(pairs), 0, 0, kind, handle)
 
     def check_swap_in(self, *, before: Any = None) -> None:
         """Raise what :meth:`swap_in` would raise for ``before`` or a closed engine, without
         queueing anything. Raises: as :meth:`check_swap_out`."""
-        kind, handle = _stream_ref(before, "before") if before is not None else (0, 0)
+        kind, handle = _stream_ref(before, "before")
         self._engine.check(1, 0, 0, kind, handle)
 
     def poll(self) -> list[SwapHandle]:

@@ -104,7 +104,12 @@ CUresult cuEventCreate(void** e, unsigned) {
     return 0;
 }
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return 0; }
-CUresult cuEventRecord(void* e, void*) {
+// FAKE_CUDA_FAIL_RECORD_ON=<stream handle>: cuEventRecord on that stream fails
+// (CUDA_ERROR_INVALID_HANDLE), as for a caller's after= stream that is not a valid stream.
+CUresult cuEventRecord(void* e, void* stream) {
+    if (const char* s = std::getenv("FAKE_CUDA_FAIL_RECORD_ON");
+        s && reinterpret_cast<std::uintptr_t>(stream) == std::strtoull(s, nullptr, 0))
+        return 400;
     auto* ev = static_cast<Event*>(e);
     ev->t = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
     ev->recorded = true;

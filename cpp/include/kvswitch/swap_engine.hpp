@@ -127,8 +127,8 @@ class AsyncSwapEngine {
     AsyncSwapEngine(const AsyncSwapEngine&) = delete;
     AsyncSwapEngine& operator=(const AsyncSwapEngine&) = delete;
 
-    /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major,
-    /// int64-aligned. Validates everything first (std::invalid_argument: negative length,
+    /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major
+    /// (read bytewise: any alignment). Validates everything first (std::invalid_argument: negative length,
     /// extent out of range, overlapping destination extents, streams the backend does not
     /// take; EngineClosed) and then queues nothing on error. A backend error after
     /// validation (a driver call that fails) does not throw: the job is queued as failed
@@ -181,6 +181,9 @@ class AsyncSwapEngine {
     void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error);
     void complete(const std::shared_ptr<SwapJob>& job, double seconds, std::string error,
                   std::uint64_t root_id, std::string root_error);
+    /// Releases what waits on a job that will not be issued (backend_->abandon; nothing
+    /// when prepare() failed and the job has no sync).
+    void abandon(SwapJob& job) noexcept;
     /// Completes `job` as not run because `failed_dep` failed (root cause carried over).
     void complete_after_failed(const std::shared_ptr<SwapJob>& job, const SwapJob& failed_dep);
 
