@@ -142,24 +142,37 @@ def test_after_and_before_streams(fake_driver):
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 10)
         with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
+            assert eng.before_wait == "event"
             waits = C.wait_event
             assert eng.swap_out([(0, 0, 2)], after=0x1234).wait(timeout=30)
             assert C.wait_event == waits + 1  # swap stream waited on the recorded event
             assert eng.swap_out([(2, 2, 2)], after=K.CudaEvent(0x99)).wait(timeout=30)
             assert C.wait_event == waits + 2
+            # event mode: the consumer waits on the job's end event, enqueued by swap_in
             h = eng.swap_in([(0, 0, 2)], before=0x5678)
-            assert C.wait_value == 1  # enqueued on the consumer before swap_in returned
-            assert h.wait(timeout=30) and C.write_value == 1
+            assert C.wait_event == waits + 3 and C.wait_value == 0
+            assert h.wait(timeout=30)
             class StreamProto:
                 def __cuda_stream__(self):
                     return (0, 0x4321)
             assert eng.swap_in([(2, 4, 1)], before=StreamProto()).wait(timeout=30)
-            assert C.wait_value == 2 and C.write_value == 2
+            assert C.wait_event == waits + 4 and C.wait_value == 0
             try:
                 eng.swap_in([(0, 0, 1)], before=K.CudaEvent(1))
                 raise AssertionError("event as before= accepted")
             except ValueError as e:
                 assert "stream" in str(e)
+            try:  # a torch.cuda.Event before its first record() has no CUDA event
+                eng.swap_out([(0, 0, 1)], after=K.CudaEvent(0))
+                raise AssertionError("unrecorded event accepted")
+            except ValueError as e:
+                assert "never recorded" in str(e)
+        with K.AsyncSwapEngine(layout, pool, num_workers=2, before_wait="flag") as eng:
+            assert eng.before_wait == "flag"
+            values, writes = C.wait_value, C.write_value  # after the construction probe
+            h = eng.swap_in([(0, 0, 2)], before=0x5678)
+            assert C.wait_value == values + 1  # enqueued on the consumer before swap_in returned
+            assert h.wait(timeout=30) and C.write_value == writes + 1
     ''')
 
 
@@ -189,14 +202,15 @@ def test_copy_error_surfaces_from_wait_and_engine_recovers(fake_driver):
         pool = K.HostKVPool(layout, 10)
         for a in pool.arrays:
             a[...] = 3
-        with K.AsyncSwapEngine(layout, pool, num_workers=1) as eng:
+        with K.AsyncSwapEngine(layout, pool, num_workers=1, before_wait="flag") as eng:
+            writes = C.write_value  # the construction's probe wrote one
             h = eng.swap_in([(0, 0, 2)], before=0x77)
             try:
                 h.wait(timeout=30)
                 raise AssertionError("no error")
             except K.SwapError as e:
                 assert "cuMemcpyBatchAsync" in str(e) and "CUDA_ERROR_FAKE" in str(e), e
-            assert C.write_value == 0  # the GPU never set the flag, the host did
+            assert C.write_value == writes  # the GPU never set the flag, the host did
             assert eng.stats()["num_failed"] == 1
             assert eng.swap_in([(0, 0, 2)]).wait(timeout=30)
             for v in views:

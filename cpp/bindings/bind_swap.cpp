@@ -7,6 +7,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
@@ -196,13 +197,22 @@ void bind_swap(nb::module_& m) {
         .def("__init__",
              [](AsyncSwapEngine* self, const KVLayout& device, const KVLayout& host,
                 const std::string& backend, int num_workers, int sync_every,
-                std::size_t max_queue) {
+                std::size_t max_queue, const std::string& before_wait) {
+                 BeforeWait bw;
+                 if (before_wait == "event") {
+                     bw = BeforeWait::kEvent;
+                 } else if (before_wait == "flag") {
+                     bw = BeforeWait::kFlag;
+                 } else {
+                     throw std::invalid_argument("before_wait must be 'event' or 'flag', got '" +
+                                                 before_wait + "'");
+                 }
                  std::shared_ptr<CopyBackend> b;
                  if (backend == "host") {
                      b = std::make_shared<HostBackend>();
                  } else if (backend == "cuda") {
                      nb::gil_scoped_release release;
-                     b = std::make_shared<CudaBackend>(device.device().ordinal);
+                     b = std::make_shared<CudaBackend>(device.device().ordinal, bw);
                  } else {
                      throw std::invalid_argument("backend must be 'host' or 'cuda', got '" + backend + "'");
                  }
@@ -213,7 +223,7 @@ void bind_swap(nb::module_& m) {
                  new (self) AsyncSwapEngine(device, host, std::move(b), o);
              },
              "device_layout"_a, "host_layout"_a, "backend"_a, "num_workers"_a, "sync_every"_a,
-             "max_queue"_a)
+             "max_queue"_a, "before_wait"_a = "event")
         .def(
             "submit",
             [](AsyncSwapEngine& e, int direction, Pairs pairs, int after_kind,
@@ -254,6 +264,10 @@ void bind_swap(nb::module_& m) {
         .def_prop_ro("backend", &AsyncSwapEngine::backend_name)
         .def_prop_ro("num_workers", [](const AsyncSwapEngine& e) { return e.options().num_workers; })
         .def_prop_ro("sync_every", [](const AsyncSwapEngine& e) { return e.options().sync_every; })
+        .def_prop_ro("host_memory",
+                     [](const AsyncSwapEngine& e) {
+                         return std::make_tuple(e.host_memory().kind, e.host_memory().detail);
+                     })
         .def("stats",
              [](const AsyncSwapEngine& e) {
                  const SwapStats s = e.stats();
@@ -263,7 +277,9 @@ void bind_swap(nb::module_& m) {
                  d["num_copies"] = s.num_copies;
                  d["bytes"] = s.bytes;
                  d["seconds"] = s.seconds;
-                 d["gbps"] = s.seconds > 0 ? static_cast<double>(s.bytes) / s.seconds / 1e9 : 0.0;
+                 d["busy_s"] = s.busy_s;
+                 d["gbps"] = s.busy_s > 0 ? static_cast<double>(s.bytes) / s.busy_s / 1e9 : 0.0;
+                 d["host_memory"] = e.host_memory().kind;
                  nb::dict hist;
                  for (std::size_t k = 0; k < s.copy_size_histogram.size(); ++k)
                      if (s.copy_size_histogram[k])
@@ -287,6 +303,7 @@ void bind_swap(nb::module_& m) {
         info["driver_version"] = d.version();
         info["device_count"] = d.device_count();
         info["batch_copy"] = d.available() && d.has_batch_copy();
+        info["stream_mem_ops"] = d.available() && d.has_stream_mem_ops();
         return info;
     });
     m.def("cuda_pointer_device", &cuda_pointer_device, "ptr"_a);

@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -23,13 +25,13 @@ struct CudaBackend::Shared {
     int ordinal = 0;
     CUcontext ctx = nullptr;
     int lowest_priority = 0;
-    bool memops = false;
 
     std::mutex mu;
     std::vector<CUevent> timed_events;
     std::vector<CUevent> plain_events;
 
-    // before= flags: device-mapped pinned words, each only ever increases.
+    // before= flags (BeforeWait::kFlag): device-mapped pinned words; values only increase
+    // (cuStreamWaitValue32 compares cyclically: (int32_t)(*flag - value) >= 0).
     std::uint32_t* flags = nullptr;
     CUdeviceptr flags_dev = 0;
     std::atomic<bool> busy[kNumFlags] = {};
@@ -50,7 +52,9 @@ struct CudaBackend::Shared {
         }
         CUevent e = nullptr;
         ScopedContext scope(d, ctx);
-        d.check(d.cuEventCreate(&e, timed ? CU_EVENT_DEFAULT : CU_EVENT_DISABLE_TIMING),
+        // Timed events bracket jobs and workers block on them: blocking sync, so a waiting
+        // worker sleeps instead of spinning a core.
+        d.check(d.cuEventCreate(&e, timed ? CU_EVENT_BLOCKING_SYNC : CU_EVENT_DISABLE_TIMING),
                 "cuEventCreate");
         return e;
     }
@@ -65,7 +69,10 @@ struct CudaBackend::Shared {
             ScopedContext scope(d, ctx);
             for (CUevent e : timed_events) d.cuEventDestroy(e);
             for (CUevent e : plain_events) d.cuEventDestroy(e);
-            if (flags) d.cuMemFreeHost(flags);
+            // A consumer stream may still have a wait on a flag queued: free the flags only
+            // once the whole context is idle; without cuCtxSynchronize they are leaked.
+            if (flags && d.cuCtxSynchronize && d.cuCtxSynchronize() == CUDA_SUCCESS)
+                d.cuMemFreeHost(flags);
         } catch (...) {
         }
         if (ctx) d.cuDevicePrimaryCtxRelease(dev);
@@ -177,27 +184,40 @@ class CudaQueue final : public CopyQueue {
         if (sizes_.size() >= 2 && d.cuMemcpyBatchAsync) {
             MemcpyAttributes attr{};
             attr.srcAccessOrder = CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+            attr.flags = CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE;  // swaps overlap compute
             const MemLocation dev{CU_MEM_LOCATION_TYPE_DEVICE, s_->ordinal};
             const MemLocation host{CU_MEM_LOCATION_TYPE_HOST, 0};
             attr.srcLocHint = sync.dir == Direction::kOut ? dev : host;
             attr.dstLocHint = sync.dir == Direction::kOut ? host : dev;
             std::size_t attr_idx = 0;
-            std::size_t fail_idx = 0;
-            d.check(d.cuMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(),
-                                         sizes_.size(), &attr, &attr_idx, 1, &fail_idx,
-                                         stream_),
-                    "cuMemcpyBatchAsync");
+            std::size_t fail_idx = SIZE_MAX;
+            const CUresult r = d.cuMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(),
+                                                    sizes_.size(), &attr, &attr_idx, 1,
+                                                    &fail_idx, stream_);
+            if (r != CUDA_SUCCESS) {
+                // failIdx: the copy that failed, or SIZE_MAX when the error is not one
+                // copy's (cuda.h, cuMemcpyBatchAsync).
+                const std::string where =
+                    fail_idx < sizes_.size()
+                        ? "cuMemcpyBatchAsync (copy " + std::to_string(fail_idx) + " of " +
+                              std::to_string(sizes_.size()) + ": " +
+                              std::to_string(sizes_[fail_idx]) + " bytes)"
+                        : "cuMemcpyBatchAsync (" + std::to_string(sizes_.size()) + " copies)";
+                d.check(r, where.c_str());
+            }
         } else {
             for (std::size_t i = 0; i < sizes_.size(); ++i)
                 d.check(d.cuMemcpyAsync(dsts_[i], srcs_[i], sizes_[i], stream_),
                         "cuMemcpyAsync");
         }
-        d.check(d.cuEventRecord(sync.end, stream_), "cuEventRecord(end)");
-        sync.end_recorded.store(true, std::memory_order_release);
+        // The flag goes before the end event: once finish() has seen the end, the GPU has
+        // written the flag, so the slot can be reused (and the host never overwrites it).
         if (sync.flag >= 0)
             d.check(d.cuStreamWriteValue32(stream_, s_->flags_dev + 4 * sync.flag,
                                            sync.flag_value, CU_STREAM_WRITE_VALUE_DEFAULT),
                     "cuStreamWriteValue32(before)");
+        d.check(d.cuEventRecord(sync.end, stream_), "cuEventRecord(end)");
+        sync.end_recorded.store(true, std::memory_order_release);
     }
 
   public:
@@ -242,23 +262,55 @@ std::string cuda_unavailable_reason(int ordinal) {
     return "";
 }
 
-CudaBackend::CudaBackend(int ordinal) {
+namespace {
+
+/// CUDA_DEVICE_MAX_CONNECTIONS=1 gives the context one hardware work queue: a stream wait
+/// enqueued ahead of what it waits for then blocks that, too (the flag path's deadlock).
+bool one_hardware_queue() {
+    const char* v = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+    return v && std::strtol(v, nullptr, 10) == 1;
+}
+
+/// Writes and waits on a flag once on a private stream: the memory operations resolved,
+/// but the device or platform may still refuse them (CUDA_ERROR_NOT_SUPPORTED).
+void probe_stream_mem_ops(const CudaDriver& d, CUdeviceptr flag) {
+    CUstream probe = nullptr;
+    d.check(d.cuStreamCreateWithPriority(&probe, CU_STREAM_NON_BLOCKING, 0),
+            "cuStreamCreateWithPriority(probe)");
+    CUresult r = d.cuStreamWriteValue32(probe, flag, 1, CU_STREAM_WRITE_VALUE_DEFAULT);
+    if (r == CUDA_SUCCESS) r = d.cuStreamWaitValue32(probe, flag, 1, CU_STREAM_WAIT_VALUE_GEQ);
+    const CUresult sync = d.cuStreamSynchronize(probe);
+    d.cuStreamDestroy(probe);
+    d.check(r, "stream memory operations (cuStreamWriteValue32/cuStreamWaitValue32)");
+    d.check(sync, "cuStreamSynchronize(probe)");
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(int ordinal, BeforeWait before_wait) : before_wait_(before_wait) {
     const std::string why = cuda_unavailable_reason(ordinal);
     if (!why.empty()) throw std::runtime_error("cuda backend unavailable: " + why);
     const CudaDriver& d = CudaDriver::get();
+    if (before_wait == BeforeWait::kFlag) {
+        if (!d.has_stream_mem_ops())
+            throw std::invalid_argument(
+                "before_wait='flag' needs CUDA stream memory operations "
+                "(cuStreamWaitValue32_v2, driver >= 11.7); this driver (" +
+                std::to_string(d.version()) + ") lacks them: use before_wait='event'");
+        if (one_hardware_queue())
+            throw std::invalid_argument(
+                "before_wait='flag' can deadlock with CUDA_DEVICE_MAX_CONNECTIONS=1 (the "
+                "consumer's flag wait would sit ahead of the copies it waits for in the one "
+                "hardware queue): use before_wait='event'");
+    }
     auto s = std::make_shared<Shared>(d, ordinal);
     d.check(d.cuDeviceGet(&s->dev, ordinal), "cuDeviceGet");
     d.check(d.cuDevicePrimaryCtxRetain(&s->ctx, s->dev), "cuDevicePrimaryCtxRetain");
     ScopedContext scope(d, s->ctx);
     int least = 0, greatest = 0;
     d.check(d.cuCtxGetStreamPriorityRange(&least, &greatest), "cuCtxGetStreamPriorityRange");
-    s->lowest_priority = least;  // numerically largest = lowest priority
-    int memops = 0;
-    if (d.cuStreamWaitValue32 && d.cuStreamWriteValue32 && d.cuDeviceGetAttribute &&
-        d.cuDeviceGetAttribute(&memops, CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1,
-                               s->dev) == CUDA_SUCCESS)
-        s->memops = memops != 0;
-    if (s->memops) {
+    s->lowest_priority = least;  // numerically largest = lowest priority (also the default)
+    if (before_wait == BeforeWait::kFlag) {
         void* p = nullptr;
         d.check(d.cuMemHostAlloc(&p, kNumFlags * sizeof(std::uint32_t),
                                  kHostAllocPortable | kHostAllocDeviceMap),
@@ -266,25 +318,47 @@ CudaBackend::CudaBackend(int ordinal) {
         s->flags = static_cast<std::uint32_t*>(p);
         for (std::size_t i = 0; i < kNumFlags; ++i) s->flags[i] = 0;
         d.check(d.cuMemHostGetDevicePointer(&s->flags_dev, p, 0), "cuMemHostGetDevicePointer");
+        try {
+            probe_stream_mem_ops(d, s->flags_dev);
+        } catch (const CudaError& e) {
+            throw std::invalid_argument(std::string("before_wait='flag' is unavailable on "
+                                                    "this device: ") +
+                                        e.what() + "; use before_wait='event'");
+        }
+        s->flags[0] = 0;
     }
     shared_ = std::move(s);
 }
 
-CudaBackend::~CudaBackend() = default;
+CudaBackend::~CudaBackend() { detach_host(); }
 
 std::string CudaBackend::copy_api() const {
     return shared_->d.cuMemcpyBatchAsync ? "cuMemcpyBatchAsync" : "cuMemcpyAsync";
 }
 
-bool CudaBackend::supports_before() const { return shared_->memops; }
-
-void CudaBackend::validate(Direction, StreamRef, StreamRef before) const {
+void CudaBackend::validate(Direction, StreamRef after, StreamRef before) const {
     if (before.kind == StreamRef::Kind::kEvent)
         throw std::invalid_argument("before= must be a stream (the consumer), not an event");
-    if (before.kind == StreamRef::Kind::kStream && !shared_->memops)
+    if (after.kind == StreamRef::Kind::kEvent && after.handle == 0)
         throw std::invalid_argument(
-            "before= needs CUDA stream memory operations, which this driver/device lacks; "
-            "wait on the handle instead");
+            "after= is an event that was never recorded (handle 0): a torch.cuda.Event gets "
+            "its CUDA event at its first record(); record it before passing it");
+    const CudaDriver& d = shared_->d;
+    if (!d.cuStreamIsCapturing) return;
+    // A stream capturing a CUDA graph records our event and waits into the graph instead
+    // of ordering the copies now. A failing query is left to prepare(), which reports the
+    // driver error on the job's handle.
+    ScopedContext scope(d, shared_->ctx);
+    for (const auto& [ref, what] : {std::pair{after, "after="}, std::pair{before, "before="}}) {
+        if (ref.kind != StreamRef::Kind::kStream) continue;
+        int status = CU_STREAM_CAPTURE_STATUS_NONE;
+        if (d.cuStreamIsCapturing(reinterpret_cast<CUstream>(ref.handle), &status) ==
+                CUDA_SUCCESS &&
+            status != CU_STREAM_CAPTURE_STATUS_NONE)
+            throw std::invalid_argument(
+                std::string(what) + " stream is capturing a CUDA graph: swaps cannot be "
+                "ordered against a capture; pass a stream outside the capture");
+    }
 }
 
 std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, StreamRef before) {
@@ -303,22 +377,29 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
     } else if (after.kind == StreamRef::Kind::kEvent) {
         sync->after_external = reinterpret_cast<CUevent>(after.handle);
     }
-    if (before.kind == StreamRef::Kind::kStream) {
-        std::size_t idx;
-        std::uint32_t value;
-        for (;;) {
-            {
-                std::lock_guard<std::mutex> lock(s.mu);
-                idx = s.next_flag;
-                if (!s.busy[idx].load(std::memory_order_acquire)) {
-                    s.next_flag = (s.next_flag + 1) % kNumFlags;
-                    s.busy[idx].store(true, std::memory_order_relaxed);
-                    value = ++s.next_value;
+    if (before.kind == StreamRef::Kind::kStream && before_wait_ == BeforeWait::kFlag) {
+        // A free slot, without blocking: prepare() runs under the engine's lock, and the
+        // slot of a job in flight is freed by a worker that may need that lock first.
+        std::size_t idx = kNumFlags;
+        std::uint32_t value = 0;
+        {
+            std::lock_guard<std::mutex> lock(s.mu);
+            for (std::size_t k = 0; k < kNumFlags; ++k) {
+                const std::size_t i = (s.next_flag + k) % kNumFlags;
+                if (!s.busy[i].load(std::memory_order_acquire)) {
+                    idx = i;
                     break;
                 }
             }
-            std::this_thread::yield();  // the job that used this flag 4096 jobs ago runs
+            if (idx < kNumFlags) {
+                s.next_flag = (idx + 1) % kNumFlags;
+                s.busy[idx].store(true, std::memory_order_relaxed);
+                value = ++s.next_value;
+            }
         }
+        if (idx == kNumFlags)
+            throw std::runtime_error("more than " + std::to_string(kNumFlags) +
+                                     " swap-ins with before= in flight (before_wait='flag')");
         sync->flag = static_cast<long>(idx);
         sync->flag_value = value;
         const CUresult r = d.cuStreamWaitValue32(reinterpret_cast<CUstream>(before.handle),
@@ -330,6 +411,79 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
         }
     }
     return sync;
+}
+
+bool CudaBackend::order_before(JobSync& js, StreamRef before) noexcept {
+    auto& sync = static_cast<CudaSync&>(js);
+    if (before.kind != StreamRef::Kind::kStream) return true;
+    if (!sync.end_recorded.load(std::memory_order_acquire)) return false;
+    const CudaDriver& d = shared_->d;
+    try {
+        ScopedContext scope(d, shared_->ctx);
+        return d.cuStreamWaitEvent(reinterpret_cast<CUstream>(before.handle), sync.end, 0) ==
+               CUDA_SUCCESS;
+    } catch (...) {
+        return false;
+    }
+}
+
+HostMemory CudaBackend::attach_host(
+    const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept {
+    const CudaDriver& d = shared_->d;
+    HostMemory out;
+    out.kind = "pinned";
+    try {
+        ScopedContext scope(d, shared_->ctx);
+        for (const auto& [addr, nbytes] : byte_ranges) {
+            if (!nbytes) continue;
+            // Pinned and registered memory report CU_MEMORYTYPE_HOST; the driver does not
+            // know pageable memory (CUDA_ERROR_INVALID_VALUE).
+            unsigned type = 0;
+            if (d.cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                                        static_cast<CUdeviceptr>(addr)) == CUDA_SUCCESS &&
+                type == CU_MEMORYTYPE_HOST)
+                continue;
+            void* p = reinterpret_cast<void*>(addr);
+            if (!d.cuMemHostRegister) {
+                out.kind = "pageable";
+                out.detail = "this driver lacks cuMemHostRegister";
+                break;
+            }
+            const CUresult r = d.cuMemHostRegister(p, nbytes, kHostRegisterPortable);
+            if (r == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) continue;  // page-locked
+            if (r != CUDA_SUCCESS) {
+                out.kind = "pageable";
+                out.detail = "cuMemHostRegister of " + std::to_string(nbytes) +
+                             " bytes failed: " + d.error_string(r);
+                break;
+            }
+            registered_.push_back(p);
+            out.kind = "registered";
+        }
+    } catch (const std::exception& e) {
+        out.kind = "pageable";
+        out.detail = e.what();
+    }
+    if (out.kind == "pageable") {
+        detach_host();
+    } else if (out.kind == "registered") {
+        out.detail = "page-locked by the engine with cuMemHostRegister (" +
+                     std::to_string(registered_.size()) + " range(s))";
+    } else {
+        out.detail = "page-locked memory (cuMemHostAlloc or registered)";
+    }
+    return out;
+}
+
+void CudaBackend::detach_host() noexcept {
+    if (registered_.empty()) return;
+    const CudaDriver& d = shared_->d;
+    try {
+        ScopedContext scope(d, shared_->ctx);
+        for (void* p : registered_) d.cuMemHostUnregister(p);
+    } catch (...) {
+    }
+    registered_.clear();
 }
 
 std::unique_ptr<CopyQueue> CudaBackend::open_queue(bool dedicated_thread) {

@@ -18,17 +18,22 @@ struct Resolver {
     GetProcV1 v1 = nullptr;
     int driver_version = 0;
 
-    /// `name` without version suffix, resolved at ABI `version`; falls back to dlsym of
-    /// `export_name` (the versioned symbol, e.g. "cuMemcpy2DAsync_v2").
+    /// `name` without version suffix, resolved at ABI `version` with the legacy default
+    /// stream semantics (kvswitch passes explicit streams; the flag is stated rather than
+    /// left to the driver's default); falls back to dlsym of `export_name` (the versioned
+    /// symbol, e.g. "cuMemcpy2DAsync_v2").
     template <typename F>
     void operator()(F& fn, const char* name, int version, const char* export_name) const {
         void* p = nullptr;
         if (version <= driver_version) {
             if (v2) {
                 int status = 0;
-                if (v2(name, &p, version, 0, &status) != CUDA_SUCCESS) p = nullptr;
+                if (v2(name, &p, version, CU_GET_PROC_ADDRESS_LEGACY_STREAM, &status) !=
+                    CUDA_SUCCESS)
+                    p = nullptr;
             } else if (v1) {
-                if (v1(name, &p, version, 0) != CUDA_SUCCESS) p = nullptr;
+                if (v1(name, &p, version, CU_GET_PROC_ADDRESS_LEGACY_STREAM) != CUDA_SUCCESS)
+                    p = nullptr;
             }
         }
         if (!p && version <= driver_version) p = dlsym(lib, export_name);
@@ -76,15 +81,19 @@ CudaDriver::CudaDriver() {
       "cuDevicePrimaryCtxRelease_v2");
     r(cuCtxSetCurrent, "cuCtxSetCurrent", base, "cuCtxSetCurrent");
     r(cuCtxGetCurrent, "cuCtxGetCurrent", base, "cuCtxGetCurrent");
+    r(cuCtxSynchronize, "cuCtxSynchronize", base, "cuCtxSynchronize");
     r(cuCtxGetStreamPriorityRange, "cuCtxGetStreamPriorityRange", base,
       "cuCtxGetStreamPriorityRange");
     r(cuStreamCreateWithPriority, "cuStreamCreateWithPriority", base,
       "cuStreamCreateWithPriority");
     r(cuStreamDestroy, "cuStreamDestroy", base, "cuStreamDestroy_v2");
     r(cuStreamSynchronize, "cuStreamSynchronize", base, "cuStreamSynchronize");
+    r(cuStreamIsCapturing, "cuStreamIsCapturing", base, "cuStreamIsCapturing");
     r(cuStreamWaitEvent, "cuStreamWaitEvent", base, "cuStreamWaitEvent");
-    r(cuStreamWaitValue32, "cuStreamWaitValue32", 12000, "cuStreamWaitValue32_v2");
-    r(cuStreamWriteValue32, "cuStreamWriteValue32", 12000, "cuStreamWriteValue32_v2");
+    // The _v2 memory operations exist from 11.7 (11070); asking at 12000 missed them on
+    // 11.7 - 11.8 drivers.
+    r(cuStreamWaitValue32, "cuStreamWaitValue32", 11070, "cuStreamWaitValue32_v2");
+    r(cuStreamWriteValue32, "cuStreamWriteValue32", 11070, "cuStreamWriteValue32_v2");
     r(cuEventCreate, "cuEventCreate", base, "cuEventCreate");
     r(cuEventDestroy, "cuEventDestroy", base, "cuEventDestroy_v2");
     r(cuEventRecord, "cuEventRecord", base, "cuEventRecord");

@@ -171,6 +171,34 @@ ByteRange byte_range(const KVRegion& r, std::int64_t num_blocks) {
     return {begin, begin > top - size ? top : begin + size};
 }
 
+void wait_finished(const SwapJob& j) {
+    std::unique_lock<std::mutex> lock(j.mu);
+    j.cv.wait(lock, [&] { return j.finished_locked(); });
+}
+
+/// The host layout's memory as merged [address, bytes) ranges, for attach_host(). Ranges
+/// less than a page apart are merged: page-locking works on whole pages.
+std::vector<std::pair<std::uintptr_t, std::size_t>> host_ranges(const KVLayout& host) {
+    std::vector<ByteRange> rs;
+    for (const KVRegion& r : host.regions()) rs.push_back(byte_range(r, host.num_blocks()));
+    std::sort(rs.begin(), rs.end(),
+              [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
+    constexpr std::uint64_t kPage = 4096;
+    std::vector<std::pair<std::uintptr_t, std::size_t>> out;
+    std::uint64_t begin = 0, end = 0;
+    for (std::size_t i = 0; i < rs.size(); ++i) {
+        if (i && rs[i].begin <= end + kPage) {
+            end = std::max(end, rs[i].end);
+            continue;
+        }
+        if (i) out.emplace_back(begin, end - begin);
+        begin = rs[i].begin;
+        end = rs[i].end;
+    }
+    if (!rs.empty()) out.emplace_back(begin, end - begin);
+    return out;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- engine
@@ -218,6 +246,7 @@ AsyncSwapEngine::AsyncSwapEngine(KVLayout device, KVLayout host,
                     "of the device pool");
         }
     }
+    host_memory_ = backend_->attach_host(host_ranges(host_));
     for (int i = 0; i < opts_.num_workers; ++i) workers_.emplace_back([this] { run_worker(); });
 }
 
@@ -344,32 +373,34 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
     std::shared_ptr<SwapJob> job = build(dir, pairs, n);  // throws before anything happens
     // From here on nothing throws but EngineClosed (a close() racing this call): a backend
     // error becomes a failed job, reported on its handle like any copy error.
-    std::string prepare_error;
-    try {
-        job->sync = backend_->prepare(dir, after, before);
-    } catch (const std::exception& e) {
-        prepare_error = std::string("could not order the job against the caller's streams: ") +
-                        e.what();
-    }
-    auto take_injected = [&] {  // under mu_: failures are armed in submission order
-        if (fail_next_ > 0) {
+
+    // Under mu_: the job's id, and the work prepare() enqueues on the caller's streams
+    // (events recorded for after=, flag waits for before=), in one order. Were they apart,
+    // two threads could enqueue them in opposite orders: job A's flag wait ahead of job
+    // B's after= event on one stream while A, the later id, depends on B -- a GPU hang.
+    auto start_locked = [&] {
+        job->id = next_id_++;
+        if (fail_next_ > 0) {  // armed in submission order
             --fail_next_;
             job->fail_before_issue = fail_message_;
         }
-        if (!prepare_error.empty()) job->fail_before_issue = prepare_error;
+        try {
+            job->sync = backend_->prepare(dir, after, before);
+        } catch (const std::exception& e) {
+            job->fail_before_issue =
+                std::string("could not order the job against the caller's streams: ") +
+                e.what();
+        }
     };
 
     if (opts_.num_workers == 0) {
         std::lock_guard<std::mutex> inline_lock(inline_mu_);
         {
             std::lock_guard<std::mutex> lock(mu_);
-            if (closing_) {
-                abandon(*job);
-                throw EngineClosed("AsyncSwapEngine is closed");
-            }
-            job->id = next_id_++;
-            take_injected();
+            if (closing_) throw EngineClosed("AsyncSwapEngine is closed");
+            start_locked();
         }
+        const auto t0 = std::chrono::steady_clock::now();
         if (!inline_queue_) {
             try {
                 inline_queue_ = backend_->open_queue(false);
@@ -379,26 +410,43 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
                 return SwapHandle(job);
             }
         }
+        // The job is complete when run_job returns, so a before= stream needs no order.
         run_job(*inline_queue_, job);
+        const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+                                .count();
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.busy_s += busy;
         return SwapHandle(job);
     }
 
+    std::shared_ptr<JobSync> sync;  // kept for order_before(): the job may finish first
     {
         std::unique_lock<std::mutex> lock(mu_);
         space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
-        if (closing_) {
-            lock.unlock();
-            abandon(*job);
-            throw EngineClosed("AsyncSwapEngine is closed");
-        }
-        job->id = next_id_++;
-        take_injected();
+        if (closing_) throw EngineClosed("AsyncSwapEngine is closed");
+        start_locked();
+        sync = job->sync;
         for (const auto& other : in_flight_)
             if (conflicts(*other, *job)) job->deps.push_back(other);
+        if (in_flight_.empty()) busy_since_ = std::chrono::steady_clock::now();
         in_flight_.push_back(job);
         queue_.push_back(job);
     }
     work_cv_.notify_one();
+    if (before.kind == StreamRef::Kind::kStream && sync && backend_->defers_before()) {
+        // The consumer stream can wait only on copies already issued (an event not yet
+        // recorded would be waited on as complete): wait for the worker's dispatch.
+        JobState state;
+        {
+            std::unique_lock<std::mutex> lock(job->mu);
+            job->cv.wait(lock, [&] { return job->state != JobState::kQueued; });
+            state = job->state;
+        }
+        // A failed job's handle raises. A done one is ordered all the same (a wait on a
+        // complete event costs nothing), so what the stream sees does not hang on timing.
+        if (state != JobState::kFailed && !backend_->order_before(*sync, before))
+            wait_finished(*job);  // the stream could not be ordered: finish before returning
+    }
     return SwapHandle(job);
 }
 
@@ -614,7 +662,12 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
     deps.swap(job->deps);  // only this job's worker touches deps after submission
     {
         std::lock_guard<std::mutex> lock(mu_);
+        const bool was_in_flight = !in_flight_.empty();
         in_flight_.remove(job);
+        if (was_in_flight && in_flight_.empty())
+            stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                           busy_since_)
+                                 .count();
         if (error.empty()) {
             ++stats_.num_jobs;
             stats_.num_copies += job->num_copies;
@@ -658,13 +711,6 @@ std::vector<SwapHandle> AsyncSwapEngine::poll() {
     return out;
 }
 
-namespace {
-void wait_finished(const SwapJob& j) {
-    std::unique_lock<std::mutex> lock(j.mu);
-    j.cv.wait(lock, [&] { return j.finished_locked(); });
-}
-}  // namespace
-
 std::size_t AsyncSwapEngine::wait_blocks(const std::int64_t* ids, std::size_t n) {
     std::vector<std::int64_t> sorted(n);  // memcpy: the caller's ids may be misaligned
     if (n) std::memcpy(sorted.data(), ids, n * sizeof(std::int64_t));
@@ -699,6 +745,10 @@ SwapStats AsyncSwapEngine::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     SwapStats s = stats_;
     s.in_flight = in_flight_.size();
+    if (!in_flight_.empty())
+        s.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                  busy_since_)
+                        .count();
     return s;
 }
 
@@ -715,6 +765,7 @@ void AsyncSwapEngine::close() {
     workers_.clear();
     std::lock_guard<std::mutex> inline_lock(inline_mu_);
     inline_queue_.reset();
+    backend_->detach_host();  // every job is complete: nothing copies to it any more
 }
 
 bool AsyncSwapEngine::closed() const {

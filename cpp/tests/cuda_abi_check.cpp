@@ -29,14 +29,22 @@ static_assert(sizeof(cu::MemLocation) == sizeof(CUmemLocation), "CUmemLocation")
 static_assert(std::is_same_v<cu::CUdeviceptr, CUdeviceptr>, "CUdeviceptr");
 static_assert(sizeof(cu::CUresult) == sizeof(CUresult), "CUresult");
 static_assert(cu::CUDA_ERROR_NOT_READY == CUDA_ERROR_NOT_READY, "");
+static_assert(cu::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED ==
+                  CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED, "");
 static_assert(cu::CU_STREAM_NON_BLOCKING == CU_STREAM_NON_BLOCKING, "");
 static_assert(cu::CU_EVENT_DISABLE_TIMING == CU_EVENT_DISABLE_TIMING, "");
 static_assert(cu::kHostAllocPortable == CU_MEMHOSTALLOC_PORTABLE, "");
 static_assert(cu::kHostAllocDeviceMap == CU_MEMHOSTALLOC_DEVICEMAP, "");
 static_assert(cu::CU_MEMORYTYPE_UNIFIED == CU_MEMORYTYPE_UNIFIED, "");
 static_assert(cu::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL == CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, "");
-static_assert(cu::CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 ==
-                  CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, "");
+static_assert(cu::CU_POINTER_ATTRIBUTE_MEMORY_TYPE == CU_POINTER_ATTRIBUTE_MEMORY_TYPE, "");
+static_assert(cu::CU_MEMORYTYPE_HOST == CU_MEMORYTYPE_HOST, "");
+static_assert(cu::CU_EVENT_BLOCKING_SYNC == CU_EVENT_BLOCKING_SYNC, "");
+static_assert(cu::kHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "");
+static_assert(cu::CU_GET_PROC_ADDRESS_LEGACY_STREAM == CU_GET_PROC_ADDRESS_LEGACY_STREAM, "");
+static_assert(cu::CU_STREAM_CAPTURE_STATUS_NONE == CU_STREAM_CAPTURE_STATUS_NONE, "");
+static_assert(cu::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE ==
+                  CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE, "");
 static_assert(cu::CU_MEM_LOCATION_TYPE_DEVICE == CU_MEM_LOCATION_TYPE_DEVICE, "");
 static_assert(cu::CU_MEM_LOCATION_TYPE_HOST == CU_MEM_LOCATION_TYPE_HOST, "");
 static_assert(cu::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM == CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, "");

@@ -11,9 +11,11 @@ KV cache conflict resolution).
 Backends:
 
 * ``"cuda"``: CUDA driver API loaded at run time (``libcuda.so.1``), primary context of
-  the device layout's GPU (shared with PyTorch/CuPy), one lowest-priority stream per
-  worker; all linear copies of a job in one ``cuMemcpyBatchAsync`` where the driver has it
-  (CUDA >= 12.8), strided extents as ``cuMemcpy2DAsync``.
+  the device layout's GPU (shared with PyTorch/CuPy), one non-blocking stream per worker;
+  all linear copies of a job in one ``cuMemcpyBatchAsync`` where the driver has it (CUDA
+  >= 12.8), strided extents as ``cuMemcpy2DAsync``. The host pool must be page-locked for
+  copies to be asynchronous: the engine checks it (``cuPointerGetAttribute``), page-locks
+  pageable memory itself (``cuMemHostRegister``) and warns when it cannot.
 * ``"host"``: ``memcpy`` on the worker threads, for host-memory layouts (tests, CPU-only
   machines, benchmarks of the dispatch path). ``num_workers=0`` runs every job inline in
   the calling thread (deterministic).
@@ -36,6 +38,7 @@ Example (vLLM-style per-layer KV tensors on the GPU)::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +159,16 @@ class AsyncSwapEngine:
             (paper 3.2; >= 1). No effect on the host backend (copies are synchronous).
         max_queue: jobs that may wait for a worker; ``swap_out``/``swap_in`` block (GIL
             released) while the queue is full.
+        before_wait: cuda only; how a ``before=`` consumer stream of :meth:`swap_in` waits
+            for the copies. ``"event"`` (default): once a worker has issued the job, the
+            stream waits on its end event (``cuStreamWaitEvent``); ``swap_in`` returns
+            after that dispatch (microseconds, longer behind a deep queue). Safe
+            everywhere, including ``CUDA_DEVICE_MAX_CONNECTIONS=1``. ``"flag"``: the stream
+            waits on a flag the swap stream sets (``cuStreamWaitValue32``), enqueued before
+            ``swap_in`` returns at once; the wait sits in the consumer's queue ahead of the
+            copies, which deadlocks where streams share one hardware queue, so it is
+            refused when ``CUDA_DEVICE_MAX_CONNECTIONS=1`` or the device lacks stream
+            memory operations. Use it only where ``swap_in`` must not wait for a worker.
 
     Raises:
         TypeError: wrong argument types.
@@ -164,6 +177,11 @@ class AsyncSwapEngine:
             ``backend="cuda"`` with a host layout, or options out of range.
         RuntimeError: ``backend="cuda"`` (or ``"auto"`` with a CUDA layout) without a
             usable driver/device; the message says why.
+
+    Warns:
+        RuntimeWarning: cuda backend with a host pool that is not page-locked and could not
+            be registered: every copy is then synchronous and several times slower
+            (``stats()["host_memory"] == "pageable"``).
 
     Jobs that touch overlapping blocks (device or host) where one of them writes run in
     submission order; others run concurrently.
@@ -181,7 +199,7 @@ class AsyncSwapEngine:
 
     def __init__(self, device_layout: KVLayout, host_pool: HostKVPool | KVLayout, *,
                  backend: str = "auto", num_workers: int = 2, sync_every: int = 64,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, before_wait: str = "event"):
         if not isinstance(device_layout, KVLayout):
             raise TypeError(f"device_layout must be a KVLayout, got "
                             f"{type(device_layout).__name__}")
@@ -207,13 +225,23 @@ class AsyncSwapEngine:
                 raise ValueError(
                     f"host pool does not match the device layout: region {i} has "
                     f"{h.block_bytes} bytes per block on the host, {d.block_bytes} on the device")
+        if before_wait not in ("event", "flag"):
+            raise ValueError(f"before_wait must be 'event' or 'flag', got {before_wait!r}")
         name, reason = self._select_backend(backend, device_layout)
         self._device_layout = device_layout
         self._host_pool = host_pool
         self._host_layout = host_layout
         self._backend_reason = reason
+        self._before_wait = before_wait
         self._engine = _core.SwapEngineCore(device_layout._core, host_layout._core, name,
-                                            num_workers, sync_every, max_queue)
+                                            num_workers, sync_every, max_queue, before_wait)
+        kind, detail = self._engine.host_memory
+        if kind == "pageable":
+            warnings.warn(
+                f"AsyncSwapEngine: the host pool is pageable memory ({detail}): every CUDA "
+                f"copy to or from it is synchronous and several times slower. Allocate it "
+                f"pinned (HostKVPool(pin=True), the default) or free pinned memory.",
+                RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _select_backend(backend: str, layout: KVLayout) -> tuple[str, str]:
@@ -261,8 +289,9 @@ class AsyncSwapEngine:
                 ``.cuda_stream``, or an int handle): the copies start only after the work
                 queued on it so far (an event is recorded on it before this call
                 returns). Or an event (``torch.cuda.Event``, CuPy event,
-                :class:`CudaEvent`): the copies start after it; do not re-record it until
-                the handle is done.
+                :class:`CudaEvent`): the copies start after it; it must have been recorded
+                (a ``torch.cuda.Event`` has no CUDA event before its first ``record()``),
+                and must not be re-recorded until the handle is done.
 
         Returns:
             A :class:`SwapHandle` (finished already when ``num_workers=0``).
@@ -271,7 +300,8 @@ class AsyncSwapEngine:
             TypeError: pairs not integers, ``after`` of an unknown type.
             ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
                 extent outside the device layout or the host pool, overlapping destination
-                extents, ``after`` on the host backend. Nothing is queued.
+                extents, ``after`` on the host backend, an ``after`` event never recorded,
+                an ``after`` stream capturing a CUDA graph. Nothing is queued.
             EngineClosedError: the engine is closed.
 
         A driver error while ordering the job against ``after`` does not raise: the job is
@@ -299,12 +329,16 @@ class AsyncSwapEngine:
                 blocks: host blocks ``[src_start, +length)`` go to device blocks
                 ``[dst_start, +length)``. See :meth:`swap_out`.
             before: CUDA only. A consumer stream (as ``after`` in :meth:`swap_out`): work
-                queued on it after this call waits for the copies (a stream-ordered wait
-                on a flag the swap stream sets; needs CUDA stream memory operations). If
-                the job fails the flag is still set so the stream never hangs; the
-                handle raises.
+                queued on it after this call waits for the copies. With
+                ``before_wait="event"`` (default) this call returns once a worker has
+                issued the copies and the stream waits on the job's end event; with
+                ``"flag"`` it returns at once and the stream waits on a flag the swap
+                stream sets (see the class). If the job fails, the stream is released
+                all the same (it never hangs) and the handle raises: the blocks then
+                hold no valid data.
 
-        Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event).
+        Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
+        and not one capturing a CUDA graph).
         """
         kind, handle = _stream_ref(before, "before")
         return self._engine.submit(1, _as_pairs(pairs), 0, 0, kind, handle)
@@ -348,10 +382,14 @@ class AsyncSwapEngine:
 
         Returns:
             dict with ``num_jobs`` (successful jobs), ``num_failed``, ``num_copies``,
-            ``bytes``, ``seconds`` (sum of jobs' ``elapsed_s``), ``gbps`` (achieved
-            bandwidth, ``bytes / seconds / 1e9``), ``copy_size_histogram`` ({bucket:
-            count}: copies of ``[bucket, 2 * bucket)`` bytes, buckets powers of 2) and
-            ``in_flight`` (jobs queued or running now).
+            ``bytes``, ``seconds`` (sum of jobs' ``elapsed_s``: device time on cuda, jobs on
+            several workers overlap), ``busy_s`` (wall seconds during which at least one
+            job was queued or running), ``gbps`` (achieved bandwidth, ``bytes / busy_s /
+            1e9``, GB = 1e9 bytes), ``copy_size_histogram`` ({bucket: count}: copies of
+            ``[bucket, 2 * bucket)`` bytes, buckets powers of 2), ``in_flight`` (jobs
+            queued or running now) and ``host_memory`` (``"pinned"``, ``"registered"``:
+            page-locked by this engine until ``close()``, ``"pageable"``: copies are
+            synchronous, or ``"n/a"`` on the host backend).
         """
         return self._engine.stats()
 
@@ -383,6 +421,17 @@ class AsyncSwapEngine:
     def backend_reason(self) -> str:
         """Why this backend was chosen."""
         return self._backend_reason
+
+    @property
+    def before_wait(self) -> str:
+        """``"event"`` or ``"flag"``: how ``swap_in(before=...)`` orders the consumer."""
+        return self._before_wait
+
+    @property
+    def host_memory(self) -> str:
+        """How copies reach the host pool: ``"pinned"``, ``"registered"``, ``"pageable"``
+        or ``"n/a"`` (host backend); see :meth:`stats`."""
+        return str(self._engine.host_memory[0])
 
     @property
     def closed(self) -> bool:

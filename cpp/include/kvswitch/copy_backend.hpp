@@ -5,11 +5,16 @@
 // worker thread) and CudaBackend (driver API on a low-priority stream per worker).
 //
 // Call sequence for one job:
+//   engine construction: attach_host()  -- checks (and page-locks) the host pool's memory
 //   calling thread: validate()          -- rejects streams the backend cannot take
-//   calling thread: prepare()           -- orders the job after/before the caller's streams
+//   calling thread: prepare()           -- orders the job after/before the caller's streams;
+//                                          under the engine's lock, in job id order
 //   worker thread:  queue.issue()       -- dispatches the copies (host: performs them)
+//   calling thread: order_before()      -- only where defers_before(): once issued, makes
+//                                          the caller's before= stream wait for the copies
 //   worker thread:  queue.finish()      -- blocks until they are complete; returns seconds
 //   on failure:     backend.abandon()   -- releases anything that waits on the job
+//   engine close:   detach_host()       -- undoes attach_host()
 //
 // Source: FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager".
 #pragma once
@@ -18,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvswitch {
@@ -44,6 +50,15 @@ struct StreamRef {
     enum class Kind : int { kNone = 0, kStream = 1, kEvent = 2 };
     Kind kind = Kind::kNone;
     std::uintptr_t handle = 0;  ///< CUstream or CUevent; 0 is the legacy default stream
+};
+
+/// How the host pool's memory is reached by copies (CopyBackend::attach_host).
+struct HostMemory {
+    /// "pinned" (page-locked already), "registered" (page-locked by the backend until
+    /// detach_host()), "pageable" (could not be page-locked: the driver stages each copy
+    /// through a bounce buffer, synchronously) or "n/a" (the backend copies with memcpy).
+    std::string kind = "n/a";
+    std::string detail;  ///< why, for messages (the driver error where it failed)
 };
 
 /// Backend-private state of one job (events, wait slots). Owned by the job.
@@ -79,12 +94,36 @@ class CopyBackend {
     /// Throws std::invalid_argument when this backend cannot take these streams (kinds it
     /// does not support). No side effects: the engine calls it before changing anything.
     virtual void validate(Direction dir, StreamRef after, StreamRef before) const = 0;
-    /// Calling thread, before the job is queued, after validate(). `after`: the copies
-    /// start only after the work queued on that stream (or the event) so far. `before`:
-    /// that stream's later work waits for the copies. Throws on a driver error; the engine
-    /// then fails the job on its handle.
+    /// Calling thread, before the job is queued, after validate(), under the engine's
+    /// lock that assigns job ids and dependencies: so work enqueued on the caller's
+    /// streams follows job id order, and a job never waits (through a caller's stream) on
+    /// a later job that depends on it. `after`: the copies start only after the work queued
+    /// on that stream (or the event) so far. `before`: that stream's later work waits for
+    /// the copies (here, or in order_before() where defers_before()). Must not block.
+    /// Throws on a driver error; the engine then fails the job on its handle.
     virtual std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after,
                                              StreamRef before) = 0;
+    /// Whether before= is ordered by order_before() once the job is issued, rather than
+    /// in prepare(). The engine's submit() then returns only after the job is issued.
+    virtual bool defers_before() const { return false; }
+    /// Calling thread, once the job's copies are issued (never for a failed job): makes
+    /// `before`'s later work wait for them. Returns false when it could not (a driver
+    /// error); the engine then waits for the job on the host before submit() returns, so
+    /// the caller's stream still never reads the blocks early. Never throws.
+    virtual bool order_before(JobSync& sync, StreamRef before) noexcept {
+        (void)sync, (void)before;
+        return true;
+    }
+    /// Engine construction: checks how copies will reach the host pool's memory
+    /// (`byte_ranges`: [address, bytes) of each of its allocations) and page-locks it where
+    /// it is not. Never throws.
+    virtual HostMemory attach_host(
+        const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept {
+        (void)byte_ranges;
+        return {};
+    }
+    /// Engine close, after every job completed: undoes attach_host(). Never throws.
+    virtual void detach_host() noexcept {}
     /// A queue for the calling thread. `dedicated_thread`: the thread is an engine worker
     /// that may keep per-thread state (the CUDA context stays current); false for inline
     /// mode, where the queue runs on the caller's thread and must leave it as it was.

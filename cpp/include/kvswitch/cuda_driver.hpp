@@ -31,16 +31,22 @@ using CUarray = CUarray_st*;
 
 constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_NOT_READY = 600;
+constexpr CUresult CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_EVENT_DEFAULT = 0x0;
+constexpr unsigned CU_EVENT_BLOCKING_SYNC = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned kHostAllocPortable = 0x1;      // CU_MEMHOSTALLOC_PORTABLE (a macro in cuda.h)
 constexpr unsigned kHostAllocDeviceMap = 0x2;     // CU_MEMHOSTALLOC_DEVICEMAP
+constexpr unsigned kHostRegisterPortable = 0x1;   // CU_MEMHOSTREGISTER_PORTABLE (a macro)
+constexpr int CU_GET_PROC_ADDRESS_LEGACY_STREAM = 0x1;
 constexpr unsigned CU_STREAM_WAIT_VALUE_GEQ = 0x0;
 constexpr unsigned CU_STREAM_WRITE_VALUE_DEFAULT = 0x0;
+constexpr int CU_MEMORYTYPE_HOST = 0x1;
 constexpr int CU_MEMORYTYPE_UNIFIED = 0x4;
+constexpr int CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2;
 constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
-constexpr int CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 = 92;
+constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
 constexpr int CU_MEM_LOCATION_TYPE_DEVICE = 0x1;
 constexpr int CU_MEM_LOCATION_TYPE_HOST = 0x2;
 constexpr int CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1;
@@ -100,6 +106,11 @@ struct CudaDriver {
     int version() const { return driver_version; }  ///< e.g. 12080
     int device_count() const { return num_devices; }
     bool has_batch_copy() const { return cuMemcpyBatchAsync != nullptr; }
+    /// Whether the 32-bit stream memory operations (the _v2 entry points, CUDA >= 11.7)
+    /// resolved. Since 11.7 these need no device attribute: the deprecated
+    /// CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 reports 0 on Hopper GPUs although the
+    /// v2 operations work there (cuda.h, "CUdevice_attribute").
+    bool has_stream_mem_ops() const { return cuStreamWaitValue32 && cuStreamWriteValue32; }
 
     /// Throws CudaError("<what>: <NAME> (<string>)") unless r == CUDA_SUCCESS.
     void check(CUresult r, const char* what) const;
@@ -117,11 +128,14 @@ struct CudaDriver {
     CUresult (*cuDevicePrimaryCtxRelease)(CUdevice) = nullptr;
     CUresult (*cuCtxSetCurrent)(CUcontext) = nullptr;
     CUresult (*cuCtxGetCurrent)(CUcontext*) = nullptr;
+    CUresult (*cuCtxSynchronize)() = nullptr;
     CUresult (*cuCtxGetStreamPriorityRange)(int*, int*) = nullptr;
     CUresult (*cuStreamCreateWithPriority)(CUstream*, unsigned, int) = nullptr;
     CUresult (*cuStreamDestroy)(CUstream) = nullptr;
     CUresult (*cuStreamSynchronize)(CUstream) = nullptr;
+    CUresult (*cuStreamIsCapturing)(CUstream, int*) = nullptr;  ///< optional
     CUresult (*cuStreamWaitEvent)(CUstream, CUevent, unsigned) = nullptr;
+    /// The _v2 entry points (CUDA >= 11.7); nullptr on older drivers.
     CUresult (*cuStreamWaitValue32)(CUstream, CUdeviceptr, std::uint32_t, unsigned) = nullptr;
     CUresult (*cuStreamWriteValue32)(CUstream, CUdeviceptr, std::uint32_t, unsigned) = nullptr;
     CUresult (*cuEventCreate)(CUevent*, unsigned) = nullptr;

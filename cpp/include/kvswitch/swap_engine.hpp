@@ -102,6 +102,10 @@ struct SwapStats {
     std::uint64_t num_copies = 0;   ///< copy operations of completed jobs
     std::uint64_t bytes = 0;        ///< bytes of completed jobs
     double seconds = 0.0;           ///< sum of completed jobs' elapsed_s
+    /// Wall seconds (steady clock) during which at least one job was queued or running:
+    /// jobs on several workers overlap, so bytes / busy_s is the achieved bandwidth, where
+    /// bytes / seconds would count overlapping jobs' time twice.
+    double busy_s = 0.0;
     /// copy_size_histogram[k]: copies of [2^k, 2^(k+1)) bytes.
     std::vector<std::uint64_t> copy_size_histogram;
     std::uint64_t in_flight = 0;    ///< jobs queued or running now
@@ -128,12 +132,13 @@ class AsyncSwapEngine {
     AsyncSwapEngine& operator=(const AsyncSwapEngine&) = delete;
 
     /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major
-    /// (read bytewise: any alignment). Validates everything first (std::invalid_argument: negative length,
-    /// extent out of range, overlapping destination extents, streams the backend does not
-    /// take; EngineClosed) and then queues nothing on error. A backend error after
-    /// validation (a driver call that fails) does not throw: the job is queued as failed
-    /// and its handle reports it. Length-0 rows are skipped. Returns once the job is
-    /// queued (inline mode: once it is done). Blocks while the queue is full.
+    /// (read bytewise: any alignment). Validates everything first (std::invalid_argument:
+    /// negative length, extent out of range, overlapping destination extents, streams the
+    /// backend does not take; EngineClosed) and then queues nothing on error. A backend
+    /// error after validation (a driver call that fails) does not throw: the job is queued
+    /// as failed and its handle reports it. Length-0 rows are skipped. Returns once the
+    /// job is queued (inline mode: once it is done; a `before` stream where the backend
+    /// defers_before(): once a worker issued it). Blocks while the queue is full.
     SwapHandle submit(Direction dir, const std::int64_t* pairs, std::size_t n,
                       StreamRef after = {}, StreamRef before = {});
     /// Throws what submit() would throw for these streams or a closed engine, without
@@ -157,6 +162,9 @@ class AsyncSwapEngine {
     const KVLayout& device_layout() const { return device_; }
     const KVLayout& host_layout() const { return host_; }
     const EngineOptions& options() const { return opts_; }
+    /// How copies reach the host pool's memory (CopyBackend::attach_host), checked once at
+    /// construction; host memory the backend page-locked is released by close().
+    const HostMemory& host_memory() const { return host_memory_; }
 
     /// Test hook: the next `n` jobs submitted fail when a worker would issue them, with
     /// `message` (nothing copied). Counted at submission, so which jobs fail does not
@@ -207,6 +215,8 @@ class AsyncSwapEngine {
     bool paused_ = false;
     std::uint64_t next_id_ = 1;
     SwapStats stats_;
+    HostMemory host_memory_;
+    std::chrono::steady_clock::time_point busy_since_;  // guarded by mu_; see busy_s
     int fail_next_ = 0;
     std::string fail_message_;
 };
