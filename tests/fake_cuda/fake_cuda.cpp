@@ -24,7 +24,12 @@
 // * Waits on values poll memory (the host may write the word directly); everything else
 //   is woken through one condition variable. State lives in one heap object that is never
 //   destroyed and executor threads are never joined at exit, so a process may exit with
-//   streams blocked forever (a test's gate) without hanging or crashing.
+//   streams blocked forever (a test's gate) without hanging or crashing. (A copy still
+//   RUNNING while the interpreter frees its buffers at exit would write freed memory, as
+//   on a GPU: synchronize before exiting, or leave the stream gated.)
+// * Stream memory operations only touch live memory: a wait on a word outside any
+//   cuMemHostAlloc/registered range passes (counted: stale_flag_waits), a write outside
+//   any page-locked or cuMemAlloc range is dropped (counted: stale_flag_writes).
 // * Tests steer it through the fake_* control functions at the end (no context needed):
 //   counters, per-operation delays to widen races, gates that block a stream, failure
 //   injection for any call. FAKE_CUDA_* environment variables are read at load.
@@ -629,6 +634,7 @@ CUresult cuStreamDestroy_v2(void* h) {
     lk.unlock();
     ex->thread.join();
     delete ex;
+    s->ex = nullptr;  // unreachable now: it left the registry
     return kSuccess;
 }
 CUresult cuStreamSynchronize(void* h) {
@@ -1061,7 +1067,7 @@ int fake_pending_waits_satisfied(unsigned long long stream) {
 // The next `count` calls of `name` (base name, e.g. "cuEventRecord") after `skip` calls
 // return CUDA_ERROR_UNKNOWN (999) and do nothing. 1 (invalid value) for an unknown name.
 int fake_fail(const char* name, long skip, long count) {
-    if (!name || !proc_table().count(name)) {
+    if (!name || (!proc_table().count(name) && std::string(name) != "cuGetProcAddress")) {
         std::fprintf(stderr, "fake_cuda: fake_fail: unknown function '%s'\n",
                      name ? name : "(null)");
         return kInvalidValue;
