@@ -13,15 +13,14 @@ covered here (see tests/cuda).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _fake_cuda import CXX, build_fake_driver
 
-CXX = shutil.which("c++") or shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
 PRELUDE = textwrap.dedent('''
@@ -52,11 +51,7 @@ PRELUDE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def fake_driver(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fake_cuda")
-    src = Path(__file__).parent / "fake_cuda" / "fake_cuda.cpp"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-o",
-                    str(out / "libcuda.so.1"), str(src)], check=True)
-    return out
+    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 def run(fake_driver: Path, body: str, **env: str) -> None:
