@@ -149,9 +149,9 @@ def test_one_hardware_queue_event_mode_works_and_flag_mode_is_refused(fake):
     what it waits for, so one queue cannot deadlock; the flag mode could, and is refused."""
     run(fake, '''
         views, layout = vllm(n=16)
-        pool = K.HostKVPool(layout, 16)
+        pool = K.HostKVPool(layout, 32)
         for a in pool.arrays:
-            a[...] = np.arange(16, dtype=np.uint16)[:, None, None, None]
+            a[...] = np.arange(32, dtype=np.uint16)[:, None, None, None]
         try:
             K.AsyncSwapEngine(layout, pool, before_wait="flag")
             raise AssertionError("flag mode accepted with one hardware queue")
@@ -160,11 +160,12 @@ def test_one_hardware_queue_event_mode_works_and_flag_mode_is_refused(fake):
         lib.fake_set_delay_us(b"copy", 5000)
         with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
             for i in range(4):
-                eng.swap_out([(4 * i, 4 * i, 4)], after=CONSUMER)
+                eng.swap_out([(4 * i, 16 + 4 * i, 4)], after=CONSUMER)
                 h = eng.swap_in([(4 * i, 4 * i, 4)], before=CONSUMER)
                 got = consumer_read(CONSUMER, views[1][4 * i:4 * i + 4])
                 wait_idle(CONSUMER)
-                assert h.wait(20) and (got == np.arange(4 * i, 4 * i + 4)[:, None, None, None]).all()
+                want = np.arange(4 * i, 4 * i + 4)[:, None, None, None]
+                assert h.wait(20) and (got == want).all()
     ''', CUDA_DEVICE_MAX_CONNECTIONS="1")
 
 
@@ -176,29 +177,26 @@ def test_failure_after_a_partial_enqueue_is_reported_after_its_copies(fake):
     run(fake, '''
         views, layout = vllm(kv_dim=1, n=16)  # strided: a 3-block extent is one 2D copy
         pool = K.HostKVPool(layout, 16)
-        for a in pool.arrays:
-            a[...] = 5
         gate = lib.fake_gate_close(GATED)
         lib.fake_fail(b"cuMemcpyBatchAsync", 0, 1)
         with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
-            h = eng.swap_in([(0, 0, 3), (6, 5, 1)], after=GATED)
+            h = eng.swap_out([(0, 0, 3), (5, 6, 1)], after=GATED)
             threading.Timer(0.5, lib.fake_gate_open, (gate,)).start()
             try:
                 h.wait(30)
                 raise AssertionError("no error")
             except K.SwapError as e:
                 assert "cuMemcpyBatchAsync (copy 0 of" in str(e), e
-            reported = [v.copy() for v in views]
+            reported = [a.copy() for a in pool.arrays]
             wait_idle(GATED)
             check(lib.cuCtxSynchronize())
-            for v, r in zip(views, reported):
-                assert (v == r).all(), "a failed job's copies ran after it was reported"
-            for a in pool.arrays:  # a conflicting job afterwards runs and sticks
-                a[8:11] = 9
-            assert eng.swap_in([(8, 0, 3)]).wait(30)
+            for a, r in zip(pool.arrays, reported):
+                assert (a == r).all(), "a failed job's copies ran after it was reported"
+            # a conflicting job afterwards runs, and its bytes stay
+            assert eng.swap_out([(8, 0, 3)]).wait(30)
             check(lib.cuCtxSynchronize())
-            for v in views:
-                assert (v[0:3] == 9).all()
+            for v, a in zip(views, pool.arrays):
+                assert (a[0:3] == v[8:11]).all()
     ''')
 
 
@@ -270,9 +268,9 @@ def test_flag_is_written_before_the_job_is_done_and_freed_after_its_waits(fake):
         gate = lib.fake_gate_close(stalled)  # this consumer reaches its wait later
         assert eng.swap_in([(2, 2, 2)], before=stalled).wait(30)
         threading.Timer(0.5, lib.fake_gate_open, (gate,)).start()
-        eng.close()
+        eng.close()  # frees the flags: only once the stalled consumer ran its wait
         del eng, h
-        gc.collect()  # the backend frees its flags: only after the stalled wait ran
+        gc.collect()
         wait_idle(stalled)
         assert C.stale_flag_waits == 0, "a consumer waited on freed flag memory"
     ''')

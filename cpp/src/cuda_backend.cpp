@@ -40,6 +40,16 @@ struct CudaBackend::Shared {
 
     Shared(const CudaDriver& drv, int ord) : d(drv), ordinal(ord) {}
 
+    /// A consumer stream may still have a wait on a flag queued: the flags are freed only
+    /// once the whole context is idle (cuCtxSynchronize); if that fails they are leaked.
+    /// Context current; no job in flight.
+    void free_flags() noexcept {
+        if (!flags) return;
+        if (d.cuCtxSynchronize && d.cuCtxSynchronize() == CUDA_SUCCESS) d.cuMemFreeHost(flags);
+        flags = nullptr;
+        flags_dev = 0;
+    }
+
     CUevent get_event(bool timed) {
         {
             std::lock_guard<std::mutex> lock(mu);
@@ -69,10 +79,7 @@ struct CudaBackend::Shared {
             ScopedContext scope(d, ctx);
             for (CUevent e : timed_events) d.cuEventDestroy(e);
             for (CUevent e : plain_events) d.cuEventDestroy(e);
-            // A consumer stream may still have a wait on a flag queued: free the flags only
-            // once the whole context is idle; without cuCtxSynchronize they are leaked.
-            if (flags && d.cuCtxSynchronize && d.cuCtxSynchronize() == CUDA_SUCCESS)
-                d.cuMemFreeHost(flags);
+            free_flags();
         } catch (...) {
         }
         if (ctx) d.cuDevicePrimaryCtxRelease(dev);
@@ -330,7 +337,7 @@ CudaBackend::CudaBackend(int ordinal, BeforeWait before_wait) : before_wait_(bef
     shared_ = std::move(s);
 }
 
-CudaBackend::~CudaBackend() { detach_host(); }
+CudaBackend::~CudaBackend() { close(); }
 
 std::string CudaBackend::copy_api() const {
     return shared_->d.cuMemcpyBatchAsync ? "cuMemcpyBatchAsync" : "cuMemcpyAsync";
@@ -465,7 +472,7 @@ HostMemory CudaBackend::attach_host(
         out.detail = e.what();
     }
     if (out.kind == "pageable") {
-        detach_host();
+        unregister_host();
     } else if (out.kind == "registered") {
         out.detail = "page-locked by the engine with cuMemHostRegister (" +
                      std::to_string(registered_.size()) + " range(s))";
@@ -475,7 +482,7 @@ HostMemory CudaBackend::attach_host(
     return out;
 }
 
-void CudaBackend::detach_host() noexcept {
+void CudaBackend::unregister_host() noexcept {
     if (registered_.empty()) return;
     const CudaDriver& d = shared_->d;
     try {
@@ -484,6 +491,18 @@ void CudaBackend::detach_host() noexcept {
     } catch (...) {
     }
     registered_.clear();
+}
+
+void CudaBackend::close() noexcept {
+    unregister_host();
+    // No job can use the flags after the engine closed. Freed here, where the engine's
+    // close() runs without the GIL, rather than in the destructor, which may run under it
+    // while a consumer stream still waits (cuCtxSynchronize).
+    try {
+        ScopedContext scope(shared_->d, shared_->ctx);
+        shared_->free_flags();
+    } catch (...) {
+    }
 }
 
 std::unique_ptr<CopyQueue> CudaBackend::open_queue(bool dedicated_thread) {

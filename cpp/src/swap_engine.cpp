@@ -765,7 +765,7 @@ void AsyncSwapEngine::close() {
     workers_.clear();
     std::lock_guard<std::mutex> inline_lock(inline_mu_);
     inline_queue_.reset();
-    backend_->detach_host();  // every job is complete: nothing copies to it any more
+    backend_->close();  // every job is complete: nothing copies any more
 }
 
 bool AsyncSwapEngine::closed() const {

@@ -143,6 +143,7 @@ struct State {
     std::map<std::string, FailRule> fails;
     bool any_fail = false;  // fast path: no lock when nothing is armed (atomic access)
     long copy_delay_us = 0, write_delay_us = 0;  // atomic access
+    std::map<std::string, long> call_delay_us;  // "call:<name>": sleep inside that API call
     Executor* global = nullptr;  // serialized mode's single executor, made on first use
     long legacy_copy_calls = 0;
 
@@ -359,6 +360,19 @@ bool op_ready(const Op& op) {  // lock held
 
 void sleep_us(long us) {
     if (us > 0) std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+
+// fake_set_delay_us("call:<name>", us): the API call <name> sleeps after it enqueued its
+// work, before it returns -- widens a race window in the caller (lock not held).
+void call_delay(const char* name) {
+    long us = 0;
+    {
+        State& g = S();
+        std::lock_guard<std::mutex> lock(g.mu);
+        auto it = g.call_delay_us.find(name);
+        if (it != g.call_delay_us.end()) us = it->second;
+    }
+    sleep_us(us);
 }
 
 void run_op(Op& op, std::unique_lock<std::mutex>& lk) {  // lock held on entry and exit
@@ -672,11 +686,14 @@ CUresult cuStreamWaitValue32_v2(void* h, unsigned long long addr, unsigned value
     FAKE_ENTRY("cuStreamWaitValue32");
     if (flags != 0) return kInvalidValue;  // only CU_STREAM_WAIT_VALUE_GEQ is modelled
     bump(g_counters.wait_value);
-    std::lock_guard<std::mutex> lock(S().mu);
-    auto* op = new Op(Kind::kWaitValue);
-    op->addr = addr;
-    op->value = value;
-    enqueue(stream_for(h), op);
+    {
+        std::lock_guard<std::mutex> lock(S().mu);
+        auto* op = new Op(Kind::kWaitValue);
+        op->addr = addr;
+        op->value = value;
+        enqueue(stream_for(h), op);
+    }
+    call_delay("cuStreamWaitValue32");
     return kSuccess;
 }
 CUresult cuStreamWriteValue32_v2(void* h, unsigned long long addr, unsigned value,
@@ -998,7 +1015,8 @@ void fake_reset_counters() {
         __atomic_store_n(&c[i], 0L, __ATOMIC_RELAXED);
 }
 
-// kind "copy": sleep before each copy executes; "write_value": before each write-value.
+// kind "copy": sleep before each copy executes; "write_value": before each write-value;
+// "call:<name>": inside the API call <name> after it enqueued (only cuStreamWaitValue32).
 void fake_set_delay_us(const char* kind, long us) {
     State& g = S();
     const std::string k = kind ? kind : "";
@@ -1006,7 +1024,10 @@ void fake_set_delay_us(const char* kind, long us) {
         __atomic_store_n(&g.copy_delay_us, us, __ATOMIC_RELAXED);
     else if (k == "write_value")
         __atomic_store_n(&g.write_delay_us, us, __ATOMIC_RELAXED);
-    else
+    else if (k.rfind("call:", 0) == 0) {
+        std::lock_guard<std::mutex> lock(g.mu);
+        g.call_delay_us[k.substr(5)] = us;
+    } else
         std::fprintf(stderr, "fake_cuda: unknown delay kind '%s'\n", k.c_str());
 }
 

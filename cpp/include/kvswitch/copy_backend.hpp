@@ -14,7 +14,8 @@
 //                                          the caller's before= stream wait for the copies
 //   worker thread:  queue.finish()      -- blocks until they are complete; returns seconds
 //   on failure:     backend.abandon()   -- releases anything that waits on the job
-//   engine close:   detach_host()       -- undoes attach_host()
+//   engine close:   close()             -- undoes attach_host(), frees what consumer streams
+//                                          may still wait on
 //
 // Source: FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager".
 #pragma once
@@ -55,7 +56,7 @@ struct StreamRef {
 /// How the host pool's memory is reached by copies (CopyBackend::attach_host).
 struct HostMemory {
     /// "pinned" (page-locked already), "registered" (page-locked by the backend until
-    /// detach_host()), "pageable" (could not be page-locked: the driver stages each copy
+    /// close()), "pageable" (could not be page-locked: the driver stages each copy
     /// through a bounce buffer, synchronously) or "n/a" (the backend copies with memcpy).
     std::string kind = "n/a";
     std::string detail;  ///< why, for messages (the driver error where it failed)
@@ -122,8 +123,10 @@ class CopyBackend {
         (void)byte_ranges;
         return {};
     }
-    /// Engine close, after every job completed: undoes attach_host(). Never throws.
-    virtual void detach_host() noexcept {}
+    /// Engine close, after every job completed, without the GIL: undoes attach_host() and
+    /// frees what the caller's streams may still wait on (may synchronize the device).
+    /// Idempotent; never throws.
+    virtual void close() noexcept {}
     /// A queue for the calling thread. `dedicated_thread`: the thread is an engine worker
     /// that may keep per-thread state (the CUDA context stays current); false for inline
     /// mode, where the queue runs on the caller's thread and must leave it as it was.

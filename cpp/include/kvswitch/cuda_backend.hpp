@@ -68,7 +68,7 @@ class CudaBackend final : public CopyBackend {
     bool order_before(JobSync& sync, StreamRef before) noexcept override;
     HostMemory attach_host(
         const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept override;
-    void detach_host() noexcept override;
+    void close() noexcept override;
 
     /// "cuMemcpyBatchAsync" or "cuMemcpyAsync" (how linear copies of a job go out).
     std::string copy_api() const;
@@ -77,6 +77,8 @@ class CudaBackend final : public CopyBackend {
     struct Shared;  // context, event pools, wait flags; outlives the backend while jobs live
 
   private:
+    void unregister_host() noexcept;
+
     std::shared_ptr<Shared> shared_;
     BeforeWait before_wait_;
     std::vector<void*> registered_;  // host ranges attach_host() page-locked
