@@ -171,7 +171,9 @@ class AsyncSwapEngine {
     /// depend on thread timing. n = 0 disarms.
     void fail_next_jobs(int n, std::string message);
     /// Test hook: while paused, workers take no new job from the queue (close() still
-    /// drains it). Makes "job still in flight" states deterministic in tests.
+    /// drains it). Makes "job still in flight" states deterministic in tests. A submit()
+    /// with a `before` stream on a backend that defers_before() waits for the dispatch,
+    /// so it blocks until resumed.
     void set_paused(bool paused);
 
   private:
