@@ -3,7 +3,8 @@
 
 On a GPU machine (no network needed), from a fresh copy of the repository::
 
-    pip install --no-build-isolation --no-deps . && python3 benchmarks/gpu_campaign.py --out $OUT
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-build-isolation --no-deps . \
+        && python3 benchmarks/gpu_campaign.py --out $OUT
 
 writes ``$OUT/campaign.json`` (everything, raw per-repetition times included) and
 ``$OUT/campaign.md`` (tables) after every step, and prints the Markdown last. Steps, in
@@ -1208,7 +1209,7 @@ def step_gemm(c: Campaign) -> dict[str, Any]:
     out = torch.empty(n, n, dtype=torch.bfloat16, device=DEVICE)
     stream = torch.cuda.current_stream()
 
-    def gemm_loop(iters: int) -> tuple[float, Any]:
+    def gemm_loop(iters: int) -> tuple[Any, Any]:  # (start, end) torch.cuda.Event
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record(stream)
         for _ in range(iters):
@@ -1250,7 +1251,9 @@ def step_gemm(c: Campaign) -> dict[str, Any]:
             e0, e1 = gemm_loop(iters)
             e1.synchronize()
             t1 = time.perf_counter()
-            done = sum(h.nbytes for h in handles if h.done())
+            finished = [h for h in handles if h.done()]
+            done = sum(h.nbytes for h in finished)
+            res["jobs_done_at_gemm_end"] = f"{len(finished)} of {len(handles)}"
             eng.synchronize()
             t2 = time.perf_counter()
             for h in handles:
@@ -1258,7 +1261,6 @@ def step_gemm(c: Campaign) -> dict[str, Any]:
             res["with_s"].append(e0.elapsed_time(e1) / 1e3)
             res["during"].append(gbps(done, t1 - t0))
             res["overall"].append(gbps(sum(h.nbytes for h in handles), t2 - t0))
-            res["jobs_done_at_gemm_end"] = sum(h.done() for h in handles)
     res["gemm_alone_s"], res["gemm_with_s"] = median(res["alone_s"]), median(res["with_s"])
     res["slowdown"] = res["gemm_with_s"] / res["gemm_alone_s"] - 1
     res["gbps_during_gemm"], res["gbps_swaps"] = median(res["during"]), median(res["overall"])
