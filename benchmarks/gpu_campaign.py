@@ -787,6 +787,7 @@ class Campaign:
     def __init__(self, args: argparse.Namespace, argv: Sequence[str]):
         self.args = args
         self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget_s
         self.data: dict[str, Any] = {
@@ -832,6 +833,26 @@ class Campaign:
             print(f"[campaign] {name}: {rec['error']}", file=sys.stderr, flush=True)
         rec["seconds"] = time.monotonic() - t0
         self.save()
+
+
+def run_logged(cmd: Sequence[str], log: Path, timeout: float, cwd: Path | None = None
+               ) -> tuple[int | None, str]:
+    """Run ``cmd`` with its output in the file ``log`` (no pipes: a grandchild left behind
+    cannot block the campaign), in a session of its own; after ``timeout`` seconds the whole
+    process group is killed. Returns (exit status or None on timeout, the output)."""
+    import signal
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group of the process started here
+            proc.wait()
+            rc = None
+    return rc, log.read_text(errors="replace")
 
 
 def _run(cmd: Sequence[str], timeout: float = 20) -> str:
@@ -976,14 +997,8 @@ def run_tests(c: Campaign) -> dict[str, Any]:
     xml = c.out / "tests_cuda.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/cuda", "-v", "-rA", "-p", "no:cacheprovider",
            f"--junitxml={xml}"]
-    timed_out = False
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        text, rc = r.stdout + r.stderr, r.returncode
-    except subprocess.TimeoutExpired as e:
-        text = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
-        rc, timed_out = None, True
-    log.write_text(text)
+    rc, text = run_logged(cmd, log, timeout, cwd=ROOT)
+    timed_out = rc is None
     res = parse_junit(xml) if xml.exists() and not timed_out else parse_pytest_verbose(text)
     res.update(runner="pytest tests/cuda", returncode=rc, timed_out=timed_out,
                timeout_s=timeout, tail=text[-3000:])
@@ -1292,17 +1307,16 @@ def step_bench_cli(c: Campaign) -> dict[str, Any]:
            "--json", str(js)]
     timeout = max(20.0, min(c.args.bench_timeout_s, c.left() - 10))
     res: dict[str, Any] = {"command": " ".join(["python3", *cmd[1:]]), "timeout_s": timeout}
-    try:
-        r = subprocess.run(cmd, cwd=c.out, capture_output=True, text=True, timeout=timeout)
-        res.update(returncode=r.returncode, stdout=r.stdout[-6000:], stderr=r.stderr[-3000:])
-    except subprocess.TimeoutExpired:
-        res.update(returncode=None, timed_out=True)
-        return res
+    rc, text = run_logged(cmd, c.out / "bench_cuda.log", timeout, cwd=c.out)
+    res.update(returncode=rc, output=text[-6000:])
+    if rc is None:
+        raise RuntimeError(f"kvswitch bench --backend cuda: no result after {timeout:.0f} s")
     if js.exists():
         res["figures"] = json.loads(js.read_text()).get("configurations")
-    if r.returncode != 0:
-        raise RuntimeError(f"kvswitch bench --backend cuda exited {r.returncode}: "
-                           f"{r.stderr.strip().splitlines()[-1:] or ''}")
+    if rc != 0:
+        last = [ln for ln in text.strip().splitlines() if "kvswitch bench" in ln][-1:]
+        raise RuntimeError(f"kvswitch bench --backend cuda exited {rc}: "
+                           f"{last[0] if last else text.strip()[-300:]}")
     return res
 
 
@@ -1313,7 +1327,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                "Exit status: 0 every step ran and every test passed, 1 otherwise, 2 no GPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created)")
-    ap.add_argument("--budget-s", type=float, default=480.0,
+    ap.add_argument("--budget-s", type=float, default=450.0,
                     help="wall-time budget of the whole campaign; a step that would not fit "
                          "is skipped")
     ap.add_argument("--tests-timeout-s", type=float, default=240.0,

@@ -201,6 +201,18 @@ def test_markdown_and_json_end_with_the_targets(tmp_path):
     assert "## Targets" in G.render_markdown({})
 
 
+def test_a_hung_step_process_and_its_children_are_ended_at_the_timeout(tmp_path):
+    """run_logged (tests/cuda, the bench CLI) kills the process group it started, so a
+    grandchild left blocked (a scenario stuck on a GPU wait) cannot hold the campaign."""
+    code = ("import subprocess, sys, time; print('started', flush=True); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "time.sleep(120)")
+    rc, text = G.run_logged([sys.executable, "-c", code], tmp_path / "log", timeout=2)
+    assert rc is None and "started" in text
+    rc, text = G.run_logged([sys.executable, "-c", "print('done')"], tmp_path / "log2", 30)
+    assert (rc, text.strip()) == (0, "done")
+
+
 # -- the script without a GPU -----------------------------------------------------------------
 
 def test_help_works_without_a_gpu():

@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("host", "cuda"), default=d.backend,
                    help="host: both pools in host memory, copies with memcpy (scaled by "
                         "--time-scale); cuda: device pool on GPU 0 (PyTorch tensors), "
-                        "pinned host pool, the preset's real block bytes in real time")
+                        "pinned host pool, the preset's real block bytes in real time (the "
+                        "default pools of llama-3-8b take 20 GiB of GPU memory and 60 GiB "
+                        "of pinned host memory: size them with --gpu-blocks/--host-blocks)")
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
                    help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),
