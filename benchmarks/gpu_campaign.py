@@ -1244,7 +1244,7 @@ def step_gemm(c: Campaign) -> dict[str, Any]:
     out_job, in_job = both[0], both[1][:, [1, 0, 2]]
     job_bytes = g.seq_blocks * g.block_bytes
     rate = max(c.data["results"].get("ceiling", {}).get("gbps_out") or 25.0, 1.0) * GB
-    per_chain = max(4, math.ceil(1.5 * iters * per * rate / job_bytes))
+    per_chain = min(1000, max(4, math.ceil(1.5 * iters * per * rate / job_bytes)))
     res: dict[str, Any] = {"n": n, "iters": iters, "gemm_one_s": per, "jobs_per_direction":
                            per_chain, "alone_s": [], "with_s": [], "during": [], "overall": []}
     workers = max(g.workers)

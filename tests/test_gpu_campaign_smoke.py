@@ -425,9 +425,9 @@ def test_measurement_drivers_end_to_end_on_the_fake_driver(fake_driver, tmp_path
 
 def test_campaign_steps_with_torch_on_the_cpu_and_the_fake_driver(fake_driver, tmp_path):
     """The torch-facing steps (pools of bf16 tensors, ceiling buffers, byte checks through
-    torch, the tests/cuda and bench runners) with torch CPU tensors standing in for device
-    memory. Not covered here: the environment record and the GEMM step (CUDA-only torch
-    calls) and anything timed."""
+    torch, the tests/cuda and bench runners, the environment record, GEMMs beside swaps)
+    with torch CPU tensors standing in for device memory and stand-ins for the few
+    torch.cuda calls (device properties, events). Nothing timed is checked."""
     pytest.importorskip("torch")
     out_dir = tmp_path / "out"
     run_fake(fake_driver, f'''
@@ -443,23 +443,46 @@ def test_campaign_steps_with_torch_on_the_cpu_and_the_fake_driver(fake_driver, t
         args = G.parse_args(argv)
         args.geometry = g
         c = G.Campaign(args, argv)
-        c.torch = torch
         c.consumer_stream = lambda: 0x77
+
+        class Props:
+            name, major, minor, total_memory, multi_processor_count = "Fake", 9, 0, 2**34, 132
+
+        class Event:  # torch.cuda.Event on the host clock
+            def __init__(self, enable_timing=False):
+                self.t = None
+            def record(self, stream=None):
+                self.t = __import__("time").perf_counter()
+            def synchronize(self):
+                pass
+            def elapsed_time(self, other):
+                return (other.t - self.t) * 1e3
+        torch.cuda.get_device_properties = lambda i: Props()
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.Event = Event
+        torch.cuda.current_stream = lambda: None
+        node, numa = G.gpu_numa_node()
+        c.step("environment", lambda: G.step_environment(c, numa), need_s=0)
+        env = c.data["env"]
+        assert c.torch is torch and env["gpu"]["name"] == "Fake", c.data["steps"]
+        assert env["attributes"]["driver_version"] == 12080 and env["driver"]["available"]
+        assert env["before_wait_option"] in (True, False) and env["numa_binding"] == "none"
+        args.gemm_n, args.gemm_s, args.gemm_rounds = 64, 0.01, 2
         c.step("tests", lambda: G.run_tests(c), need_s=0)
         c.step("ceiling", lambda: G.step_ceiling(c), need_s=0)
         c.pools = G.make_gpu_pools(c, g.pool_blocks)
         assert isinstance(c.pools.dev, G.TorchRegions) and c.pools.host.pinned
         for name, fn in [("raw_api", G.step_raw), ("engine", G.step_engine),
                          ("bidirectional", G.step_bidirectional),
-                         ("submit_latency", G.step_submit_latency),
+                         ("submit_latency", G.step_submit_latency), ("gemm", G.step_gemm),
                          ("pageable", G.step_pageable), ("bench_cli", G.step_bench_cli)]:
             c.step(name, lambda fn=fn: fn(c), need_s=0)
         c.step("over budget", lambda: 1 / 0, need_s=1e9)
         steps = {{k: v["status"] for k, v in c.data["steps"].items()}}
         print("STEPS", json.dumps(steps))
         assert steps["over budget"] == "skipped"
-        for k in ("tests", "ceiling", "raw_api", "engine", "bidirectional", "submit_latency",
-                  "pageable"):
+        for k in ("environment", "tests", "ceiling", "raw_api", "engine", "bidirectional",
+                  "submit_latency", "gemm", "pageable"):
             assert steps[k] == "ok", (k, c.data["steps"][k])
         res = c.data["results"]
         t = res["tests"]
@@ -468,7 +491,8 @@ def test_campaign_steps_with_torch_on_the_cpu_and_the_fake_driver(fake_driver, t
         assert ce["verify_out"] == ce["verify_in"] == "ok" and ce["bytes"] == 1 << 20
         assert len(ce["gpu_s_out"]) == 20 and ce["ratio_both"] > 0
         checks = [r.get("verify") for k in ("raw_api", "engine", "bidirectional", "pageable")
-                  for r in res[k]["rows"] if "verify" in r]
+                  for r in res[k]["rows"] if "verify" in r] + [res["gemm"]["verify"]]
+        assert len(res["gemm"]["with_s"]) == 2 and "slowdown" in res["gemm"]
         assert checks and set(checks) == {{"ok"}}, checks
         assert res["pageable"]["pinned"] is False
         assert len(res["raw_api"]["rows"]) == 2 * len(g.extents) * 2  # both APIs
