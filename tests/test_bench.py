@@ -198,3 +198,23 @@ def test_bench_cli_reports_bad_input(tmp_path, capsys):
     assert "missing column" in capsys.readouterr().err
     assert main(["bench", "--configs", "baseline,turbo", "--no-progress"]) == 2
     assert "turbo" in capsys.readouterr().err
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+def test_serve_checks_the_backend_before_any_work(convs):
+    with pytest.raises(ValueError, match="backend must be 'host' or 'cuda'"):
+        serve(convs, ServeConfig(backend="tpu"), CONFIGURATIONS["full"])
+    with pytest.raises(ValueError, match="time_scale must be 1"):
+        serve(convs, ServeConfig(backend="cuda", time_scale=40), CONFIGURATIONS["full"])
+
+
+def test_serve_on_cuda_without_a_gpu_raises_a_clear_error(convs):
+    from kvswitch.cli import cuda_unavailable_reason
+
+    if not cuda_unavailable_reason():
+        pytest.skip("this machine has a CUDA GPU")
+    cfg = ServeConfig(backend="cuda", time_scale=1, model="small", gpu_blocks=800,
+                      host_blocks=100)
+    with pytest.raises(RuntimeError, match="the cuda backend needs a CUDA GPU: "):
+        serve(convs[:1], cfg, CONFIGURATIONS["full"])

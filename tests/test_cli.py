@@ -265,3 +265,72 @@ def test_undefined_percentiles_print_as_n_a_not_nan(tmp_path, capsys):
     assert "P99.9 TBT n/a of baseline" in out
     tbt = [line for line in out.splitlines() if line.startswith("TBT P99.9")]
     assert tbt[0].split()[-2:] == ["n/a", "n/a"]
+
+
+# -- --backend (host: today's behaviour; cuda: real GPU pools, checked before any work) ------
+
+def test_backend_defaults_to_host_and_keeps_the_time_scale():
+    a = build_parser().parse_args(["bench"])
+    assert a.backend == "host" == ServeConfig().backend
+    assert a.time_scale == ServeConfig().time_scale == 40
+    assert not getattr(a, "time_scale_given", False)
+    a = build_parser().parse_args(["bench", "--time-scale", "40"])
+    assert a.time_scale == 40 and a.time_scale_given
+
+
+def test_backend_host_runs_as_before(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    rc, out, err = run(capsys, *FAST, "--conversations", "3", "--configs", "baseline,full",
+                       "--backend", "host", "--json", str(out_json))
+    assert rc == 0, err
+    assert "host backend" in err and "full vs baseline" in out
+    assert "each block carries 1/2000 of the preset's bytes" in out
+    cfg = json.loads(out_json.read_text())["config"]
+    assert cfg["backend"] == "host" and cfg["time_scale"] == 2000
+
+
+def test_backend_cuda_without_a_gpu_is_one_clear_line(monkeypatch, capsys, no_serve):
+    monkeypatch.setattr(cli, "cuda_unavailable_reason", lambda: "no CUDA device (test)")
+    rc, out, err = run(capsys, "--backend", "cuda", "--conversations", "3", "--no-progress")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "kvswitch bench: error: --backend cuda needs a CUDA GPU: no CUDA device (test)"]
+
+
+def test_backend_cuda_on_this_machine_says_why_when_there_is_no_gpu(capsys, no_serve):
+    if not cli.cuda_unavailable_reason():
+        pytest.skip("this machine has a CUDA GPU")
+    rc, out, err = run(capsys, "--backend", "cuda", "--no-progress")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "kvswitch bench: error: --backend cuda needs a CUDA GPU: "), err
+
+
+@pytest.mark.parametrize("scale", ["40", "0.5", "2000"])
+def test_backend_cuda_refuses_a_time_scale_other_than_1(scale, monkeypatch, capsys, no_serve):
+    monkeypatch.setattr(cli, "cuda_unavailable_reason",
+                        lambda: pytest.fail("the GPU was probed before the option check"))
+    rc, out, err = run(capsys, "--backend", "cuda", "--time-scale", scale, "--no-progress")
+    assert_option_error(rc, out, err, "--time-scale")
+    assert "must be 1" in err
+
+
+def test_backend_cuda_runs_at_time_scale_1(monkeypatch, capsys):
+    seen = {}
+
+    def started(convs, config, mechanisms, on_conversation_done=None):
+        seen["config"] = config
+        raise Started
+    monkeypatch.setattr(cli, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(cli, "serve", started)
+    for extra in ([], ["--time-scale", "1"]):
+        with pytest.raises(Started):
+            main(["bench", "--backend", "cuda", "--conversations", "3", "--no-progress", *extra])
+        assert seen["config"].backend == "cuda" and seen["config"].time_scale == 1
+    assert "time scale 1; cuda backend" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_an_option_error(capsys, no_serve):
+    rc, out, err = run(capsys, "--backend", "tpu")
+    assert_option_error(rc, out, err, "--backend")

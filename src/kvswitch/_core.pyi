@@ -146,6 +146,36 @@ def cuda_driver_info() -> dict[str, Any]: ...
 def cuda_pointer_device(ptr: int) -> int: ...
 def cuda_timed_memcpy(ordinal: int, dst: int, src: int, nbytes: int) -> float: ...
 
+# -- raw copy timing (cpp/bindings/bind_bench.cpp; benchmarks/gpu_campaign.py, tests/cuda) ---
+
+class CudaError(RuntimeError): ...
+
+def cuda_copy_bench(
+    ordinal: int,
+    dst: npt.NDArray[np.uint64],
+    src: npt.NDArray[np.uint64],
+    sizes: npt.NDArray[np.uint64],
+    direction: str,
+    api: str = "memcpy",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, Any]: ...
+def cuda_copy_bench_concurrent(
+    ordinal: int,
+    a_dst: npt.NDArray[np.uint64],
+    a_src: npt.NDArray[np.uint64],
+    a_sizes: npt.NDArray[np.uint64],
+    a_direction: str,
+    b_dst: npt.NDArray[np.uint64],
+    b_src: npt.NDArray[np.uint64],
+    b_sizes: npt.NDArray[np.uint64],
+    b_direction: str,
+    api: str = "memcpy",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, Any]: ...
+def cuda_device_attributes(ordinal: int = 0) -> dict[str, int]: ...
+
 # -- module (cpp/bindings/module.cpp) --------------------------------------------------------
 
 def _set_leak_warnings(enabled: bool) -> None: ...

@@ -6,7 +6,9 @@ section 4.2) and compares configurations of kvswitch's mechanisms against vLLM's
 path (per-block allocation, one copy per block and region, blocking swaps, no reuse).
 Swaps are real copies timed on this machine; model compute follows a stated cost model
 (:mod:`kvswitch.bench.cost_model`); see :mod:`kvswitch.bench.serve` for what is measured,
-what is modelled and the time scale.
+what is modelled and the time scale. ``--backend cuda`` puts the device pool on GPU 0
+(PyTorch tensors) and the host pool in pinned memory, and copies the preset's real block
+bytes in real time (time scale 1).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from dataclasses import asdict
 import numpy as np
 
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS
-from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, ServeResult, min_gpu_blocks, serve
+from kvswitch.bench.serve import (
+    CONFIGURATIONS,
+    ServeConfig,
+    ServeResult,
+    cuda_unavailable_reason,
+    min_gpu_blocks,
+    serve,
+)
 from kvswitch.trace import TraceError, load_trace, sample
 
 GIB = 1 << 30
@@ -92,6 +101,28 @@ def _output_path(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"cannot write {text}: {parent}: {e.strerror or e}") from None
     return text
+
+
+class _GivenNumber(argparse.Action):
+    """Stores the value and notes that the option was given (``<dest>_given``), so that a
+    default can depend on another option without changing the parser's default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+class _NoProgress:
+    """Stands in for a tqdm bar with --no-progress (tqdm is then not imported)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
@@ -256,6 +287,20 @@ def _bench(args: argparse.Namespace) -> int:
             print("kvswitch bench: --plot needs matplotlib (pip install 'kvswitch[plot]')",
                   file=sys.stderr)
             return 2
+    time_scale = args.time_scale
+    if args.backend == "cuda":
+        # Real block bytes over the real link: only real time makes sense (checked before
+        # the GPU so that the option error is the same on every machine).
+        if getattr(args, "time_scale_given", False) and time_scale != 1:
+            print(f"kvswitch bench: error: argument --time-scale: --backend cuda copies the "
+                  f"preset's real block bytes in real time, so it must be 1, got "
+                  f"{time_scale:g}", file=sys.stderr)
+            return 2
+        time_scale = 1.0
+        if why := cuda_unavailable_reason():
+            print(f"kvswitch bench: error: --backend cuda needs a CUDA GPU: {why}",
+                  file=sys.stderr)
+            return 2
     try:
         trace = load_trace(args.trace)
     except (TraceError, OSError) as e:
@@ -268,8 +313,8 @@ def _bench(args: argparse.Namespace) -> int:
     config = ServeConfig(
         model=args.model, gpu=args.gpu, gpu_blocks=args.gpu_blocks,
         host_blocks=args.host_blocks, arrival_rate=args.arrival_rate, think_s=args.think_s,
-        pattern=args.pattern, update_every=args.update_every, time_scale=args.time_scale,
-        num_workers=args.workers, seed=args.seed)
+        pattern=args.pattern, update_every=args.update_every, time_scale=time_scale,
+        num_workers=args.workers, seed=args.seed, backend=args.backend)
     # serve() refuses a pool too small for a conversation; say it here, before any run.
     big = max(conversations, key=lambda c: c.total_tokens)
     need = min_gpu_blocks(big.total_tokens, config)
@@ -285,30 +330,40 @@ def _bench(args: argparse.Namespace) -> int:
         f"think time {args.think_s:g} s; {args.model} on {args.gpu} (cost model); GPU pool "
         f"{args.gpu_blocks:,} blocks ({args.gpu_blocks * model.kv_bytes_per_token * 16 / GIB:.1f}"
         f" GiB of preset KV), host pool {args.host_blocks:,} blocks; {args.pattern} priorities "
-        f"every {args.update_every} iterations; time scale {args.time_scale:g}; host backend",
-        file=sys.stderr)
-    from tqdm import tqdm
+        f"every {args.update_every} iterations; time scale {time_scale:g}; {args.backend} "
+        f"backend", file=sys.stderr)
+
+    def progress(desc: str):
+        if args.no_progress:
+            return _NoProgress()
+        from tqdm import tqdm
+
+        return tqdm(total=len(conversations), desc=desc, unit="conv", file=sys.stderr)
 
     figures: dict[str, dict[str, float]] = {}
     for name in names:
         try:
-            with tqdm(total=len(conversations), desc=f"{name:>12}", unit="conv",
-                      disable=args.no_progress, file=sys.stderr) as bar:
+            with progress(f"{name:>12}") as bar:
                 result = serve(conversations, config, CONFIGURATIONS[name],
                                on_conversation_done=lambda bar=bar: bar.update())
         except ValueError as e:
             print(f"kvswitch bench: {e}", file=sys.stderr)
             return 2
-        figures[name] = summarize(result, args.time_scale)
+        except RuntimeError as e:  # the cuda backend: no device, no pinned memory
+            print(f"kvswitch bench: {e}", file=sys.stderr)
+            return 1
+        figures[name] = summarize(result, time_scale)
     print(format_table(figures))
     print()
     if line := compare(figures):
         print(line)
+    copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
+              if args.backend == "cuda" else
+              f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
     print(
-        f"Copies are real (host backend; each block carries 1/{args.time_scale:g} of the "
-        f"preset's bytes); model compute is "
+        f"Copies are real ({copies}); model compute is "
         f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
-        f"compute + measured stalls x {args.time_scale:g}). See docs/benchmarks.md.")
+        f"compute + measured stalls x {time_scale:g}). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
             with open(args.json, "w") as f:
@@ -357,8 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--host-blocks", type=_integer(1, INT32_MAX), default=d.host_blocks,
                    help="host pool size, blocks of 16 tokens (1 to 2^31-1)")
     b.add_argument("--time-scale", type=_number(positive=True), default=d.time_scale,
+                   action=_GivenNumber,
                    help="run this many times faster than the modelled system (> 0; 1 = real "
-                        "time)")
+                        "time; --backend cuda always runs at 1)")
+    b.add_argument("--backend", choices=("host", "cuda"), default=d.backend,
+                   help="host: both pools in host memory, copies with memcpy (scaled by "
+                        "--time-scale); cuda: device pool on GPU 0 (PyTorch tensors), "
+                        "pinned host pool, the preset's real block bytes in real time (the "
+                        "default pools of llama-3-8b take 20 GiB of GPU memory and 60 GiB "
+                        "of pinned host memory: size them with --gpu-blocks/--host-blocks)")
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
                    help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),

@@ -16,6 +16,12 @@ What is real and what is modelled:
   measured time times ``S`` stands for the preset's bytes at this machine's copy bandwidth.
   Per-copy overheads are scaled by ``S`` as well. ``S = 1`` runs in real time with the
   preset's real block bytes.
+* **Backend** (``ServeConfig.backend``): ``"host"`` (default) copies between two pools in
+  host memory with memcpy. ``"cuda"`` puts the device pool on GPU 0 as PyTorch tensors in
+  vLLM's per-layer layout (``[2, blocks, block_size, kv_heads, head_dim]``, the preset's
+  dtype) and the host pool in pinned memory, so every swap is a real GPU <-> host copy of
+  the preset's real block bytes (2 MiB per Llama-3-8B block); it runs at time scale 1
+  only. The model's compute is still modelled, not run on the GPU.
 
 Scheduling (vLLM-style continuous batching with a priority scheduler, FastSwitch section
 4.4): every iteration, finished swap-ins join the batch (Algorithm 1 step 1); waiting and
@@ -42,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
-from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel
+from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, ModelPreset
 from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
@@ -51,7 +57,8 @@ from kvswitch.swap import AsyncSwapEngine
 from kvswitch.trace import Conversation
 
 __all__ = [
-    "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "min_gpu_blocks", "serve",
+    "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "cuda_unavailable_reason",
+    "min_gpu_blocks", "serve",
 ]
 
 
@@ -93,6 +100,9 @@ class ServeConfig:
     initial_group_blocks: int = 60
     num_workers: int = 2  #: swap engine worker threads
     seed: int = 0
+    #: "host" (pools in host memory, memcpy) or "cuda" (device pool on GPU 0, pinned host
+    #: pool, real block bytes; time_scale must be 1)
+    backend: str = "host"
 
 
 @dataclass
@@ -140,6 +150,34 @@ def _layout(num_regions: int, region_bytes: int, num_blocks: int) -> KVLayout:
                                   for _ in range(num_regions)])
 
 
+def cuda_unavailable_reason() -> str:
+    """Why the cuda backend cannot run here ('' when it can): PyTorch with CUDA and
+    kvswitch's cuda backend (driver loaded with dlopen) must both see device 0."""
+    try:
+        import torch
+    except ImportError as e:
+        return f"PyTorch is not installed ({e})"
+    if not torch.cuda.is_available():
+        built = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+        return f"torch.cuda.is_available() is False{built}"
+    from kvswitch import _core
+
+    return _core.cuda_unavailable_reason(0)
+
+
+def _cuda_layout(model: ModelPreset, block_size: int, num_blocks: int) -> KVLayout:
+    """The device pool on cuda:0: one vLLM-style tensor per layer, ``[2, num_blocks,
+    block_size, kv_heads, head_dim]`` of the preset's dtype (bytes per element), zeroed."""
+    import torch  # only the cuda backend needs it
+
+    dtype = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}[model.dtype_bytes]
+    shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    tensors = [torch.zeros(shape, dtype=dtype, device="cuda:0")
+               for _ in range(model.num_layers)]
+    torch.cuda.synchronize()
+    return KVLayout.from_vllm(tensors, kv_dim=0)
+
+
 class _Server:
     def __init__(self, convs: list[Conversation], cfg: ServeConfig, mech: Mechanisms,
                  on_finish: Callable[[], None] | None) -> None:
@@ -149,12 +187,21 @@ class _Server:
         S = cfg.time_scale
         self.S = S
         preset_region = model.region_block_bytes(cfg.block_size)
-        region = max(16, round(preset_region / S / 16) * 16)
-        device = _layout(model.num_regions, region, cfg.gpu_blocks)
-        host = HostKVPool(device, cfg.host_blocks, pin=False)
-        for a in host.arrays:
-            a.fill(0)
-        engine = AsyncSwapEngine(device, host, backend="host", num_workers=cfg.num_workers)
+        if cfg.backend == "cuda":  # real bytes, real link (time scale 1, checked in serve)
+            region = preset_region
+            device = _cuda_layout(model, cfg.block_size, cfg.gpu_blocks)
+            host = HostKVPool(device, cfg.host_blocks, pin=True)
+            if not host.pinned:
+                raise RuntimeError(f"the cuda backend needs a pinned host pool: "
+                                   f"{host.pin_reason}")
+        else:
+            region = max(16, round(preset_region / S / 16) * 16)
+            device = _layout(model.num_regions, region, cfg.gpu_blocks)
+            host = HostKVPool(device, cfg.host_blocks, pin=False)
+            for a in host.arrays:
+                a.fill(0)
+        engine = AsyncSwapEngine(device, host, backend=cfg.backend,
+                                 num_workers=cfg.num_workers)
         gpu = (BlockGroupAllocator(cfg.gpu_blocks, initial_group_blocks=cfg.initial_group_blocks)
                if mech.block_groups else BlockGroupAllocator.per_block(cfg.gpu_blocks))
         self.m = SwapManager(
@@ -443,10 +490,20 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
     Raises:
         KeyError: unknown model or GPU preset.
         ValueError: a conversation whose KV cannot fit the GPU pool (see
-            :func:`min_gpu_blocks`), or bad sizes.
+            :func:`min_gpu_blocks`), bad sizes, an unknown backend, or the cuda backend
+            with a time scale other than 1.
+        RuntimeError: the cuda backend without a usable GPU (the engine says why) or
+            without pinned host memory.
     """
     if config.time_scale <= 0:
         raise ValueError(f"time_scale must be positive, got {config.time_scale}")
+    if config.backend not in ("host", "cuda"):
+        raise ValueError(f"backend must be 'host' or 'cuda', got {config.backend!r}")
+    if config.backend == "cuda" and config.time_scale != 1:
+        raise ValueError(f"the cuda backend copies the preset's real block bytes in real "
+                         f"time: time_scale must be 1, got {config.time_scale:g}")
+    if config.backend == "cuda" and (why := cuda_unavailable_reason()):
+        raise RuntimeError(f"the cuda backend needs a CUDA GPU: {why}")
     if conversations:
         big = max(conversations, key=lambda c: c.total_tokens)
         need = min_gpu_blocks(big.total_tokens, config)
