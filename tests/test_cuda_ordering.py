@@ -321,3 +321,63 @@ def test_driver_without_v2_memory_ops(fake):
         with K.AsyncSwapEngine(layout, pool) as eng:
             assert eng.swap_in([(0, 0, 2)], before=CONSUMER).wait(30)
     ''', FAKE_CUDA_DRIVER_VERSION="11060")
+
+
+def test_event_mode_swap_in_is_not_held_by_a_job_waiting_on_compute(fake):
+    """The worker's only job waits on a stalled after= stream (compute that has not
+    finished): an unrelated swap_in(before=) is still dispatched at once, because a worker
+    never blocks on the GPU while it could take a job."""
+    run(fake, '''
+        views, layout = vllm(n=16)
+        pool = K.HostKVPool(layout, 16)
+        gate = lib.fake_gate_close(GATED)
+        with K.AsyncSwapEngine(layout, pool, num_workers=1) as eng:
+            out = eng.swap_out([(0, 0, 4)], after=GATED)
+            res = {}
+            t = threading.Thread(target=lambda: res.update(h=eng.swap_in([(8, 8, 4)],
+                                                                          before=CONSUMER)))
+            t.start()
+            t.join(10)
+            returned = not t.is_alive()
+            lib.fake_gate_open(gate)
+            t.join(30)
+            assert returned, "swap_in(before=) waited for a job gated on compute"
+            assert res["h"].wait(30) and out.wait(30)
+    ''')
+
+
+def test_flag_mode_with_every_flag_in_flight_orders_by_event(fake):
+    """4,096 flag-mode swap-ins in flight hold every flag: the next one is ordered through
+    its end event instead of failing (a consumer that does not wait on the handle would
+    read stale blocks)."""
+    run(fake, '''
+        views, layout = vllm(n=16)
+        pool = K.HostKVPool(layout, 16)
+        gate = lib.fake_gate_close(GATED)
+        with K.AsyncSwapEngine(layout, pool, num_workers=1, before_wait="flag",
+                               max_queue=5000) as eng:
+            eng.swap_out([(0, 0, 1)], after=GATED)  # every swap-in below waits for it
+            hs = [eng.swap_in([(0, 0, 1)], before=CONSUMER) for _ in range(4096)]
+            waits, events = C.wait_value, C.wait_event
+            threading.Timer(0.5, lib.fake_gate_open, (gate,)).start()
+            last = eng.swap_in([(0, 0, 1)], before=CONSUMER)  # returns once dispatched
+            assert C.wait_value == waits and C.wait_event > events
+            assert last.wait(60) and all(h.wait(60) for h in hs)
+            wait_idle(CONSUMER)
+    ''', timeout=180)
+
+
+def test_engines_sharing_a_pageable_pool_share_its_registration(fake):
+    run(fake, '''
+        views, layout = vllm(n=16)
+        pool = K.HostKVPool(layout, 16, pin=False)
+        a = K.AsyncSwapEngine(layout, pool)
+        b = K.AsyncSwapEngine(layout, pool)
+        assert a.host_memory == b.host_memory == "registered"
+        registered = C.host_register
+        a.close()
+        assert C.host_unregister == 0  # b still copies to it
+        assert b.swap_out([(0, 0, 16)]).wait(30) and C.pageable_copies == 0
+        b.close()
+        assert C.host_unregister == registered
+    ''')

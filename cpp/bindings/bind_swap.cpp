@@ -220,6 +220,8 @@ void bind_swap(nb::module_& m) {
                  o.num_workers = num_workers;
                  o.sync_every = sync_every;
                  o.max_queue = max_queue;
+                 // Page-locking a pageable host pool (attach_host) can take seconds.
+                 nb::gil_scoped_release release;
                  new (self) AsyncSwapEngine(device, host, std::move(b), o);
              },
              "device_layout"_a, "host_layout"_a, "backend"_a, "num_workers"_a, "sync_every"_a,

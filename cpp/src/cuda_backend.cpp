@@ -3,6 +3,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <deque>
+#include <map>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -40,12 +42,31 @@ struct CudaBackend::Shared {
 
     Shared(const CudaDriver& drv, int ord) : d(drv), ordinal(ord) {}
 
-    /// A consumer stream may still have a wait on a flag queued: the flags are freed only
-    /// once the whole context is idle (cuCtxSynchronize); if that fails they are leaked.
-    /// Context current; no job in flight.
+    // Flag mode: after each flag wait, a plain event recorded on the consumer stream, kept
+    // until it completes. The flags may be freed once every mark has completed: no
+    // consumer waits on them any more. Guarded by mu.
+    std::deque<CUevent> consumer_marks;
+    bool untracked_wait = false;  // a wait whose mark could not be recorded: never free
+
+    /// Returns completed marks to the pool. Context current; mu held.
+    void prune_marks_locked() noexcept {
+        while (!consumer_marks.empty() && d.cuEventQuery(consumer_marks.front()) == CUDA_SUCCESS) {
+            plain_events.push_back(consumer_marks.front());
+            consumer_marks.pop_front();
+        }
+    }
+
+    /// Frees the flags if no consumer stream can still wait on them; else leaks them (16
+    /// KiB) rather than block on the caller's streams. Context current; no job in flight.
     void free_flags() noexcept {
         if (!flags) return;
-        if (d.cuCtxSynchronize && d.cuCtxSynchronize() == CUDA_SUCCESS) d.cuMemFreeHost(flags);
+        bool idle;
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            prune_marks_locked();
+            idle = consumer_marks.empty() && !untracked_wait;
+        }
+        if (idle) d.cuMemFreeHost(flags);
         flags = nullptr;
         flags_dev = 0;
     }
@@ -77,9 +98,10 @@ struct CudaBackend::Shared {
     ~Shared() {
         try {
             ScopedContext scope(d, ctx);
+            free_flags();
             for (CUevent e : timed_events) d.cuEventDestroy(e);
             for (CUevent e : plain_events) d.cuEventDestroy(e);
-            free_flags();
+            for (CUevent e : consumer_marks) d.cuEventDestroy(e);  // freed once complete
         } catch (...) {
         }
         if (ctx) d.cuDevicePrimaryCtxRelease(dev);
@@ -98,6 +120,7 @@ struct CudaSync final : JobSync {
     std::atomic<bool> end_recorded{false};
     long flag = -1;                    // index into Shared::flags, -1 for none
     std::uint32_t flag_value = 0;
+    bool order_on_issue = false;       // before= is ordered by order_before() (event)
 
     ~CudaSync() override {
         s->put_event(start, true);
@@ -384,9 +407,11 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
     } else if (after.kind == StreamRef::Kind::kEvent) {
         sync->after_external = reinterpret_cast<CUevent>(after.handle);
     }
+    if (before.kind == StreamRef::Kind::kStream && before_wait_ == BeforeWait::kEvent)
+        sync->order_on_issue = true;
     if (before.kind == StreamRef::Kind::kStream && before_wait_ == BeforeWait::kFlag) {
-        // A free slot, without blocking: prepare() runs under the engine's lock, and the
-        // slot of a job in flight is freed by a worker that may need that lock first.
+        // A free slot, without blocking: prepare() runs in submission order, and the slot
+        // of a job in flight is freed by a worker only once its copies completed.
         std::size_t idx = kNumFlags;
         std::uint32_t value = 0;
         {
@@ -404,20 +429,42 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
                 value = ++s.next_value;
             }
         }
-        if (idx == kNumFlags)
-            throw std::runtime_error("more than " + std::to_string(kNumFlags) +
-                                     " swap-ins with before= in flight (before_wait='flag')");
+        if (idx == kNumFlags) {
+            // Every slot is in flight: order this job as in event mode rather than fail it
+            // (a consumer that does not wait on the handle would read stale blocks).
+            sync->order_on_issue = true;
+            return sync;
+        }
         sync->flag = static_cast<long>(idx);
         sync->flag_value = value;
-        const CUresult r = d.cuStreamWaitValue32(reinterpret_cast<CUstream>(before.handle),
-                                                 s.flags_dev + 4 * idx, value,
-                                                 CU_STREAM_WAIT_VALUE_GEQ);
+        const auto consumer = reinterpret_cast<CUstream>(before.handle);
+        const CUresult r =
+            d.cuStreamWaitValue32(consumer, s.flags_dev + 4 * idx, value, CU_STREAM_WAIT_VALUE_GEQ);
         if (r != CUDA_SUCCESS) {
             release_flag(*sync, true);
             d.check(r, "cuStreamWaitValue32(before stream)");
         }
+        // Marks where the consumer passed its wait, so close() frees the flags only then.
+        CUevent mark = nullptr;
+        try {
+            mark = s.get_event(false);
+        } catch (const CudaError&) {
+        }
+        const bool marked = mark && d.cuEventRecord(mark, consumer) == CUDA_SUCCESS;
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (marked) {
+            s.consumer_marks.push_back(mark);
+            s.prune_marks_locked();
+        } else {
+            s.untracked_wait = true;
+            if (mark) s.plain_events.push_back(mark);
+        }
     }
     return sync;
+}
+
+bool CudaBackend::defers_before(const JobSync& js) const {
+    return static_cast<const CudaSync&>(js).order_on_issue;
 }
 
 bool CudaBackend::order_before(JobSync& js, StreamRef before) noexcept {
@@ -434,6 +481,26 @@ bool CudaBackend::order_before(JobSync& js, StreamRef before) noexcept {
     }
 }
 
+namespace {
+
+// Host ranges kvswitch page-locked, process-wide: two engines over one host pool share the
+// registration, and the last one to close undoes it (one engine's close() must not turn
+// another's in-flight copies pageable).
+struct Registration {
+    std::size_t nbytes = 0;
+    int engines = 0;
+};
+std::mutex& registry_mu() {
+    static std::mutex mu;
+    return mu;
+}
+std::map<std::uintptr_t, Registration>& registry() {
+    static auto* r = new std::map<std::uintptr_t, Registration>;  // never destroyed: exit order
+    return *r;
+}
+
+}  // namespace
+
 HostMemory CudaBackend::attach_host(
     const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept {
     const CudaDriver& d = shared_->d;
@@ -441,30 +508,41 @@ HostMemory CudaBackend::attach_host(
     out.kind = "pinned";
     try {
         ScopedContext scope(d, shared_->ctx);
+        std::lock_guard<std::mutex> lock(registry_mu());
         for (const auto& [addr, nbytes] : byte_ranges) {
             if (!nbytes) continue;
+            auto known = registry().find(addr);
+            if (known != registry().end() && known->second.nbytes >= nbytes) {
+                ++known->second.engines;  // registered by another engine: share it
+                registered_.push_back(addr);
+                out.kind = "registered";
+                continue;
+            }
             // Pinned and registered memory report CU_MEMORYTYPE_HOST; the driver does not
             // know pageable memory (CUDA_ERROR_INVALID_VALUE).
             unsigned type = 0;
-            if (d.cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            if (d.cuPointerGetAttribute &&
+                d.cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
                                         static_cast<CUdeviceptr>(addr)) == CUDA_SUCCESS &&
                 type == CU_MEMORYTYPE_HOST)
                 continue;
-            void* p = reinterpret_cast<void*>(addr);
             if (!d.cuMemHostRegister) {
                 out.kind = "pageable";
                 out.detail = "this driver lacks cuMemHostRegister";
                 break;
             }
-            const CUresult r = d.cuMemHostRegister(p, nbytes, kHostRegisterPortable);
-            if (r == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) continue;  // page-locked
+            const CUresult r =
+                d.cuMemHostRegister(reinterpret_cast<void*>(addr), nbytes, kHostRegisterPortable);
             if (r != CUDA_SUCCESS) {
+                // ALREADY_REGISTERED here: the first byte is pageable but some of the range
+                // was registered by someone else -- only partly page-locked.
                 out.kind = "pageable";
                 out.detail = "cuMemHostRegister of " + std::to_string(nbytes) +
                              " bytes failed: " + d.error_string(r);
                 break;
             }
-            registered_.push_back(p);
+            registry()[addr] = Registration{nbytes, 1};
+            registered_.push_back(addr);
             out.kind = "registered";
         }
     } catch (const std::exception& e) {
@@ -474,10 +552,10 @@ HostMemory CudaBackend::attach_host(
     if (out.kind == "pageable") {
         unregister_host();
     } else if (out.kind == "registered") {
-        out.detail = "page-locked by the engine with cuMemHostRegister (" +
-                     std::to_string(registered_.size()) + " range(s))";
+        out.detail = "page-locked by kvswitch with cuMemHostRegister (" +
+                     std::to_string(registered_.size()) + " range(s)) until close()";
     } else {
-        out.detail = "page-locked memory (cuMemHostAlloc or registered)";
+        out.detail = "page-locked memory (cuMemHostAlloc or registered by its owner)";
     }
     return out;
 }
@@ -487,7 +565,13 @@ void CudaBackend::unregister_host() noexcept {
     const CudaDriver& d = shared_->d;
     try {
         ScopedContext scope(d, shared_->ctx);
-        for (void* p : registered_) d.cuMemHostUnregister(p);
+        std::lock_guard<std::mutex> lock(registry_mu());
+        for (std::uintptr_t addr : registered_) {
+            auto it = registry().find(addr);
+            if (it == registry().end() || --it->second.engines > 0) continue;
+            d.cuMemHostUnregister(reinterpret_cast<void*>(addr));
+            registry().erase(it);
+        }
     } catch (...) {
     }
     registered_.clear();
@@ -495,9 +579,8 @@ void CudaBackend::unregister_host() noexcept {
 
 void CudaBackend::close() noexcept {
     unregister_host();
-    // No job can use the flags after the engine closed. Freed here, where the engine's
-    // close() runs without the GIL, rather than in the destructor, which may run under it
-    // while a consumer stream still waits (cuCtxSynchronize).
+    // No job can use the flags after the engine closed; a consumer stream may still wait
+    // on one (free_flags() leaks them then).
     try {
         ScopedContext scope(shared_->d, shared_->ctx);
         shared_->free_flags();

@@ -81,7 +81,6 @@ CudaDriver::CudaDriver() {
       "cuDevicePrimaryCtxRelease_v2");
     r(cuCtxSetCurrent, "cuCtxSetCurrent", base, "cuCtxSetCurrent");
     r(cuCtxGetCurrent, "cuCtxGetCurrent", base, "cuCtxGetCurrent");
-    r(cuCtxSynchronize, "cuCtxSynchronize", base, "cuCtxSynchronize");
     r(cuCtxGetStreamPriorityRange, "cuCtxGetStreamPriorityRange", base,
       "cuCtxGetStreamPriorityRange");
     r(cuStreamCreateWithPriority, "cuStreamCreateWithPriority", base,

@@ -6,6 +6,8 @@
 #include <limits>
 #include <utility>
 
+#include <unistd.h>
+
 namespace kvswitch {
 
 enum class JobState : int { kQueued, kIssued, kDone, kFailed };
@@ -177,17 +179,19 @@ void wait_finished(const SwapJob& j) {
 }
 
 /// The host layout's memory as merged [address, bytes) ranges, for attach_host(). Ranges
-/// less than a page apart are merged: page-locking works on whole pages.
+/// that share a page are merged: page-locking works on whole pages, and two
+/// registrations may not overlap.
 std::vector<std::pair<std::uintptr_t, std::size_t>> host_ranges(const KVLayout& host) {
     std::vector<ByteRange> rs;
     for (const KVRegion& r : host.regions()) rs.push_back(byte_range(r, host.num_blocks()));
     std::sort(rs.begin(), rs.end(),
               [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
-    constexpr std::uint64_t kPage = 4096;
+    const long page_size = sysconf(_SC_PAGESIZE);  // 64 KiB on some Arm hosts (GH200)
+    const std::uint64_t page = page_size > 0 ? static_cast<std::uint64_t>(page_size) : 4096;
     std::vector<std::pair<std::uintptr_t, std::size_t>> out;
     std::uint64_t begin = 0, end = 0;
     for (std::size_t i = 0; i < rs.size(); ++i) {
-        if (i && rs[i].begin <= end + kPage) {
+        if (i && rs[i].begin / page <= (end - 1) / page) {
             end = std::max(end, rs[i].end);
             continue;
         }
@@ -374,11 +378,13 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
     // From here on nothing throws but EngineClosed (a close() racing this call): a backend
     // error becomes a failed job, reported on its handle like any copy error.
 
-    // Under mu_: the job's id, and the work prepare() enqueues on the caller's streams
-    // (events recorded for after=, flag waits for before=), in one order. Were they apart,
-    // two threads could enqueue them in opposite orders: job A's flag wait ahead of job
-    // B's after= event on one stream while A, the later id, depends on B -- a GPU hang.
-    auto start_locked = [&] {
+    // Under submit_mu_: the job's id, and the work prepare() enqueues on the caller's
+    // streams (events recorded for after=, flag waits for before=), in one order. Were
+    // they apart, two threads could enqueue them in opposite orders: job A's flag wait
+    // ahead of job B's after= event on one stream while A, the later id, depends on B --
+    // a GPU hang. Workers never take submit_mu_, so a prepare() that blocks in the driver
+    // (a consumer's full command queue) cannot stop them from draining it.
+    auto start = [&] {
         job->id = next_id_++;
         if (fail_next_ > 0) {  // armed in submission order
             --fail_next_;
@@ -396,9 +402,9 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
     if (opts_.num_workers == 0) {
         std::lock_guard<std::mutex> inline_lock(inline_mu_);
         {
-            std::lock_guard<std::mutex> lock(mu_);
-            if (closing_) throw EngineClosed("AsyncSwapEngine is closed");
-            start_locked();
+            std::lock_guard<std::mutex> order(submit_mu_);
+            if (closed()) throw EngineClosed("AsyncSwapEngine is closed");
+            start();
         }
         const auto t0 = std::chrono::steady_clock::now();
         if (!inline_queue_) {
@@ -421,19 +427,34 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
 
     std::shared_ptr<JobSync> sync;  // kept for order_before(): the job may finish first
     {
-        std::unique_lock<std::mutex> lock(mu_);
-        space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
-        if (closing_) throw EngineClosed("AsyncSwapEngine is closed");
-        start_locked();
+        std::lock_guard<std::mutex> order(submit_mu_);
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            space_cv_.wait(lock, [&] { return queue_.size() < opts_.max_queue || closing_; });
+            if (closing_) throw EngineClosed("AsyncSwapEngine is closed");
+        }
+        start();
         sync = job->sync;
-        for (const auto& other : in_flight_)
-            if (conflicts(*other, *job)) job->deps.push_back(other);
-        if (in_flight_.empty()) busy_since_ = std::chrono::steady_clock::now();
-        in_flight_.push_back(job);
-        queue_.push_back(job);
+        std::lock_guard<std::mutex> lock(mu_);
+        try {
+            if (closing_) throw EngineClosed("AsyncSwapEngine is closed");  // close() raced
+            for (const auto& other : in_flight_)
+                if (conflicts(*other, *job)) job->deps.push_back(other);
+            queue_.push_back(job);
+            try {
+                in_flight_.push_back(job);
+            } catch (...) {
+                queue_.pop_back();
+                throw;
+            }
+        } catch (...) {
+            abandon(*job);  // releases a before= flag wait already on the caller's stream
+            throw;
+        }
+        if (in_flight_.size() == 1) busy_since_ = std::chrono::steady_clock::now();
     }
     work_cv_.notify_one();
-    if (before.kind == StreamRef::Kind::kStream && sync && backend_->defers_before()) {
+    if (before.kind == StreamRef::Kind::kStream && sync && backend_->defers_before(*sync)) {
         // The consumer stream can wait only on copies already issued (an event not yet
         // recorded would be waited on as complete): wait for the worker's dispatch.
         JobState state;
@@ -459,7 +480,7 @@ void AsyncSwapEngine::set_paused(bool paused) {
 }
 
 void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(submit_mu_);
     fail_next_ = n;
     fail_message_ = std::move(message);
 }
@@ -561,11 +582,19 @@ void AsyncSwapEngine::run_worker() {
     }
     std::deque<std::shared_ptr<SwapJob>> pending;  // issued, not finished (CUDA)
     std::vector<CopyOp> ops;                       // reused across jobs
-    int since_sync = 0;
+    // Paper 3.2 bounds the swap stream's queue so that the inference stream's own copies
+    // are not stuck behind it: here, at most sync_every jobs in flight per worker.
+    const auto max_pending = static_cast<std::size_t>(opts_.sync_every);
+    // With jobs in flight and nothing queued, the worker polls their completion with a
+    // growing interval instead of blocking on the GPU, so that a job queued meanwhile (a
+    // swap-in whose caller waits for its dispatch) is issued at once, not after an
+    // earlier job that may itself wait on the caller's compute (after=).
+    constexpr auto kMinPoll = std::chrono::microseconds(20);
+    constexpr auto kMaxPoll = std::chrono::microseconds(1000);
+    auto poll = kMinPoll;
 
     for (;;) {
-        // Retire jobs whose copies are already complete, without blocking (CUDA).
-        while (!pending.empty()) {
+        while (!pending.empty()) {  // retire what is complete, without blocking
             bool ready = true;
             try {
                 ready = q->ready(*pending.front()->sync);
@@ -575,24 +604,39 @@ void AsyncSwapEngine::run_worker() {
             if (!ready) break;
             finish(*q, pending.front());
             pending.pop_front();
+            poll = kMinPoll;
         }
         std::shared_ptr<SwapJob> job;
+        bool wait_on_gpu = false;
         {
             std::unique_lock<std::mutex> lock(mu_);
-            if (pending.empty())
-                work_cv_.wait(lock, [&] { return (!queue_.empty() && !paused_) || closing_; });
-            if (!queue_.empty() && (!paused_ || closing_)) {
+            auto can_take = [&] { return !queue_.empty() && (!paused_ || closing_); };
+            if (pending.empty()) {
+                work_cv_.wait(lock, [&] { return can_take() || closing_; });
+            } else if (pending.size() < max_pending && !closing_) {
+                work_cv_.wait_for(lock, poll, can_take);
+            }
+            if (pending.size() < max_pending && can_take()) {
                 job = std::move(queue_.front());
                 queue_.pop_front();
             } else if (pending.empty()) {
                 break;  // closing and drained
+            } else {
+                // At the bound, or closing with nothing left to take: wait on the GPU.
+                wait_on_gpu = pending.size() >= max_pending || closing_;
             }
         }
-        if (!job) {  // nothing queued: retire the oldest issued job
+        if (wait_on_gpu) {
             finish(*q, pending.front());
             pending.pop_front();
+            poll = kMinPoll;
             continue;
         }
+        if (!job) {  // poll interval passed, nothing queued: look at the GPU again
+            poll = std::min(poll * 2, kMaxPoll);
+            continue;
+        }
+        poll = kMinPoll;
         space_cv_.notify_one();
         if (!q) {
             abandon(*job);
@@ -605,20 +649,6 @@ void AsyncSwapEngine::run_worker() {
             continue;
         }
         pending.push_back(std::move(job));
-        if (++since_sync >= opts_.sync_every) {
-            // Paper 3.2: bound the swap stream's queue so the inference stream's own
-            // copies are not stuck behind it.
-            try {
-                q->synchronize();
-            } catch (const std::exception&) {
-                // each job's finish() reports its own error
-            }
-            while (!pending.empty()) {
-                finish(*q, pending.front());
-                pending.pop_front();
-            }
-            since_sync = 0;
-        }
     }
 }
 

@@ -2,11 +2,12 @@
 
 FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager": the Python call
 only validates a job and queues it; C++ worker threads issue the copy API calls (never
-under the GIL) and end each job with an event. A worker synchronizes its stream after
-``sync_every`` dispatches so the inference stream's own copies are not stuck behind a
-long swap queue. Each in-flight job remembers the device blocks it touches, so that a new
-allocation over them waits for exactly those jobs (:meth:`AsyncSwapEngine.wait_blocks`,
-KV cache conflict resolution).
+under the GIL) and end each job with an event. A worker keeps at most ``sync_every``
+jobs in flight on its stream (the paper synchronizes after that many dispatches) so the
+inference stream's own copies are not stuck behind a long swap queue; it never blocks on
+the GPU while it could take a new job. Each in-flight job remembers the device blocks it
+touches, so that a new allocation over them waits for exactly those jobs
+(:meth:`AsyncSwapEngine.wait_blocks`, KV cache conflict resolution).
 
 Backends:
 
@@ -155,20 +156,24 @@ class AsyncSwapEngine:
             layout is on that device; else host), ``"cuda"`` or ``"host"``.
         num_workers: C++ worker threads (>= 0, at most 64). 0 runs each job inline in the
             calling thread (GIL released) and returns a finished handle.
-        sync_every: a worker synchronizes its stream after this many dispatched jobs
-            (paper 3.2; >= 1). No effect on the host backend (copies are synchronous).
+        sync_every: at most this many jobs in flight on a worker's stream (paper 3.2
+            synchronizes after that many dispatches; >= 1). No effect on the host backend
+            (copies are synchronous).
         max_queue: jobs that may wait for a worker; ``swap_out``/``swap_in`` block (GIL
             released) while the queue is full.
         before_wait: cuda only; how a ``before=`` consumer stream of :meth:`swap_in` waits
             for the copies. ``"event"`` (default): once a worker has issued the job, the
             stream waits on its end event (``cuStreamWaitEvent``); ``swap_in`` returns
-            after that dispatch (microseconds, longer behind a deep queue). Safe
-            everywhere, including ``CUDA_DEVICE_MAX_CONNECTIONS=1``. ``"flag"``: the stream
-            waits on a flag the swap stream sets (``cuStreamWaitValue32``), enqueued before
-            ``swap_in`` returns at once; the wait sits in the consumer's queue ahead of the
-            copies, which deadlocks where streams share one hardware queue, so it is
-            refused when ``CUDA_DEVICE_MAX_CONNECTIONS=1`` or the device lacks stream
-            memory operations. Use it only where ``swap_in`` must not wait for a worker.
+            after that dispatch: at once when a worker is free, else when a worker's
+            stream has fewer than ``sync_every`` jobs in flight or the job's earlier
+            conflicting jobs are dispatched. Safe everywhere, including
+            ``CUDA_DEVICE_MAX_CONNECTIONS=1``. ``"flag"``: the stream waits on a flag the
+            swap stream sets (``cuStreamWaitValue32``), enqueued before ``swap_in``
+            returns at once. That wait sits in the consumer's queue ahead of the copies,
+            which deadlocks where the consumer shares a hardware queue with a swap stream:
+            refused with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` or without stream memory
+            operations, and possible when more streams are active than the device has
+            queues (8 by default). An opt-in for loops that must not wait for a worker.
 
     Raises:
         TypeError: wrong argument types.
@@ -177,6 +182,8 @@ class AsyncSwapEngine:
             ``backend="cuda"`` with a host layout, or options out of range.
         RuntimeError: ``backend="cuda"`` (or ``"auto"`` with a CUDA layout) without a
             usable driver/device; the message says why.
+        ValueError: ``before_wait`` not ``"event"``/``"flag"``, or ``"flag"`` where it is
+            refused (see above; the message says why).
 
     Warns:
         RuntimeWarning: cuda backend with a host pool that is not page-locked and could not
@@ -335,7 +342,8 @@ class AsyncSwapEngine:
                 ``"flag"`` it returns at once and the stream waits on a flag the swap
                 stream sets (see the class). If the job fails, the stream is released
                 all the same (it never hangs) and the handle raises: the blocks then
-                hold no valid data.
+                hold no valid data. If the stream cannot be ordered (a driver error),
+                this call waits for the copies on the host instead.
 
         Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
         and not one capturing a CUDA graph).
@@ -384,12 +392,13 @@ class AsyncSwapEngine:
             dict with ``num_jobs`` (successful jobs), ``num_failed``, ``num_copies``,
             ``bytes``, ``seconds`` (sum of jobs' ``elapsed_s``: device time on cuda, jobs on
             several workers overlap), ``busy_s`` (wall seconds during which at least one
-            job was queued or running), ``gbps`` (achieved bandwidth, ``bytes / busy_s /
-            1e9``, GB = 1e9 bytes), ``copy_size_histogram`` ({bucket: count}: copies of
-            ``[bucket, 2 * bucket)`` bytes, buckets powers of 2), ``in_flight`` (jobs
-            queued or running now) and ``host_memory`` (``"pinned"``, ``"registered"``:
-            page-locked by this engine until ``close()``, ``"pageable"``: copies are
-            synchronous, or ``"n/a"`` on the host backend).
+            job was queued or running), ``gbps`` (throughput over that time, ``bytes /
+            busy_s / 1e9``, GB = 1e9 bytes; time a job waits on an ``after=`` stream
+            counts, so this is not the link's bandwidth), ``copy_size_histogram``
+            ({bucket: count}: copies of ``[bucket, 2 * bucket)`` bytes, buckets powers of
+            2), ``in_flight`` (jobs queued or running now) and ``host_memory``
+            (``"pinned"``, ``"registered"``: page-locked by kvswitch until ``close()``,
+            ``"pageable"``: copies are synchronous, or ``"n/a"`` on the host backend).
         """
         return self._engine.stats()
 

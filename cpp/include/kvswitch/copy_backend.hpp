@@ -8,7 +8,7 @@
 //   engine construction: attach_host()  -- checks (and page-locks) the host pool's memory
 //   calling thread: validate()          -- rejects streams the backend cannot take
 //   calling thread: prepare()           -- orders the job after/before the caller's streams;
-//                                          under the engine's lock, in job id order
+//                                          under the submission lock, in job id order
 //   worker thread:  queue.issue()       -- dispatches the copies (host: performs them)
 //   calling thread: order_before()      -- only where defers_before(): once issued, makes
 //                                          the caller's before= stream wait for the copies
@@ -96,17 +96,21 @@ class CopyBackend {
     /// does not support). No side effects: the engine calls it before changing anything.
     virtual void validate(Direction dir, StreamRef after, StreamRef before) const = 0;
     /// Calling thread, before the job is queued, after validate(), under the engine's
-    /// lock that assigns job ids and dependencies: so work enqueued on the caller's
-    /// streams follows job id order, and a job never waits (through a caller's stream) on
-    /// a later job that depends on it. `after`: the copies start only after the work queued
-    /// on that stream (or the event) so far. `before`: that stream's later work waits for
-    /// the copies (here, or in order_before() where defers_before()). Must not block.
-    /// Throws on a driver error; the engine then fails the job on its handle.
+    /// submission lock that assigns job ids (workers never take it): so work enqueued on
+    /// the caller's streams follows job id order, and a job never waits (through a
+    /// caller's stream) on a later job that depends on it. `after`: the copies start only
+    /// after the work queued on that stream (or the event) so far. `before`: that stream's
+    /// later work waits for the copies (here, or in order_before() where defers_before()).
+    /// May block in the driver, never on the engine. Throws on a driver error; the engine
+    /// then fails the job on its handle.
     virtual std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after,
                                              StreamRef before) = 0;
-    /// Whether before= is ordered by order_before() once the job is issued, rather than
-    /// in prepare(). The engine's submit() then returns only after the job is issued.
-    virtual bool defers_before() const { return false; }
+    /// Whether this job's before= is ordered by order_before() once it is issued, rather
+    /// than in prepare(). The engine's submit() then returns only after the job is issued.
+    virtual bool defers_before(const JobSync& sync) const {
+        (void)sync;
+        return false;
+    }
     /// Calling thread, once the job's copies are issued (never for a failed job): makes
     /// `before`'s later work wait for them. Returns false when it could not (a driver
     /// error); the engine then waits for the job on the host before submit() returns, so

@@ -25,8 +25,13 @@
 //   stream sets (cuStreamWriteValue32) after the job's copies and before its end event.
 //   submit() returns at once, but the wait sits in the consumer's queue ahead of the
 //   copies it waits for: with one hardware queue that deadlocks, so kFlag is refused when
-//   CUDA_DEVICE_MAX_CONNECTIONS=1. A failed job sets the flag from the host so the
-//   consumer never hangs (its data is then invalid; the handle raises).
+//   CUDA_DEVICE_MAX_CONNECTIONS=1. It can also deadlock where more streams are active
+//   than the device has hardware queues (8 by default) and the consumer shares one with
+//   a swap stream (cuda.h, "Stream Memory Operations": the order these waits set "is not
+//   visible to CUDA"): an opt-in for loops that must not wait for a worker. A failed job
+//   sets the flag from the host so the consumer never hangs (its data is then invalid;
+//   the handle raises). With all 4096 flags in flight a job is ordered as in kEvent. The
+//   flags are freed at close() once no consumer can still wait on them, else leaked.
 // * before=/after= on a stream that is capturing a CUDA graph are refused: a capture
 //   records the wait into the graph, not into the stream's queue now.
 //
@@ -64,7 +69,7 @@ class CudaBackend final : public CopyBackend {
     std::unique_ptr<JobSync> prepare(Direction dir, StreamRef after, StreamRef before) override;
     std::unique_ptr<CopyQueue> open_queue(bool dedicated_thread) override;
     void abandon(JobSync& sync) noexcept override;
-    bool defers_before() const override { return before_wait_ == BeforeWait::kEvent; }
+    bool defers_before(const JobSync& sync) const override;
     bool order_before(JobSync& sync, StreamRef before) noexcept override;
     HostMemory attach_host(
         const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept override;
@@ -81,7 +86,7 @@ class CudaBackend final : public CopyBackend {
 
     std::shared_ptr<Shared> shared_;
     BeforeWait before_wait_;
-    std::vector<void*> registered_;  // host ranges attach_host() page-locked
+    std::vector<std::uintptr_t> registered_;  // host ranges this backend holds page-locked
 };
 
 /// Why the cuda backend cannot run on `ordinal`, or "" when it can.

@@ -128,7 +128,6 @@ struct CudaDriver {
     CUresult (*cuDevicePrimaryCtxRelease)(CUdevice) = nullptr;
     CUresult (*cuCtxSetCurrent)(CUcontext) = nullptr;
     CUresult (*cuCtxGetCurrent)(CUcontext*) = nullptr;
-    CUresult (*cuCtxSynchronize)() = nullptr;
     CUresult (*cuCtxGetStreamPriorityRange)(int*, int*) = nullptr;
     CUresult (*cuStreamCreateWithPriority)(CUstream*, unsigned, int) = nullptr;
     CUresult (*cuStreamDestroy)(CUstream) = nullptr;

@@ -2,9 +2,9 @@
 //
 // Source: FastSwitch (arXiv 2411.18424), section 3.2 "Multithreading Swap Manager":
 // dispatch of the copy API calls happens on a C++ thread pool, never under the Python GIL;
-// each job ends with an event; a worker synchronizes its stream after `sync_every`
-// dispatches so that the inference stream's own copies are not stuck behind a long swap
-// queue; in-flight jobs remember the device blocks they touch, so that a new allocation
+// each job ends with an event; a worker keeps at most `sync_every` jobs in flight on its
+// stream (the paper synchronizes after that many dispatches) so that the inference
+// stream's own copies are not stuck behind a long swap queue; in-flight jobs remember the device blocks they touch, so that a new allocation
 // over them waits for exactly those jobs (KV cache conflict resolution).
 //
 // A job is a list of copy pairs (src_start, dst_start, length) in blocks between the device
@@ -113,7 +113,7 @@ struct SwapStats {
 
 struct EngineOptions {
     int num_workers = 2;        ///< 0: run every job inline in the calling thread
-    int sync_every = 64;        ///< a worker synchronizes its stream after this many jobs
+    int sync_every = 64;        ///< at most this many jobs in flight per worker (its stream)
     std::size_t max_queue = 1024;  ///< submit() blocks while this many jobs wait for a worker
     std::size_t max_unpolled = 65536;  ///< finished handles kept for poll() (oldest dropped)
 };
@@ -212,15 +212,18 @@ class AsyncSwapEngine {
     std::vector<std::thread> workers_;
     std::unique_ptr<CopyQueue> inline_queue_;
     std::mutex inline_mu_;
+    // Serializes submissions (ids, prepare(), queueing); workers never take it. Lock
+    // order: inline_mu_ -> submit_mu_ -> mu_.
+    std::mutex submit_mu_;
     std::mutex close_mu_;
     bool closing_ = false;
     bool paused_ = false;
-    std::uint64_t next_id_ = 1;
+    std::uint64_t next_id_ = 1;  // guarded by submit_mu_
     SwapStats stats_;
     HostMemory host_memory_;
     std::chrono::steady_clock::time_point busy_since_;  // guarded by mu_; see busy_s
-    int fail_next_ = 0;
-    std::string fail_message_;
+    int fail_next_ = 0;          // guarded by submit_mu_
+    std::string fail_message_;   // guarded by submit_mu_
 };
 
 }  // namespace kvswitch
