@@ -1,7 +1,8 @@
-// Stress test of AsyncSwapEngine on the host backend without Python: several submitter
-// threads, random jobs with overlapping extents, wait_blocks, poll and close racing with
-// workers. Phase 1 checks the final bytes against a sequential replay per submitter (each
-// submitter owns its blocks). Phase 2 arms failures while threads submit jobs over shared
+// Stress test of AsyncSwapEngine without Python: several submitter threads, random jobs
+// with overlapping extents, wait_blocks, poll and close racing with workers. Phase 1 (host
+// backend) and phase 3 (a deferred backend whose copies complete after issue(), as on
+// CUDA) check the final bytes against a sequential replay per submitter (each submitter
+// owns its blocks). Phase 2 arms failures while threads submit jobs over shared
 // blocks: every job must end, and every failed job must name a root job that failed by
 // itself, no later than it. Meant to run under sanitizers (CI: .ci/sanitizers.sh), e.g.
 //   cmake -S . -B build/tsan -DKVSWITCH_PYTHON=OFF -DKVSWITCH_CPP_TESTS=ON \
@@ -9,10 +10,16 @@
 //   cmake --build build/tsan && ctest --test-dir build/tsan --output-on-failure
 // or KVSWITCH_SANITIZE=address,undefined (not thread with address). Sanitizer builds turn
 // KVSWITCH_STREAMING_STORES off: ASan does not check the SSE stores of host_backend.cpp.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -79,7 +86,101 @@ bool failures_phase(const std::vector<KVRegion>& dev_regions,
     return ok;
 }
 
-int main() {
+// Phase 3 backend: copies run later on a "device" thread per queue, in order, each after
+// the jobs it depends on -- so jobs stay in flight after issue() as on CUDA, and the
+// worker's polling, its in-flight bound and submit()'s wait for the dispatch of a job with
+// a before= stream (defers_before) run under the sanitizers.
+struct DeferredSync final : JobSync {
+    std::shared_ptr<std::atomic<bool>> done = std::make_shared<std::atomic<bool>>(false);
+};
+
+class DeferredQueue final : public CopyQueue {
+  public:
+    DeferredQueue() : device_([this] { run(); }) {}
+    ~DeferredQueue() override {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        device_.join();
+    }
+    void issue(const std::vector<CopyOp>& ops, JobSync& js,
+               const std::vector<JobSync*>& deps) override {
+        // Like cuStreamWaitEvent: capture the dependencies' completion now (their syncs
+        // may be released before this job runs).
+        std::vector<std::shared_ptr<std::atomic<bool>>> after;
+        for (JobSync* d : deps) after.push_back(static_cast<DeferredSync*>(d)->done);
+        auto done = static_cast<DeferredSync&>(js).done;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            work_.push_back([ops, after, done] {
+                for (const auto& a : after)
+                    while (!a->load(std::memory_order_acquire)) std::this_thread::yield();
+                std::this_thread::sleep_for(std::chrono::microseconds(30));
+                for (const CopyOp& op : ops) host_copy(op);
+                done->store(true, std::memory_order_release);
+            });
+        }
+        cv_.notify_one();
+    }
+    bool completes_on_issue() const override { return false; }
+    bool ready(JobSync& js) override {
+        return static_cast<DeferredSync&>(js).done->load(std::memory_order_acquire);
+    }
+    double finish(JobSync& js) override {
+        while (!ready(js)) std::this_thread::sleep_for(std::chrono::microseconds(20));
+        return 0.0;
+    }
+    void synchronize() override {
+        std::unique_lock<std::mutex> lock(mu_);
+        idle_cv_.wait(lock, [&] { return work_.empty() && !running_; });
+    }
+
+  private:
+    void run() {
+        for (;;) {
+            std::function<void()> f;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                cv_.wait(lock, [&] { return stop_ || !work_.empty(); });
+                if (work_.empty()) return;
+                f = std::move(work_.front());
+                work_.pop_front();
+                running_ = true;
+            }
+            f();
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                running_ = false;
+            }
+            idle_cv_.notify_all();
+        }
+    }
+    std::mutex mu_;
+    std::condition_variable cv_, idle_cv_;
+    std::deque<std::function<void()>> work_;
+    bool stop_ = false, running_ = false;
+    std::thread device_;
+};
+
+class DeferredBackend final : public CopyBackend {
+  public:
+    std::string name() const override { return "deferred-test"; }
+    void validate(Direction, StreamRef, StreamRef) const override {}
+    std::unique_ptr<JobSync> prepare(Direction, StreamRef, StreamRef) override {
+        return std::make_unique<DeferredSync>();
+    }
+    std::unique_ptr<CopyQueue> open_queue(bool) override {
+        return std::make_unique<DeferredQueue>();
+    }
+    bool defers_before(const JobSync&) const override { return true; }
+};
+
+// Phases 1 and 3: 4 threads submit random jobs, each over blocks of its own; the final
+// bytes must equal a sequential replay per thread.
+bool replay_phase(const char* name, std::shared_ptr<CopyBackend> backend, int sync_every,
+                  bool with_before) {
     constexpr int kThreads = 4, kPerThread = 16, kRegions = 3, kJobs = 300;
     constexpr std::int64_t kBlocks = kThreads * kPerThread, kBlockBytes = 4160;
     // Device regions strided (block stride 2x block bytes), host regions contiguous.
@@ -100,11 +201,11 @@ int main() {
     auto exp_host = host;
     EngineOptions o;
     o.num_workers = 3;
-    o.sync_every = 4;
+    o.sync_every = sync_every;
     o.max_queue = 8;
     AsyncSwapEngine eng(KVLayout(dev_regions, kBlocks, {DeviceType::kCPU, 0}),
                         KVLayout(host_regions, kBlocks, {DeviceType::kCPU, 0}),
-                        std::make_shared<HostBackend>(), o);
+                        std::move(backend), o);
     std::vector<std::thread> threads;
     for (int t = 0; t < kThreads; ++t) {
         threads.emplace_back([&, t] {
@@ -116,7 +217,10 @@ int main() {
                 const std::int64_t s = base + g() % (kPerThread - len + 1);
                 const std::int64_t d = base + g() % (kPerThread - len + 1);
                 const std::int64_t pairs[3] = {s, d, len};
-                eng.submit(out ? Direction::kOut : Direction::kIn, pairs, 1);
+                // Every third swap-in names a consumer stream: submit() waits for dispatch.
+                StreamRef before;
+                if (with_before && !out && j % 3 == 0) before = {StreamRef::Kind::kStream, 1};
+                eng.submit(out ? Direction::kOut : Direction::kIn, pairs, 1, {}, before);
                 for (int r = 0; r < kRegions; ++r)  // sequential replay of this thread's jobs
                     for (std::int64_t k = 0; k < len; ++k) {
                         unsigned char* hp = &exp_host[r][(out ? d : s) * kBlockBytes + k * kBlockBytes];
@@ -137,8 +241,21 @@ int main() {
     const SwapStats st = eng.stats();
     bool ok = st.num_jobs == kThreads * kJobs && st.in_flight == 0;
     for (int r = 0; r < kRegions; ++r) ok = ok && dev[r] == exp_dev[r] && host[r] == exp_host[r];
-    std::printf("%s: %llu jobs, %llu copies\n", ok ? "OK" : "MISMATCH",
+    std::printf("%s: %s phase, %llu jobs, %llu copies\n", ok ? "OK" : "MISMATCH", name,
                 static_cast<unsigned long long>(st.num_jobs),
                 static_cast<unsigned long long>(st.num_copies));
+    return ok;
+}
+
+int main() {
+    // Regions for the failures phase (bytes are not checked there).
+    constexpr std::int64_t kBlocks = 8, kBlockBytes = 256;
+    std::vector<unsigned char> dev(kBlocks * kBlockBytes), host(kBlocks * kBlockBytes);
+    const std::vector<KVRegion> dev_regions{
+        {reinterpret_cast<std::uintptr_t>(dev.data()), kBlockBytes, kBlockBytes}};
+    const std::vector<KVRegion> host_regions{
+        {reinterpret_cast<std::uintptr_t>(host.data()), kBlockBytes, kBlockBytes}};
+    bool ok = replay_phase("host", std::make_shared<HostBackend>(), 4, false);
+    ok = replay_phase("deferred", std::make_shared<DeferredBackend>(), 2, true) && ok;
     return ok && failures_phase(dev_regions, host_regions, kBlocks) ? 0 : 1;
 }
