@@ -237,6 +237,11 @@ def test_pageable_host_pool_is_registered_or_reported(fake):
         assert C.host_unregister == C.host_register  # close() undid it
         for v, a in zip(views, pool.arrays):
             assert (a == v).all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # register_host=False: a choice, not warned
+            with K.AsyncSwapEngine(layout, pool, register_host=False) as eng:
+                assert eng.host_memory == "pageable" and C.host_register == C.host_unregister
+                assert eng.swap_out([(0, 0, 1)]).wait(30) and C.pageable_copies > 0
         lib.fake_fail(b"cuMemHostRegister", 0, 1000)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

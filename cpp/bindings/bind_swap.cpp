@@ -197,7 +197,7 @@ void bind_swap(nb::module_& m) {
         .def("__init__",
              [](AsyncSwapEngine* self, const KVLayout& device, const KVLayout& host,
                 const std::string& backend, int num_workers, int sync_every,
-                std::size_t max_queue, const std::string& before_wait) {
+                std::size_t max_queue, const std::string& before_wait, bool register_host) {
                  BeforeWait bw;
                  if (before_wait == "event") {
                      bw = BeforeWait::kEvent;
@@ -220,12 +220,13 @@ void bind_swap(nb::module_& m) {
                  o.num_workers = num_workers;
                  o.sync_every = sync_every;
                  o.max_queue = max_queue;
+                 o.register_host = register_host;
                  // Page-locking a pageable host pool (attach_host) can take seconds.
                  nb::gil_scoped_release release;
                  new (self) AsyncSwapEngine(device, host, std::move(b), o);
              },
              "device_layout"_a, "host_layout"_a, "backend"_a, "num_workers"_a, "sync_every"_a,
-             "max_queue"_a, "before_wait"_a = "event")
+             "max_queue"_a, "before_wait"_a = "event", "register_host"_a = true)
         .def(
             "submit",
             [](AsyncSwapEngine& e, int direction, Pairs pairs, int after_kind,

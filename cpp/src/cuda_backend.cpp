@@ -502,7 +502,8 @@ std::map<std::uintptr_t, Registration>& registry() {
 }  // namespace
 
 HostMemory CudaBackend::attach_host(
-    const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept {
+    const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges,
+    bool may_register) noexcept {
     const CudaDriver& d = shared_->d;
     HostMemory out;
     out.kind = "pinned";
@@ -526,9 +527,10 @@ HostMemory CudaBackend::attach_host(
                                         static_cast<CUdeviceptr>(addr)) == CUDA_SUCCESS &&
                 type == CU_MEMORYTYPE_HOST)
                 continue;
-            if (!d.cuMemHostRegister) {
+            if (!may_register || !d.cuMemHostRegister) {
                 out.kind = "pageable";
-                out.detail = "this driver lacks cuMemHostRegister";
+                out.detail = may_register ? "this driver lacks cuMemHostRegister"
+                                          : "not page-locked (register_host=False)";
                 break;
             }
             const CUresult r =

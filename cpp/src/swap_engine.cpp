@@ -250,7 +250,7 @@ AsyncSwapEngine::AsyncSwapEngine(KVLayout device, KVLayout host,
                     "of the device pool");
         }
     }
-    host_memory_ = backend_->attach_host(host_ranges(host_));
+    host_memory_ = backend_->attach_host(host_ranges(host_), opts_.register_host);
     for (int i = 0; i < opts_.num_workers; ++i) workers_.emplace_back([this] { run_worker(); });
 }
 

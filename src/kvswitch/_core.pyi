@@ -105,6 +105,7 @@ class SwapEngineCore:
         sync_every: int,
         max_queue: int,
         before_wait: str = "event",
+        register_host: bool = True,
     ) -> None: ...
     def submit(
         self,

@@ -174,6 +174,10 @@ class AsyncSwapEngine:
             refused with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` or without stream memory
             operations, and possible when more streams are active than the device has
             queues (8 by default). An opt-in for loops that must not wait for a worker.
+        register_host: cuda only; page-lock a pageable host pool with ``cuMemHostRegister``
+            until :meth:`close` (default), so copies stay asynchronous. ``False`` leaves it
+            pageable (``stats()["host_memory"] == "pageable"``, no warning): a control for
+            benchmarks, or memory the caller must not have locked.
 
     Raises:
         TypeError: wrong argument types.
@@ -187,8 +191,8 @@ class AsyncSwapEngine:
 
     Warns:
         RuntimeWarning: cuda backend with a host pool that is not page-locked and could not
-            be registered: every copy is then synchronous and several times slower
-            (``stats()["host_memory"] == "pageable"``).
+            be registered (``register_host=True``): every copy is then synchronous and
+            several times slower (``stats()["host_memory"] == "pageable"``).
 
     Jobs that touch overlapping blocks (device or host) where one of them writes run in
     submission order; others run concurrently.
@@ -206,7 +210,8 @@ class AsyncSwapEngine:
 
     def __init__(self, device_layout: KVLayout, host_pool: HostKVPool | KVLayout, *,
                  backend: str = "auto", num_workers: int = 2, sync_every: int = 64,
-                 max_queue: int = 1024, before_wait: str = "event"):
+                 max_queue: int = 1024, before_wait: str = "event",
+                 register_host: bool = True):
         if not isinstance(device_layout, KVLayout):
             raise TypeError(f"device_layout must be a KVLayout, got "
                             f"{type(device_layout).__name__}")
@@ -232,6 +237,8 @@ class AsyncSwapEngine:
                 raise ValueError(
                     f"host pool does not match the device layout: region {i} has "
                     f"{h.block_bytes} bytes per block on the host, {d.block_bytes} on the device")
+        if not isinstance(register_host, bool):
+            raise TypeError(f"register_host must be a bool, got {type(register_host).__name__}")
         if before_wait not in ("event", "flag"):
             raise ValueError(f"before_wait must be 'event' or 'flag', got {before_wait!r}")
         name, reason = self._select_backend(backend, device_layout)
@@ -241,9 +248,10 @@ class AsyncSwapEngine:
         self._backend_reason = reason
         self._before_wait = before_wait
         self._engine = _core.SwapEngineCore(device_layout._core, host_layout._core, name,
-                                            num_workers, sync_every, max_queue, before_wait)
+                                            num_workers, sync_every, max_queue, before_wait,
+                                            register_host)
         kind, detail = self._engine.host_memory
-        if kind == "pageable":
+        if kind == "pageable" and register_host:
             warnings.warn(
                 f"AsyncSwapEngine: the host pool is pageable memory ({detail}): every CUDA "
                 f"copy to or from it is synchronous and several times slower. Allocate it "

@@ -120,11 +120,12 @@ class CopyBackend {
         return true;
     }
     /// Engine construction: checks how copies will reach the host pool's memory
-    /// (`byte_ranges`: [address, bytes) of each of its allocations) and page-locks it where
-    /// it is not. Never throws.
+    /// (`byte_ranges`: [address, bytes) of each of its allocations) and, where `may_register`,
+    /// page-locks what is not. Never throws.
     virtual HostMemory attach_host(
-        const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept {
-        (void)byte_ranges;
+        const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges,
+        bool may_register) noexcept {
+        (void)byte_ranges, (void)may_register;
         return {};
     }
     /// Engine close, after every job completed, without the GIL: undoes attach_host() and

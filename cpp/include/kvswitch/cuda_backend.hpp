@@ -71,8 +71,8 @@ class CudaBackend final : public CopyBackend {
     void abandon(JobSync& sync) noexcept override;
     bool defers_before(const JobSync& sync) const override;
     bool order_before(JobSync& sync, StreamRef before) noexcept override;
-    HostMemory attach_host(
-        const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges) noexcept override;
+    HostMemory attach_host(const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges,
+                           bool may_register) noexcept override;
     void close() noexcept override;
 
     /// "cuMemcpyBatchAsync" or "cuMemcpyAsync" (how linear copies of a job go out).

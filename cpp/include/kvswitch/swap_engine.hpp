@@ -116,6 +116,7 @@ struct EngineOptions {
     int sync_every = 64;        ///< at most this many jobs in flight per worker (its stream)
     std::size_t max_queue = 1024;  ///< submit() blocks while this many jobs wait for a worker
     std::size_t max_unpolled = 65536;  ///< finished handles kept for poll() (oldest dropped)
+    bool register_host = true;  ///< page-lock a pageable host pool (CopyBackend::attach_host)
 };
 
 class AsyncSwapEngine {
