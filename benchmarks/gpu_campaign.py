@@ -896,17 +896,10 @@ def gpu_numa_node() -> tuple[int | None, dict[str, Any]]:
 def gpu_unavailable_reason() -> str:
     """'' when torch sees a CUDA device and kvswitch's cuda backend can run on device 0."""
     try:
-        import torch
-    except ImportError as e:
-        return f"PyTorch is not installed ({e})"
-    if not torch.cuda.is_available():
-        built = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
-        return f"torch.cuda.is_available() is False{built}"
-    try:
-        from kvswitch import _core
+        from kvswitch.bench.serve import cuda_unavailable_reason
     except ImportError as e:
         return f"kvswitch is not installed or not built ({e}); run pip install first"
-    return _core.cuda_unavailable_reason(0)
+    return cuda_unavailable_reason()
 
 
 def step_environment(c: Campaign, numa: dict[str, Any]) -> dict[str, Any]:
