@@ -379,6 +379,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    from kvswitch.info import collect, format_info
+
+    info = collect()
+    if not args.json:
+        print(format_info(info))
+        return 0
+    try:
+        if args.json == "-":
+            json.dump(info, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            with open(args.json, "w") as f:
+                json.dump(info, f, indent=2)
+                f.write("\n")
+    except (OSError, TypeError, ValueError) as e:
+        print(f"kvswitch info: cannot write the JSON: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswitch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -432,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a PNG of latency and swap volume (checked like --json)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
+    i = sub.add_parser("info", help="version, build, backends, devices, pinned memory, NUMA")
+    i.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print one JSON object instead (to PATH when given)")
+    i.set_defaults(func=_info)
     return parser
 
 
