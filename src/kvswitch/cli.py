@@ -476,7 +476,9 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
-        bar = tqdm(total=modelled, unit="s", unit_scale=False, file=sys.stderr,
+        # smoothing=0: the ETA uses the average rate of the whole run so far (pool setup
+        # included), not the last few updates.
+        bar = tqdm(total=modelled, unit="s", unit_scale=False, file=sys.stderr, smoothing=0,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
                               "modelled s [{elapsed}<{remaining}]")
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in names}
