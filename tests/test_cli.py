@@ -87,6 +87,10 @@ BAD = [
     ("--workers", "65", "must be at most 64, got 65"),
     ("--json", "", "must be a file path"),
     ("--pattern", "fifo", "invalid choice"),
+    ("--repeats", "0", "must be a positive integer, got 0"),
+    ("--repeats", "-2", "must be a positive integer"),
+    ("--repeats", "1.5", "must be an integer"),
+    ("--repeats", "101", "must be at most 100, got 101"),
 ]
 
 
@@ -319,7 +323,7 @@ def test_backend_cuda_refuses_a_time_scale_other_than_1(scale, monkeypatch, caps
 def test_backend_cuda_runs_at_time_scale_1(monkeypatch, capsys):
     seen = {}
 
-    def started(convs, config, mechanisms, on_conversation_done=None):
+    def started(convs, config, mechanisms, on_conversation_done=None, on_progress=None):
         seen["config"] = config
         raise Started
     monkeypatch.setattr(cli, "cuda_unavailable_reason", lambda: "")

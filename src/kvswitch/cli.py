@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from kvswitch.bench.serve import (
     ServeConfig,
     ServeResult,
     cuda_unavailable_reason,
+    estimate_run,
     min_gpu_blocks,
     serve,
 )
@@ -38,6 +39,7 @@ from kvswitch.trace import TraceError, load_trace, sample
 GIB = 1 << 30
 INT32_MAX = (1 << 31) - 1  # block counts reach the C++ allocator as int32
 MAX_WORKERS = 64  # what the C++ swap engine accepts
+MAX_REPEATS = 100
 
 
 # -- option types: a bad value ends in argparse's one-line error (exit status 2) before any
@@ -115,14 +117,75 @@ class _GivenNumber(argparse.Action):
 class _NoProgress:
     """Stands in for a tqdm bar with --no-progress (tqdm is then not imported)."""
 
+    total: float = 0.0
+
     def __enter__(self) -> _NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: float = 1) -> None:
         pass
+
+    def set_description_str(self, desc: str) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+class RunProgress:
+    """One progress measure for a whole ``kvswitch bench``: modelled seconds, summed over
+    every configuration and repeat.
+
+    The modelled clock advances at about ``time scale`` modelled seconds per wall second
+    while the loop runs, so a rate measured on it gives a truthful ETA. Each run's length is
+    only estimated before it starts (:func:`estimate_makespan_s`); the total is corrected as
+    runs finish (remaining runs' estimates are scaled by finished runs' actual / estimated)
+    and grows when a run goes past its estimate, so the bar never claims to be done early.
+    """
+
+    def __init__(self, bar, estimates: list[float]) -> None:
+        self.bar = bar
+        self.estimates = [max(e, 1e-9) for e in estimates]
+        self.actual: list[float] = []
+        self.run = 0
+        self.done = 0.0  # modelled seconds of finished runs
+        self.now = 0.0  # modelled seconds into the current run
+        self._set_total()
+
+    def _scale(self) -> float:
+        finished = self.estimates[:len(self.actual)]
+        return sum(self.actual) / sum(finished) if self.actual and sum(finished) else 1.0
+
+    def _set_total(self) -> None:
+        scale = self._scale()
+        self.expected = max(self.estimates[self.run] * scale, self.now) \
+            if self.run < len(self.estimates) else 0.0
+        rest = sum(self.estimates[self.run + 1:]) * scale
+        self.bar.total = self.done + self.expected + rest
+
+    def start(self, index: int, desc: str) -> None:
+        self.run, self.now = index, 0.0
+        self.bar.set_description_str(desc)
+        self._set_total()
+        self.bar.refresh()
+
+    def advance(self, modelled_s: float) -> None:
+        if modelled_s > self.now:
+            delta, self.now = modelled_s - self.now, modelled_s
+            if self.now > self.expected:  # this run goes past its estimate
+                self._set_total()
+            self.bar.update(delta)
+
+    def finish(self, makespan_s: float) -> None:
+        self.advance(makespan_s)
+        self.actual.append(self.now)
+        self.done += self.now
+        self.run, self.now = self.run + 1, 0.0
+        self._set_total()
+        self.bar.refresh()
 
 
 def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
@@ -196,25 +259,56 @@ ROWS = [
 ]
 
 
-def _cell(f: dict[str, float], key: str, fmt: str) -> str:
-    if isinstance(f.get(key), float) and math.isnan(f[key]):
+def aggregate(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Figures of several seeds: (median of each, [min, max] of each). NaN where every seed
+    is NaN (a percentile of no samples); NaNs of some seeds are left out."""
+    median: dict[str, float] = {}
+    spread: dict[str, list[float]] = {}
+    for key in runs[0]:
+        values = [float(r[key]) for r in runs if not math.isnan(float(r[key]))]
+        if not values:
+            median[key], spread[key] = float("nan"), [float("nan"), float("nan")]
+            continue
+        median[key] = float(np.median(values))
+        spread[key] = [min(values), max(values)]
+    return median, spread
+
+
+def _number_text(x: float, fmt: str) -> str:
+    if isinstance(x, float) and math.isnan(x):
         return "n/a"  # a percentile of no samples (e.g. no turn generated a second token)
     if fmt == "gib":
-        return f"{f[key] / GIB:,.1f}"
-    if fmt == "pp":
-        return f"{f['priority_preemptions']:,} / {f['pool_full_preemptions']:,}"
-    if fmt == "dec":
-        return f"{f['sync_swap_in_decisions']:,} / {f['async_swap_in_decisions']:,}"
-    return fmt.format(f[key])
+        return f"{x / GIB:,.1f}"
+    return fmt.format(x)
 
 
-def format_table(figures: dict[str, dict[str, float]]) -> str:
+_PAIRS = {"pp": ("priority_preemptions", "pool_full_preemptions"),
+          "dec": ("sync_swap_in_decisions", "async_swap_in_decisions")}
+
+
+def _cell(f: dict[str, float], key: str, fmt: str,
+          spread: dict[str, list[float]] | None = None) -> str:
+    """One table cell; with ``spread`` (several seeds) ``median (min-max)``."""
+    keys, fmt = (_PAIRS[fmt], "{:,.0f}") if fmt in _PAIRS else ((key,), fmt)
+    text = " / ".join(_number_text(f[k], fmt) for k in keys)
+    if spread is None or all(math.isnan(f[k]) for k in keys):
+        return text
+    ranges = " / ".join(f"{_number_text(spread[k][0], fmt)}-{_number_text(spread[k][1], fmt)}"
+                        for k in keys)
+    return f"{text} ({ranges})"
+
+
+def format_table(figures: dict[str, dict[str, float]],
+                 spreads: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """The table of ``kvswitch bench``; with ``spreads`` (several seeds) every cell reads
+    ``median (min-max)``."""
     width = max(len(r[0]) for r in ROWS)
-    cols = max(14, *(len(n) for n in figures))
+    cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None) for _, key, fmt in ROWS]
+             for n, f in figures.items()}
+    cols = max(14, *(len(n) for n in figures), *(len(c) for col in cells.values() for c in col))
     lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures)]
-    for label, key, fmt in ROWS:
-        lines.append(f"{label:<{width}}  "
-                     + "  ".join(f"{_cell(f, key, fmt):>{cols}}" for f in figures.values()))
+    for i, (label, _, _) in enumerate(ROWS):
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{cells[n][i]:>{cols}}" for n in figures))
     return "\n".join(lines)
 
 
@@ -273,6 +367,26 @@ def plot(figures: dict[str, dict[str, float]], path: str) -> None:
     plt.close(fig)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _option_error(option: str, message: str) -> int:
+    print(f"kvswitch bench: error: argument {option}: {message}", file=sys.stderr)
+    return 2
+
+
 def _bench(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGURATIONS]
@@ -280,6 +394,15 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"kvswitch bench: unknown configuration(s) {unknown}; choose from "
               f"{', '.join(CONFIGURATIONS)}", file=sys.stderr)
         return 2
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        return _option_error("--configs", f"{', '.join(twice)} given more than once")
+    outputs = [(o, getattr(args, o[2:])) for o in ("--json", "--plot")]
+    if args.json and args.plot and _same_file(args.json, args.plot):
+        return _option_error("--plot", f"the same file as --json ({args.plot})")
+    for option, path in outputs:
+        if path and args.trace and _same_file(path, args.trace):
+            return _option_error(option, f"would overwrite the trace {args.trace}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -309,14 +432,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.conversations > len(trace):
         print(f"kvswitch bench: --conversations {args.conversations:,} exceeds the "
               f"{len(trace):,} conversations of the trace; serving all of them", file=sys.stderr)
-    conversations = sample(trace, args.conversations, args.seed)
+    seeds = [args.seed + k for k in range(args.repeats)]
+    samples = {seed: sample(trace, args.conversations, seed) for seed in seeds}
+    conversations = samples[args.seed]
     config = ServeConfig(
         model=args.model, gpu=args.gpu, gpu_blocks=args.gpu_blocks,
         host_blocks=args.host_blocks, arrival_rate=args.arrival_rate, think_s=args.think_s,
         pattern=args.pattern, update_every=args.update_every, time_scale=time_scale,
         num_workers=args.workers, seed=args.seed, backend=args.backend)
-    # serve() refuses a pool too small for a conversation; say it here, before any run.
-    big = max(conversations, key=lambda c: c.total_tokens)
+    # serve() refuses a pool too small for a conversation; say it here, before any run
+    # (every seed samples its own conversations).
+    big = max((c for convs in samples.values() for c in convs), key=lambda c: c.total_tokens)
     need = min_gpu_blocks(big.total_tokens, config)
     if args.gpu_blocks < need:
         print(f"kvswitch bench: error: argument --gpu-blocks: must be at least {need:,} for "
@@ -332,31 +458,57 @@ def _bench(args: argparse.Namespace) -> int:
         f" GiB of preset KV), host pool {args.host_blocks:,} blocks; {args.pattern} priorities "
         f"every {args.update_every} iterations; time scale {time_scale:g}; {args.backend} "
         f"backend", file=sys.stderr)
+    configs = {seed: replace(config, seed=seed) for seed in seeds}
+    guesses = {seed: estimate_run(samples[seed], configs[seed]) for seed in seeds}
+    estimates = {seed: g.makespan_s for seed, g in guesses.items()}
+    runs = [(name, seed) for seed in seeds for name in names]
+    modelled = sum(estimates[seed] for _, seed in runs)
+    wall = sum(guesses[seed].wall_s for _, seed in runs)
+    print(f"kvswitch bench: {len(names)} configuration(s) x {len(seeds)} seed(s) "
+          f"({', '.join(map(str, seeds))}) = {len(runs)} run(s); expected duration about "
+          f"{_duration(wall)} (an estimate from the cost model: about "
+          f"{_duration(modelled / len(runs))} of modelled time per run at time scale "
+          f"{time_scale:g}, plus loop overhead and pool setup; swap stalls come on top)",
+          file=sys.stderr)
 
-    def progress(desc: str):
-        if args.no_progress:
-            return _NoProgress()
+    if args.no_progress:
+        bar = _NoProgress()
+    else:
         from tqdm import tqdm
 
-        return tqdm(total=len(conversations), desc=desc, unit="conv", file=sys.stderr)
-
-    figures: dict[str, dict[str, float]] = {}
-    for name in names:
-        try:
-            with progress(f"{name:>12}") as bar:
-                result = serve(conversations, config, CONFIGURATIONS[name],
-                               on_conversation_done=lambda bar=bar: bar.update())
-        except ValueError as e:
-            print(f"kvswitch bench: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:  # the cuda backend: no device, no pinned memory
-            print(f"kvswitch bench: {e}", file=sys.stderr)
-            return 1
-        figures[name] = summarize(result, time_scale)
-    print(format_table(figures))
+        # smoothing=0: the ETA uses the average rate of the whole run so far (pool setup
+        # included), not the last few updates.
+        bar = tqdm(total=modelled, unit="s", unit_scale=False, file=sys.stderr, smoothing=0,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
+                              "modelled s [{elapsed}<{remaining}]")
+    per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    with bar:
+        progress = RunProgress(bar, [estimates[seed] for _, seed in runs])
+        for i, (name, seed) in enumerate(runs):
+            progress.start(i, f"{name} seed {seed} ({i + 1}/{len(runs)})")
+            try:
+                result = serve(samples[seed], configs[seed], CONFIGURATIONS[name],
+                               on_progress=progress.advance)
+            except ValueError as e:
+                print(f"kvswitch bench: {e}", file=sys.stderr)
+                return 2
+            except RuntimeError as e:  # the cuda backend: no device, no pinned memory
+                print(f"kvswitch bench: {e}", file=sys.stderr)
+                return 1
+            progress.finish(result.makespan_s)
+            per_seed[name].append(summarize(result, time_scale))
+    if len(seeds) == 1:
+        figures = {name: runs_[0] for name, runs_ in per_seed.items()}
+        spreads = None
+    else:
+        both = {name: aggregate(runs_) for name, runs_ in per_seed.items()}
+        figures = {name: m for name, (m, _) in both.items()}
+        spreads = {name: r for name, (_, r) in both.items()}
+        print(f"Each cell: median (min-max) over seeds {', '.join(map(str, seeds))}.")
+    print(format_table(figures, spreads))
     print()
     if line := compare(figures):
-        print(line)
+        print(line + (" (medians)" if spreads else ""))
     copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
               if args.backend == "cuda" else
               f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
@@ -366,15 +518,39 @@ def _bench(args: argparse.Namespace) -> int:
         f"compute + measured stalls x {time_scale:g}). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
+            doc = {"config": asdict(config), "trace": args.trace or "bundled",
+                   "conversations": len(conversations), "configurations": figures,
+                   "repeats": {"seeds": seeds, "configurations": per_seed}}
+            if spreads:
+                doc["range"] = spreads
             with open(args.json, "w") as f:
-                json.dump({"config": asdict(config), "trace": args.trace or "bundled",
-                           "conversations": len(conversations), "configurations": figures},
-                          f, indent=2)
+                json.dump(doc, f, indent=2)
         if args.plot:
             plot(figures, args.plot)
     except OSError as e:
         print(f"kvswitch bench: cannot write {e.filename or 'output'}: {e.strerror or e}",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from kvswitch.info import collect, format_info
+
+    info = collect()
+    if not args.json:
+        print(format_info(info))
+        return 0
+    try:
+        if args.json == "-":
+            json.dump(info, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            with open(args.json, "w") as f:
+                json.dump(info, f, indent=2)
+                f.write("\n")
+    except (OSError, TypeError, ValueError) as e:
+        print(f"kvswitch info: cannot write the JSON: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -430,8 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "and be writable; checked before the run)")
     b.add_argument("--plot", type=_output_path, default=None,
                    help="also write a PNG of latency and swap volume (checked like --json)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--repeats", type=_integer(1, MAX_REPEATS), default=1,
+                   help=f"runs per configuration with seeds --seed, --seed+1, ... (1 to "
+                        f"{MAX_REPEATS}); above 1 every figure is the median over seeds with "
+                        f"its range (min-max), and --json adds each seed's figures")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (one bar covers every configuration and repeat)")
     b.set_defaults(func=_bench)
+    i = sub.add_parser("info", help="version, build, backends, devices, pinned memory, NUMA")
+    i.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print one JSON object instead (to PATH when given)")
+    i.set_defaults(func=_info)
     return parser
 
 

@@ -58,7 +58,7 @@ from kvswitch.trace import Conversation
 
 __all__ = [
     "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "cuda_unavailable_reason",
-    "min_gpu_blocks", "serve",
+    "RunEstimate", "estimate_run", "min_gpu_blocks", "serve",
 ]
 
 
@@ -180,7 +180,8 @@ def _cuda_layout(model: ModelPreset, block_size: int, num_blocks: int) -> KVLayo
 
 class _Server:
     def __init__(self, convs: list[Conversation], cfg: ServeConfig, mech: Mechanisms,
-                 on_finish: Callable[[], None] | None) -> None:
+                 on_finish: Callable[[], None] | None,
+                 on_progress: Callable[[float], None] | None = None) -> None:
         self.cfg, self.mech = cfg, mech
         model = MODEL_PRESETS[cfg.model]
         self.cost = CostModel(model, GPU_PRESETS[cfg.gpu], cfg.efficiency)
@@ -212,6 +213,7 @@ class _Server:
                              executed_block_bytes=region * model.num_regions)
         self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
         self.on_finish = on_finish
+        self.on_progress = on_progress
         self.convs = [_Conv(i, c) for i, c in enumerate(convs)]
         arrivals = random.Random(cfg.seed + 1)
         self.think = random.Random(cfg.seed + 2)
@@ -423,6 +425,8 @@ class _Server:
             self.prio.served(c.idx for c in ready)
             self._emit(ready, prefills)
             iteration += 1
+            if self.on_progress is not None:
+                self.on_progress(self.now - self.start)
             left = compute_until - time.perf_counter()
             if left > 0:
                 time.sleep(left)
@@ -475,7 +479,8 @@ class _Server:
 
 
 def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Mechanisms,
-          on_conversation_done: Callable[[], None] | None = None) -> ServeResult:
+          on_conversation_done: Callable[[], None] | None = None,
+          on_progress: Callable[[float], None] | None = None) -> ServeResult:
     """Replay ``conversations`` through a SwapManager with the given mechanisms.
 
     Args:
@@ -483,6 +488,8 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
         config: pools, presets, arrival process, priority pattern, time scale.
         mechanisms: which FastSwitch mechanisms to use (see :data:`CONFIGURATIONS`).
         on_conversation_done: called once per finished conversation (progress bars).
+        on_progress: called after every iteration with the modelled seconds elapsed since
+            the first arrival (the modelled clock, which ends at ``makespan_s``).
 
     Returns:
         A :class:`ServeResult`.
@@ -513,7 +520,72 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
                 f"conversation {big.conversation_id!r} needs {big.total_tokens:,} tokens of KV; "
                 f"the GPU pool admits {max(limit, 0) * config.block_size:,} "
                 f"(gpu_blocks={config.gpu_blocks:,}); gpu_blocks must be at least {need:,}")
-    return _Server(conversations, config, mechanisms, on_conversation_done).run()
+    return _Server(conversations, config, mechanisms, on_conversation_done, on_progress).run()
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """What :func:`estimate_run` expects of one :func:`serve` run."""
+
+    makespan_s: float  #: modelled seconds
+    iterations: int
+    wall_s: float  #: wall seconds on this kind of machine (rough)
+
+
+#: Wall seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow core;
+#: the loop sleeps ``step / time_scale`` per iteration unless this is longer.
+ITERATION_OVERHEAD_S = 25e-6
+#: Bytes per second of pool setup (allocation and zero-fill).
+SETUP_BYTES_PER_S = 1e9
+
+
+def estimate_run(conversations: list[Conversation], config: ServeConfig) -> RunEstimate:
+    """A rough estimate of one :func:`serve` run, for saying how long a run will take before
+    it starts. No swap costs: stalls and contention are ignored.
+
+    The modelled makespan is the larger of two bounds: arrivals (the last turn of each
+    conversation arrives after its arrival, the mean think times and its decode steps at
+    batch 1) and compute (every turn's prefill alone, plus all output tokens decoded at the
+    batch the GPU pool holds at the trace's mean context, at most ``max_batch``). Wall time
+    is that over the time scale, or the loop's Python overhead where it is longer, plus the
+    pools' setup.
+    """
+    if not conversations:
+        return RunEstimate(0.0, 0, 0.0)
+    model = MODEL_PRESETS[config.model]
+    cost = CostModel(model, GPU_PRESETS[config.gpu], config.efficiency)
+    arrivals = random.Random(config.seed + 1)
+    t = 0.0
+    starts = []
+    for c in conversations:
+        t += arrivals.expovariate(config.arrival_rate)
+        starts.append(c.arrival_s if c.arrival_s is not None else t)
+    first = min(starts)
+    out_tokens, prefill_s, ctx_weighted, arrival_bound = 0, 0.0, 0.0, 0.0
+    for start, c in zip(starts, conversations, strict=True):
+        kv, end = 0, start + config.think_s * (len(c.turns) - 1)
+        for turn in c.turns:
+            prefill_s += cost.step_s(0, 0, [(max(turn.new_input_tokens, 1), kv)])
+            kv += turn.new_input_tokens
+            out_tokens += turn.output_tokens
+            ctx_weighted += turn.output_tokens * (kv + turn.output_tokens / 2)
+            end += turn.output_tokens * cost.step_s(kv + turn.output_tokens // 2, 1)
+            kv += turn.output_tokens
+        arrival_bound = max(arrival_bound, end - first)
+    ctx = max(ctx_weighted / max(out_tokens, 1), 1.0)
+    room = config.gpu_blocks * (1 - config.watermark) * config.block_size
+    batch = max(1, min(config.max_batch, int(room / ctx), len(conversations)))
+    step = cost.step_s(int(batch * ctx), batch)
+    makespan = max(arrival_bound, prefill_s + out_tokens / batch * step)
+    iterations = int(makespan / step)
+    if config.backend == "cuda":
+        block_bytes = model.region_block_bytes(config.block_size) * model.num_regions
+    else:
+        region = model.region_block_bytes(config.block_size) / config.time_scale
+        block_bytes = max(16, round(region / 16) * 16) * model.num_regions
+    setup = (config.gpu_blocks + config.host_blocks) * block_bytes / SETUP_BYTES_PER_S
+    wall = max(makespan / config.time_scale, iterations * ITERATION_OVERHEAD_S) + setup
+    return RunEstimate(makespan, iterations, wall)
 
 
 def min_gpu_blocks(tokens: int, config: ServeConfig) -> int:
