@@ -71,6 +71,14 @@ inline void copy_row(unsigned char* dst, const unsigned char* src, std::size_t n
 
 }  // namespace
 
+bool host_copy_streaming_stores() noexcept {
+#if defined(__SSE2__) && !defined(KVSWITCH_NO_STREAMING_STORES)
+    return true;
+#else
+    return false;
+#endif
+}
+
 void host_copy(const CopyOp& op) noexcept {
     auto* dst = reinterpret_cast<unsigned char*>(op.dst);
     const auto* src = reinterpret_cast<const unsigned char*>(op.src);

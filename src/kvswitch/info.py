@@ -6,13 +6,11 @@ sections. Nothing here raises: a probe that fails records why instead.
 Keys of the dict (``kvswitch info --json``):
 
 * ``version``: kvswitch's version.
-* ``build``: ``extension`` (path of ``kvswitch._core``), ``compiler`` (from the extension's
-  ELF ``.comment`` section, ``None`` where it has none), ``cxx_standard`` (``"C++17"``, what
-  CMakeLists.txt requires; the extension does not record it), ``streaming_stores`` (whether
-  the SSE2 streaming-store copy path of the host backend is compiled in: ``True``/``False``
-  from the CMake cache of an in-tree or editable build, else ``None``), ``build_type``,
-  ``sanitize`` (CMake cache only, else ``None``), ``source`` (where the build fields came
-  from), ``python``, ``platform``, ``machine``.
+* ``build``: ``extension`` (path of ``kvswitch._core``) and what the compiler recorded in it
+  (``_core.build_info()``): ``compiler``, ``cxx_standard``, ``streaming_stores`` (whether the
+  host backend's SSE2 streaming-store copy path is compiled in), ``optimized`` (``NDEBUG``:
+  a Release or RelWithDebInfo build), ``sanitize`` (``""`` or e.g. ``"address"``); then
+  ``python``, ``platform``, ``machine``.
 * ``backends``: ``host`` and ``cuda``, each ``{"available": bool, "reason": str}``; ``cuda``
   adds ``driver_version``, ``device_count``, ``batch_copy``, ``stream_mem_ops``.
 * ``devices``: one ``{"ordinal", "usable", "reason", "attributes"}`` per CUDA device the
@@ -32,7 +30,6 @@ import os
 import platform
 import re
 import resource
-import struct
 import sys
 from typing import Any
 
@@ -43,81 +40,22 @@ HOST_MEMORY_NOTE = ("the cuda backend page-locks a pageable host pool with cuMem
                     "backend (memcpy, nothing to lock)")
 
 
-def _elf_comment(path: str) -> str | None:
-    """The ``.comment`` section of an ELF64 little-endian file (the compiler's banner)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    try:
-        shoff, = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-        def section(i: int) -> tuple[int, int, int]:
-            name, _, _, _, off, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
-            return name, off, size
-
-        _, stroff, _ = section(shstrndx)
-        for i in range(shnum):
-            name, off, size = section(i)
-            end = data.index(b"\0", stroff + name)
-            if data[stroff + name:end] == b".comment":
-                parts = [p.decode(errors="replace") for p in data[off:off + size].split(b"\0")]
-                return "; ".join(dict.fromkeys(p for p in parts if p)) or None
-    except (struct.error, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cmake_cache(extension: str) -> dict[str, str]:
-    """Entries of the CMakeCache.txt above the extension (editable or in-tree builds)."""
-    d = os.path.dirname(os.path.abspath(extension))
-    for _ in range(6):
-        path = os.path.join(d, "CMakeCache.txt")
-        if os.path.isfile(path):
-            entries = {}
-            try:
-                with open(path) as f:
-                    for line in f:
-                        if m := re.match(r"([A-Za-z_][\w.-]*):\w+=(.*)", line.rstrip("\n")):
-                            entries[m[1]] = m[2]
-            except OSError:
-                return {}
-            entries["_path"] = path
-            return entries
-        d = os.path.dirname(d)
-    return {}
-
-
 def _build(core: Any) -> dict[str, Any]:
-    ext = getattr(core, "__file__", "") or ""
     b: dict[str, Any] = {
-        "extension": ext,
-        "compiler": _elf_comment(ext) if ext else None,
-        "cxx_standard": "C++17",
+        "extension": getattr(core, "__file__", "") or "",
+        "compiler": None,
+        "cxx_standard": None,
         "streaming_stores": None,
-        "build_type": None,
+        "optimized": None,
         "sanitize": None,
-        "source": "compiler: the extension's .comment section; C++ standard: CMakeLists.txt",
         "python": platform.python_version(),
         "platform": sys.platform,
         "machine": platform.machine(),
     }
-    cache = _cmake_cache(ext) if ext else {}
-    if cache:
-        sanitize = cache.get("KVSWITCH_SANITIZE", "")
-        on = cache.get("KVSWITCH_STREAMING_STORES", "ON").upper() in ("ON", "TRUE", "1", "YES")
-        # host_backend.cpp: SSE2 and the option on and no sanitizer (which forces it off).
-        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-        b["streaming_stores"] = bool(on and not sanitize and x86)
-        b["build_type"] = cache.get("CMAKE_BUILD_TYPE") or None
-        b["sanitize"] = sanitize
-        b["source"] += f"; streaming stores, build type: {cache['_path']}"
-    else:
-        b["source"] += "; streaming stores: not recorded in a wheel build"
+    try:
+        b.update(dict(core.build_info()))  # recorded by the compiler (cpp/bindings/module.cpp)
+    except Exception as e:  # noqa: BLE001 - report, never fail
+        b["error"] = f"build_info() failed: {e}"
     return b
 
 
@@ -255,10 +193,10 @@ def format_info(info: dict[str, Any]) -> str:
                       ("python", f"{b['python']} ({b['platform']}, {b['machine']})")]),
         ("build", [("extension", b["extension"]),
                    ("compiler", b["compiler"] or "unknown"),
-                   ("C++ standard", b["cxx_standard"]),
-                   ("SSE2 streaming stores", _yes(b["streaming_stores"])
-                    + ("" if b["streaming_stores"] is not None else " (not recorded)")),
-                   ("build type", b["build_type"] or "unknown")]),
+                   ("C++ standard", b["cxx_standard"] or "unknown"),
+                   ("SSE2 streaming stores", _yes(b["streaming_stores"])),
+                   ("optimized", _yes(b["optimized"])),
+                   ("sanitizers", b["sanitize"] or "none")]),
         ("backends", [("host", "available: " + info["backends"]["host"]["reason"]),
                       ("cuda", ("available" if cuda["available"] else "unavailable")
                        + f": {cuda['reason']}")]),

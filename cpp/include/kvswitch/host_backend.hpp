@@ -21,4 +21,8 @@ class HostBackend final : public CopyBackend {
 /// Performs `op` with memcpy (rows one by one when strided).
 void host_copy(const CopyOp& op) noexcept;
 
+/// Whether host_copy() was compiled with the SSE2 streaming-store path for rows of 4 KiB
+/// and more (off without SSE2, with KVSWITCH_STREAMING_STORES=OFF and in sanitizer builds).
+bool host_copy_streaming_stores() noexcept;
+
 }  // namespace kvswitch
