@@ -21,6 +21,8 @@ if (pkg.parent.parent / "pyproject.toml").exists():  # src/kvswitch of a checkou
     sys.exit(f"kvswitch imported from a source tree ({pkg}), not from an installed wheel")
 
 dist = md.distribution("kvswitch")
+if dist.version != kvswitch.__version__:  # pyproject.toml and __init__.py disagree
+    sys.exit(f"wheel metadata says {dist.version}, kvswitch.__version__ {kvswitch.__version__}")
 wheel_meta = dist.read_text("WHEEL") or ""
 tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines()
         if line.startswith("Tag:")]
