@@ -26,6 +26,9 @@ if dist.version != kvswitch.__version__:  # pyproject.toml and __init__.py disag
 wheel_meta = dist.read_text("WHEEL") or ""
 tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines()
         if line.startswith("Tag:")]
+core = pathlib.Path(kvswitch._core.__file__).name
+if any("-abi3-" in t for t in tags) != core.endswith(".abi3.so"):  # limited API or not
+    sys.exit(f"wheel tag {tags} does not match the extension {core}")
 
 # A vLLM-style device pool ([2, N, block, heads, dim] per layer) in host memory.
 rng = np.random.default_rng(0)
@@ -57,6 +60,6 @@ for t, b in zip(tensors, before, strict=True):
 alloc.free("seq-0")
 alloc.check_invariants()
 
-print(f"kvswitch {kvswitch.__version__} from {pkg}")
+print(f"kvswitch {kvswitch.__version__} from {pkg} ({core})")
 print(f"wheel tag: {', '.join(tags) or '?'}; {len(blocks)} blocks in {len(groups)} group(s) "
       f"swapped out and in on the host backend: bytes equal")
