@@ -243,8 +243,8 @@ class ReuseTracker:
             a reclaimable backup.
 
         Raises:
-            KeyError: unknown sequence. ValueError: not swapped out, a plan pending, or a
-            table too short.
+            KeyError: unknown sequence.
+            ValueError: not swapped out, a plan pending, or a table too short.
         """
         with self._lock:
             copy = self._known(seq_id)

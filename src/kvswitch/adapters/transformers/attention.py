@@ -149,12 +149,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     Args:
         module: the attention module; its ``layer_idx`` selects the pool tensors.
         query: ``[B, num_heads, T, head_dim]``, RoPE applied.
-        key, value: ``[B, num_kv_heads, T, head_dim]`` of the new tokens, RoPE applied to
-            ``key``; written to the pool before attending.
+        key: ``[B, num_kv_heads, T, head_dim]`` of the new tokens, RoPE applied; written to
+            the pool before attending.
+        value: as ``key``, without RoPE.
         attention_mask: ignored (the mask comes from the batch).
         scaling: softmax scale (default ``head_dim ** -0.5``).
         dropout: must be 0 (inference only).
-        kvswitch_batch: the :class:`PagedBatch` of this forward pass (keyword).
+        **kwargs: ``kvswitch_batch``, the :class:`PagedBatch` of this forward pass.
 
     Returns:
         ``(output, None)`` with output ``[B, T, num_heads, head_dim]`` in ``query``'s dtype.

@@ -104,7 +104,8 @@ class PagedKVCache:
         Args:
             layer: layer index.
             slots: int64 ``[n]`` slots (see the module docstring), on the pool's device.
-            key, value: ``[n, num_kv_heads, head_dim]``, cast to the pool's dtype.
+            key: ``[n, num_kv_heads, head_dim]``, cast to the pool's dtype.
+            value: as ``key``.
         """
         kv_shape = (-1, self.spec.num_kv_heads, self.spec.head_dim)
         self.key_cache[layer].view(kv_shape).index_copy_(0, slots, key.to(self.dtype))
