@@ -10,6 +10,7 @@ import math
 
 import pytest
 import tqdm
+from _cli import run_bench
 
 from kvswitch import cli
 from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, estimate_run, min_gpu_blocks
@@ -25,13 +26,7 @@ class Started(Exception):
     pass
 
 
-def run(capsys, *args):
-    try:
-        rc = main(["bench", *args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_bench
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import os
 import types
 
 import pytest
+from _cli import run_bench
 
 from kvswitch import cli
 from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, min_gpu_blocks, serve
@@ -32,14 +33,7 @@ def no_serve(monkeypatch):
     monkeypatch.setattr(cli, "serve", fail)
 
 
-def run(capsys, *args):
-    """``kvswitch bench args``: (exit status, stdout, stderr)."""
-    try:
-        rc = main(["bench", *args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_bench
 
 
 def assert_option_error(rc, out, err, option):
