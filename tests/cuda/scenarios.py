@@ -184,6 +184,7 @@ def cross_worker_raw_war() -> None:
             # -> dev D is queued right behind it
             p.randomize_device()
             old = [p.dev(k, d, n).clone() for k in range(len(p.views))]
+            torch.cuda.synchronize()  # the clones (default stream) before the engine's copies
             if hold:
                 eng._engine._set_paused(True)
             r = eng.swap_out([[d, 384, n]])
@@ -452,6 +453,7 @@ def torch_and_cupy() -> None:
             self.__cuda_array_interface__ = x.__cuda_array_interface__
 
     a = cp.random.standard_normal((2, 32, 16, 8, 64), dtype=cp.float32)
+    cp.cuda.Device().synchronize()  # generated on CuPy's stream; cs and the engine don't wait
     layout = KVLayout.from_tensors([CAIOnly(a[0]), CAIOnly(a[1])])
     pool = HostKVPool(layout, 32)
     tp = make_pools(torch, layers=2, blocks=32)
