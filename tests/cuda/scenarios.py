@@ -132,6 +132,7 @@ def make_pools(torch, *, layers: int = 4, blocks: int = 256, host_blocks: int | 
         assert pool.pinned, pool.pin_reason
     for a in pool.arrays:
         a.fill(0)
+    torch.cuda.synchronize()  # torch.zeros ran on the default stream; engine streams don't wait
     return Pools(tensors, views, layout, pool, torch)
 
 
