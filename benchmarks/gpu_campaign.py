@@ -684,9 +684,18 @@ def write_outputs(out_dir: Path, campaign: dict[str, Any]) -> None:
     """campaign.json and campaign.md, written through temporary files (a run killed
     mid-write leaves the previous complete version)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    campaign["targets"] = [asdict(t) for t in evaluate_targets(campaign.get("results", {}))]
-    for name, text in (("campaign.json", json.dumps(campaign, indent=2, default=str)),
-                       ("campaign.md", render_markdown(campaign))):
+    try:
+        campaign["targets"] = [asdict(t) for t in evaluate_targets(campaign.get("results", {}))]
+    except Exception as e:  # noqa: BLE001 - a bad row must not lose the measurements
+        campaign["targets"] = []
+        campaign["targets_error"] = f"{type(e).__name__}: {e}"
+    for name, render in (("campaign.json", lambda: json.dumps(campaign, indent=2, default=str)),
+                         ("campaign.md", lambda: render_markdown(campaign))):
+        try:
+            text = render()
+        except Exception as e:  # noqa: BLE001 - the JSON still has everything
+            text = (f"# kvswitch GPU campaign\n\nrendering {name} failed: "
+                    f"{type(e).__name__}: {e}\n\n```\n{traceback.format_exc()[-3000:]}```\n")
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out_dir / name)
@@ -799,6 +808,7 @@ class Campaign:
         self.torch: Any = None
         self.pools: Pools | None = None
         self.rng = np.random.default_rng(args.seed)
+        self.current: str | None = None  # the step running now (for the watchdog)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -822,6 +832,8 @@ class Campaign:
             return
         print(f"[campaign] {name} ... ({self.left():.0f} s of budget left)", file=sys.stderr,
               flush=True)
+        rec["status"] = "running"
+        self.current = name
         t0 = time.monotonic()
         try:
             result = fn()
@@ -834,7 +846,51 @@ class Campaign:
             rec["traceback"] = traceback.format_exc()[-4000:]
             print(f"[campaign] {name}: {rec['error']}", file=sys.stderr, flush=True)
         rec["seconds"] = time.monotonic() - t0
+        self.current = None
         self.save()
+
+    def start_watchdog(self, limit_s: float) -> threading.Event:
+        """A daemon thread that ends the process ``limit_s`` seconds after the start when
+        the campaign has not finished (a step hung in the driver or the engine): the running
+        step is recorded as an error with every thread's stack (watchdog_traceback.txt),
+        children started by run_logged are killed, the outputs are written and the
+        Markdown printed, then the process exits with status 1. Set the returned event to
+        disarm it."""
+        done = threading.Event()
+
+        def fire() -> None:
+            if done.wait(max(0.0, self.t0 + limit_s - time.monotonic())):
+                return
+            import faulthandler
+            import signal
+
+            name = self.current
+            tb = self.out / "watchdog_traceback.txt"
+            with contextlib.suppress(Exception), open(tb, "w") as f:
+                faulthandler.dump_traceback(file=f, all_threads=True)
+            for pgid in list(_CHILD_GROUPS):
+                with contextlib.suppress(OSError):
+                    os.killpg(pgid, signal.SIGKILL)
+            msg = (f"watchdog: the campaign was still running {limit_s:.0f} s after its "
+                   f"start (step {name!r}); stacks in {tb.name}")
+            print(f"[campaign] {msg}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                if name is not None:
+                    rec = self.data["steps"][name]
+                    rec.update(status="error", error=msg,
+                               seconds=time.monotonic() - self.t0)
+                self.data["watchdog"] = msg
+                self.data["total_s"] = time.monotonic() - self.t0
+                self.save()
+                print(render_markdown(self.data), flush=True)
+            os._exit(1)
+
+        threading.Thread(target=fire, name="campaign-watchdog", daemon=True).start()
+        return done
+
+
+#: process groups started by run_logged and still running (ended by the watchdog)
+_CHILD_GROUPS: set[int] = set()
 
 
 def run_logged(cmd: Sequence[str], log: Path, timeout: float, cwd: Path | None = None
@@ -847,6 +903,7 @@ def run_logged(cmd: Sequence[str], log: Path, timeout: float, cwd: Path | None =
     with open(log, "w") as f:
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        _CHILD_GROUPS.add(proc.pid)
         try:
             rc: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -854,6 +911,8 @@ def run_logged(cmd: Sequence[str], log: Path, timeout: float, cwd: Path | None =
                 os.killpg(proc.pid, signal.SIGKILL)  # the group of the process started here
             proc.wait()
             rc = None
+        finally:
+            _CHILD_GROUPS.discard(proc.pid)
     return rc, log.read_text(errors="replace")
 
 
@@ -1334,7 +1393,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="wall-time budget of the whole campaign; a step that would not fit "
                          "is skipped")
-    ap.add_argument("--tests-timeout-s", type=float, default=240.0,
+    ap.add_argument("--hard-limit-s", type=float, default=None,
+                    help="end the run (outputs written, exit status 1) this many seconds "
+                         "after its start even when a step hangs; default budget + 60")
+    ap.add_argument("--tests-timeout-s", type=float, default=200.0,
                     help="timeout of pytest tests/cuda")
     ap.add_argument("--skip-tests", action="store_true", help="do not run tests/cuda")
     ap.add_argument("--skip-bench-cli", action="store_true",
@@ -1384,6 +1446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu_campaign: needs a CUDA GPU: {why}", file=sys.stderr)
         return 2
     c = Campaign(args, argv)
+    watchdog = c.start_watchdog(args.hard_limit_s if args.hard_limit_s is not None
+                                else args.budget_s + 60)
     c.step("environment", lambda: step_environment(c, numa_info), need_s=0)
     if not args.skip_tests:
         c.step("tests", lambda: run_tests(c), need_s=120)
@@ -1409,6 +1473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_bench_cli:
         c.step("bench_cli", lambda: step_bench_cli(c), need_s=45)
     c.data["total_s"] = time.monotonic() - c.t0
+    watchdog.set()
     c.save()
     print(render_markdown(c.data))
     tests = c.data["results"].get("tests", {})

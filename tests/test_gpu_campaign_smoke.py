@@ -213,6 +213,34 @@ def test_a_hung_step_process_and_its_children_are_ended_at_the_timeout(tmp_path)
     assert (rc, text.strip()) == (0, "done")
 
 
+def test_the_watchdog_ends_a_hung_step_with_its_outputs_written(tmp_path):
+    """A step that never returns (a driver or engine hang) cannot hold the campaign past
+    its hard limit: the step is recorded as an error, the outputs are written, exit 1."""
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("g", {str(SCRIPT)!r})
+        G = importlib.util.module_from_spec(spec)
+        sys.modules["g"] = G
+        spec.loader.exec_module(G)
+        argv = ["--out", {str(out)!r}]
+        c = G.Campaign(G.parse_args(argv), argv)
+        c.start_watchdog(1.0)
+        c.step("fine", lambda: {{"x": 1}}, need_s=0)
+        c.step("hangs", lambda: time.sleep(60), need_s=0)
+        print("not reached")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "not reached" not in r.stdout and "# kvswitch GPU campaign" in r.stdout
+    data = json.loads((out / "campaign.json").read_text())
+    assert data["steps"]["fine"]["status"] == "ok"
+    assert data["steps"]["hangs"]["status"] == "error"
+    assert "watchdog" in data["steps"]["hangs"]["error"]
+    assert (out / "campaign.md").exists() and (out / "watchdog_traceback.txt").exists()
+
+
 # -- the script without a GPU -----------------------------------------------------------------
 
 def test_help_works_without_a_gpu():

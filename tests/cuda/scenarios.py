@@ -132,6 +132,7 @@ def make_pools(torch, *, layers: int = 4, blocks: int = 256, host_blocks: int | 
         assert pool.pinned, pool.pin_reason
     for a in pool.arrays:
         a.fill(0)
+    torch.cuda.synchronize()  # torch.zeros ran on the default stream; engine streams don't wait
     return Pools(tensors, views, layout, pool, torch)
 
 
@@ -184,6 +185,7 @@ def cross_worker_raw_war() -> None:
             # -> dev D is queued right behind it
             p.randomize_device()
             old = [p.dev(k, d, n).clone() for k in range(len(p.views))]
+            torch.cuda.synchronize()  # the clones (default stream) before the engine's copies
             if hold:
                 eng._engine._set_paused(True)
             r = eng.swap_out([[d, 384, n]])
@@ -452,6 +454,7 @@ def torch_and_cupy() -> None:
             self.__cuda_array_interface__ = x.__cuda_array_interface__
 
     a = cp.random.standard_normal((2, 32, 16, 8, 64), dtype=cp.float32)
+    cp.cuda.Device().synchronize()  # generated on CuPy's stream; cs and the engine don't wait
     layout = KVLayout.from_tensors([CAIOnly(a[0]), CAIOnly(a[1])])
     pool = HostKVPool(layout, 32)
     tp = make_pools(torch, layers=2, blocks=32)

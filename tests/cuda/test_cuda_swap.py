@@ -65,6 +65,7 @@ def test_cross_layer_single_copy_per_extent():
     t = torch.randn((32, 4, 2, *BLOCK), device="cuda", dtype=torch.float16)
     layout = KVLayout.cross_layer(t)
     pool = HostKVPool(layout, 32)
+    torch.cuda.synchronize()  # randn on the default stream; the engine's streams don't wait
     with AsyncSwapEngine(layout, pool) as eng:
         h = eng.swap_out([[4, 0, 20]])
         assert h.wait(timeout=60) and h.num_copies == 1
@@ -141,6 +142,7 @@ def test_wait_blocks_and_sync_every():
 def test_cupy_arrays_dlpack_and_cuda_array_interface():
     cp = pytest.importorskip("cupy")
     a = cp.random.standard_normal((2, 8, *BLOCK), dtype=cp.float32)
+    cp.cuda.Device().synchronize()  # the engine's streams do not wait for CuPy's stream
 
     class CAIOnly:
         def __init__(self, x):
