@@ -386,3 +386,25 @@ def test_engines_sharing_a_pageable_pool_share_its_registration(fake):
         b.close()
         assert C.host_unregister == registered
     ''')
+
+
+def test_swap_in_after_a_stream_waits_for_its_readers(fake):
+    """swap_in(after=compute): device blocks freed by a sequence whose kernel may still read
+    them are overwritten only after that kernel (a write-after-read the engine cannot see)."""
+    run(fake, '''
+        views, layout = vllm(n=16)
+        pool = K.HostKVPool(layout, 16)
+        for a in pool.arrays:
+            a[0:4] = 6
+        old = views[0][0:4].copy()
+        gate = lib.fake_gate_close(GATED)             # the compute stream is still busy...
+        got = consumer_read(GATED, views[0][0:4])     # ...and will then read the old blocks
+        with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
+            eng.check_swap_in(after=GATED, before=CONSUMER)
+            h = eng.swap_in([(0, 0, 4)], after=GATED, before=CONSUMER)
+            threading.Timer(0.3, lib.fake_gate_open, (gate,)).start()
+            assert h.wait(30)
+            wait_idle(GATED)
+            assert (got == old).all(), "the swap-in overwrote blocks a kernel still read"
+            assert (views[0][0:4] == 6).all()
+    ''')

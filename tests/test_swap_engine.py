@@ -350,8 +350,14 @@ def test_streams_rejected_on_host_backend():
             eng.swap_out([[0, 0, 1]], after=0)
         with pytest.raises(ValueError, match="after= and before="):
             eng.swap_in([[0, 0, 1]], before=kvswitch.CudaEvent(1))
+        with pytest.raises(ValueError, match="after= and before="):
+            eng.swap_in([[0, 0, 1]], after=0)
+        with pytest.raises(ValueError, match="after= and before="):
+            eng.check_swap_in(after=0)
         with pytest.raises(TypeError, match="stream"):
             eng.swap_out([[0, 0, 1]], after="stream")
+        with pytest.raises(TypeError, match="stream"):
+            eng.swap_in([[0, 0, 1]], after="stream")
     p.assert_state(expected)
 
 

@@ -336,7 +336,7 @@ class AsyncSwapEngine:
         kind, handle = _stream_ref(after, "after")
         self._engine.check(0, kind, handle, 0, 0)
 
-    def swap_in(self, pairs: Any, *, before: Any = None) -> SwapHandle:
+    def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
 
         Args:
@@ -352,18 +352,24 @@ class AsyncSwapEngine:
                 all the same (it never hangs) and the handle raises: the blocks then
                 hold no valid data. If the stream cannot be ordered (a driver error),
                 this call waits for the copies on the host instead.
+            after: CUDA only, as in :meth:`swap_out`: the copies start only after the
+                work queued on that stream (or the event) so far. Needed when the
+                destination blocks were just freed by a sequence whose kernels may still
+                be reading them (a write-after-read on the GPU the engine cannot see).
 
         Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
         and not one capturing a CUDA graph).
         """
-        kind, handle = _stream_ref(before, "before")
-        return self._engine.submit(1, _as_pairs(pairs), 0, 0, kind, handle)
+        b_kind, b_handle = _stream_ref(before, "before")
+        a_kind, a_handle = _stream_ref(after, "after")
+        return self._engine.submit(1, _as_pairs(pairs), a_kind, a_handle, b_kind, b_handle)
 
-    def check_swap_in(self, *, before: Any = None) -> None:
-        """Raise what :meth:`swap_in` would raise for ``before`` or a closed engine, without
-        queueing anything. Raises: as :meth:`check_swap_out`."""
-        kind, handle = _stream_ref(before, "before")
-        self._engine.check(1, 0, 0, kind, handle)
+    def check_swap_in(self, *, before: Any = None, after: Any = None) -> None:
+        """Raise what :meth:`swap_in` would raise for ``before``/``after`` or a closed
+        engine, without queueing anything. Raises: as :meth:`check_swap_out`."""
+        b_kind, b_handle = _stream_ref(before, "before")
+        a_kind, a_handle = _stream_ref(after, "after")
+        self._engine.check(1, a_kind, a_handle, b_kind, b_handle)
 
     def poll(self) -> list[SwapHandle]:
         """Handles of jobs finished (successfully or not) since the previous poll, in
