@@ -175,8 +175,14 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert data["config"]["time_scale"] == 2000
     for f in figures.values():
         assert f["swap_out_blocks"] == f["swap_out_blocks_copied"] + f["swap_out_blocks_reused"]
+        assert f["gran_swap_out_copies"] * f["gran_swap_out_blocks_per_copy"] == pytest.approx(
+            f["swap_out_blocks_copied"])
+        assert f["gran_swap_in_copies"] * f["gran_swap_in_blocks_per_copy"] == pytest.approx(
+            f["swap_in_blocks"])
         assert f["ttft_p50_s"] <= f["ttft_p99_s"] <= f["ttft_p999_s"]
         assert not math.isnan(f["tbt_p999_s"])
+    assert set(data["granularity_histograms"]) == set(CONFIGURATIONS)
+    assert "swap_out_table_extents" in data["granularity_histograms"]["full"][0]
     block = MODEL_PRESETS["small"].kv_bytes_per_token * 16
     f = figures["full"]
     assert f["preset_bytes_moved"] == (f["swap_out_blocks_copied"] + f["swap_in_blocks"]) * block
@@ -218,3 +224,62 @@ def test_serve_on_cuda_without_a_gpu_raises_a_clear_error(convs):
                       host_blocks=100)
     with pytest.raises(RuntimeError, match="the cuda backend needs a CUDA GPU: "):
         serve(convs[:1], cfg, CONFIGURATIONS["full"])
+
+
+# -- granularity probes (issue 14) -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_granularity_fields_are_consistent(name, results):
+    r = results[name]
+    g, m = r.granularity, r.manager
+    # Per direction: blocks per copy times copies is the blocks moved; both add up to the
+    # manager's totals.
+    assert g["swap_out_copies"] == m["swap_out_extents"]
+    assert g["swap_in_copies"] == m["swap_in_extents"]
+    assert g["swap_out_blocks_per_copy"] * g["swap_out_copies"] == pytest.approx(
+        m["copied_blocks"])
+    assert g["swap_in_blocks_per_copy"] * g["swap_in_copies"] == pytest.approx(
+        m["swap_in_blocks"])
+    h = g["histograms"]
+    assert sum(h["swap_out_table_extents"]) == m["swap_outs"]  # one entry per swap-out
+    assert sum(h["swap_in_gpu_extents"]) == g["alloc_swap_in_calls"] == m["swap_ins"]
+    assert sum(h["swap_out_extent_lengths"]) == pytest.approx(
+        g["swap_out_table_extents_mean"] * m["swap_outs"])
+    # A swap-in table has at least one extent; several only when it was allocated so.
+    assert g["swap_in_gpu_extents_mean"] >= 1
+    assert 0 <= g["swap_in_multi_extent_need_gt_largest_free"] <= g["swap_in_multi_extent"]
+    assert g["free_samples"] == sum(h["free_groups"]) > 0
+    assert g["free_groups_p10"] <= g["free_groups_p50"] <= g["free_groups_p90"]
+    assert g["largest_free_group_p90"] <= FAST.gpu_blocks
+    grow = g["alloc_grow_blocks"]
+    assert g["alloc_grow_calls"] == grow and g["alloc_grow_tail_split_calls"] <= grow
+    if not CONFIGURATIONS[name].block_groups:  # per-block mode: no reserved tails to split
+        assert g["reserved_blocks_p90"] == 0
+        assert g["alloc_grow_tail_blocks_split"] == 0
+
+
+def test_granularity_probes_do_not_change_allocation(convs):
+    """The probed allocator hands out the same blocks as the plain one."""
+    import random
+
+    from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
+    from kvswitch.bench.serve import _ProbedAllocator
+
+    plain = BlockGroupAllocator(400, initial_group_blocks=20)
+    probed = _ProbedAllocator(400, initial_group_blocks=20)
+    rng = random.Random(3)
+    for step in range(2000):
+        seq = rng.randrange(12)
+        probed.context = rng.choice(["admit", "grow", "swap_in"])
+        if seq in plain and rng.random() < 0.1:
+            assert plain.free(seq) == probed.free(seq)
+            continue
+        n = rng.choice([1, 1, 1, 5, 30])
+        try:
+            a = plain.allocate(seq, n)
+        except OutOfBlocksError:
+            with pytest.raises(OutOfBlocksError):
+                probed.allocate(seq, n)
+            continue
+        assert (a == probed.allocate(seq, n)).all(), step
+    assert plain.free_groups() == probed.free_groups()

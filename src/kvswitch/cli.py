@@ -228,6 +228,9 @@ def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
         "sync_swap_in_decisions": m["sync_decisions"],
         "async_swap_in_decisions": m["async_decisions"],
         "wall_s": result.wall_s,
+        # Where blocks per copy are lost (issue 14): per-direction copies and blocks, table
+        # extents at swap-out, swap-in extents, reserved-tail splits, free groups over time.
+        **{f"gran_{k}": v for k, v in result.granularity.items() if k != "histograms"},
     }
 
 
@@ -482,6 +485,7 @@ def _bench(args: argparse.Namespace) -> int:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
                               "modelled s [{elapsed}<{remaining}]")
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    histograms: dict[str, list[dict]] = {name: [] for name in names}  # per seed (issue 14)
     with bar:
         progress = RunProgress(bar, [estimates[seed] for _, seed in runs])
         for i, (name, seed) in enumerate(runs):
@@ -497,6 +501,7 @@ def _bench(args: argparse.Namespace) -> int:
                 return 1
             progress.finish(result.makespan_s)
             per_seed[name].append(summarize(result, time_scale))
+            histograms[name].append(result.granularity.get("histograms", {}))
     if len(seeds) == 1:
         figures = {name: runs_[0] for name, runs_ in per_seed.items()}
         spreads = None
@@ -520,7 +525,9 @@ def _bench(args: argparse.Namespace) -> int:
         if args.json:
             doc = {"config": asdict(config), "trace": args.trace or "bundled",
                    "conversations": len(conversations), "configurations": figures,
-                   "repeats": {"seeds": seeds, "configurations": per_seed}}
+                   "repeats": {"seeds": seeds, "configurations": per_seed},
+                   # log2 bins: entry k counts values in [2**k, 2**(k+1)); one per seed
+                   "granularity_histograms": histograms}
             if spreads:
                 doc["range"] = spreads
             with open(args.json, "w") as f:

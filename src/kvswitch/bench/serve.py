@@ -42,10 +42,11 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, ModelPreset
@@ -124,7 +125,171 @@ class ServeResult:
     executed_block_bytes: int = 0  #: bytes of one block actually copied
     stall_measured_s: float = 0.0  #: wall seconds the loop was blocked on swaps
     wall_s: float = 0.0  #: wall seconds of the run
+    #: where blocks per copy are lost (issue 14): per-direction copies and blocks, table
+    #: extents at swap-out, swap-in extents, reserved-tail splits, free groups over time
+    granularity: dict = field(default_factory=dict)
 
+
+
+# -- granularity probes (issue 14): read-only measurements of where blocks per copy go ----
+
+#: Iterations between samples of the GPU pool's free groups.
+FREE_SAMPLE_EVERY = 50
+
+
+def _runs(ids: npt.NDArray[np.integer]) -> int:
+    """Maximal runs of consecutive ids."""
+    if ids.size == 0:
+        return 0
+    return int(np.count_nonzero(np.diff(ids.astype(np.int64)) != 1)) + 1
+
+
+def _log2_histogram(lengths: list[int]) -> list[int]:
+    """Entry ``k`` counts lengths in ``[2**k, 2**(k+1))``."""
+    hist: list[int] = []
+    for n in lengths:
+        k = max(int(n), 1).bit_length() - 1
+        if k >= len(hist):
+            hist.extend([0] * (k + 1 - len(hist)))
+        hist[k] += 1
+    return hist
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p10": 0.0, "p50": 0.0, "p90": 0.0, "mean": 0.0}
+    a = np.asarray(values, dtype=float)
+    return {"p10": float(np.percentile(a, 10)), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "mean": float(a.mean())}
+
+
+class _ProbedAllocator(BlockGroupAllocator):
+    """The GPU allocator with read-only probes around :meth:`allocate`: what each call adds
+    to the table's extents and whether it split other sequences' reserved tails. The
+    allocation itself is the base class's, unchanged."""
+
+    def __init__(self, num_blocks: int, *, initial_group_blocks: int) -> None:
+        super().__init__(num_blocks, initial_group_blocks=initial_group_blocks)
+        self.context = "admit"  # which serving-loop step is allocating
+        self.calls: dict[str, dict[str, int]] = {}
+        self.swap_in_need_gt_largest_free = 0  # swap-ins whose need exceeded the largest
+        self.swap_in_multi_extent = 0  # swap-ins whose new table has > 1 extent
+        self.swap_in_multi_extent_need_gt_largest = 0  # ... because no free group fitted
+        self.swap_in_extents: list[int] = []
+
+    def allocate(self, seq_id: Hashable, num_blocks: int) -> npt.NDArray[np.int32]:
+        known = seq_id in self
+        groups_before = len(self.groups(seq_id)) if known else 0
+        own_before = self.reservation(seq_id)[1] if known else 0
+        others_before = self.num_reserved_blocks - own_before
+        largest = 0
+        if self.context == "swap_in":
+            largest = max((n for _, n in self.free_groups()), default=0)
+        out = super().allocate(seq_id, num_blocks)
+        groups_after = len(self.groups(seq_id))
+        others_after = self.num_reserved_blocks - self.reservation(seq_id)[1]
+        c = self.calls.setdefault(self.context, dict.fromkeys(
+            ("calls", "blocks", "new_extents", "tail_split_calls", "tail_blocks_split"), 0))
+        c["calls"] += 1
+        c["blocks"] += num_blocks
+        c["new_extents"] += groups_after - groups_before
+        if others_after < others_before:
+            c["tail_split_calls"] += 1
+            c["tail_blocks_split"] += others_before - others_after
+        if self.context == "swap_in":
+            self.swap_in_extents.append(groups_after)
+            short = largest < num_blocks
+            self.swap_in_need_gt_largest_free += short
+            if groups_after > 1:
+                self.swap_in_multi_extent += 1
+                self.swap_in_multi_extent_need_gt_largest += short
+        return out
+
+
+class _Granularity:
+    """Per-direction copy granularity, table fragmentation at swap-out and the GPU pool's
+    free groups over time; read-only (see docs/benchmarks.md, issue 14)."""
+
+    def __init__(self, m: SwapManager, gpu: BlockGroupAllocator) -> None:
+        self.m, self.gpu = m, gpu
+        self.out_tables = 0
+        self.out_gpu_extents: list[int] = []  # extents of each GPU table at swap-out
+        self.out_extent_lengths: list[int] = []  # their lengths
+        self.out_host_extents: list[int] = []  # extents of its host copy after the swap-out
+        self.out_pairs: list[int] = []  # copy pairs issued by the swap-out
+        self.out_copied: list[int] = []
+        self.in_host_extents: list[int] = []  # host copy extents at swap-in
+        self.free_groups: list[int] = []
+        self.largest_free: list[int] = []
+        self.free_in_groups: list[int] = []
+        self.reserved: list[int] = []
+        self._table: list[int] = []
+
+    def before_swap_out(self, seq: Hashable) -> None:
+        self._table = [n for _, n in self.gpu.groups(seq)]  # recorded if the swap-out runs
+
+    def after_swap_out(self, seq: Hashable, plan: object) -> None:
+        self.out_gpu_extents.append(len(self._table))
+        self.out_extent_lengths.extend(self._table)
+        host = self.m.tracker.host_block_table(seq)
+        self.out_host_extents.append(_runs(host[host >= 0]))
+        self.out_pairs.append(len(plan.pairs))  # type: ignore[attr-defined]
+        self.out_copied.append(int(plan.copied_blocks))  # type: ignore[attr-defined]
+
+    def before_swap_in(self, seq: Hashable) -> None:
+        host = self.m.tracker.host_block_table(seq)
+        self.in_host_extents.append(_runs(host[host >= 0]))
+
+    def sample(self) -> None:
+        free = [n for _, n in self.gpu.free_groups()]
+        self.free_groups.append(len(free))
+        self.largest_free.append(max(free, default=0))
+        self.free_in_groups.append(sum(free))
+        self.reserved.append(self.gpu.num_reserved_blocks)
+
+    def report(self) -> dict:
+        m, g = self.m.stats(), self.gpu
+        probed = isinstance(g, _ProbedAllocator)
+        ins = g.swap_in_extents if probed else []
+        d: dict = {
+            "swap_out_copies": m.swap_out_extents,
+            "swap_out_blocks_copied": m.copied_blocks,
+            "swap_out_blocks_per_copy": m.copied_blocks / max(m.swap_out_extents, 1),
+            "swap_in_copies": m.swap_in_extents,
+            "swap_in_blocks": m.swap_in_blocks,
+            "swap_in_blocks_per_copy": m.swap_in_blocks / max(m.swap_in_extents, 1),
+            "swap_out_table_extents_mean": float(np.mean(self.out_gpu_extents or [0])),
+            "swap_out_table_blocks_per_extent": (sum(self.out_extent_lengths)
+                                                 / max(len(self.out_extent_lengths), 1)),
+            "swap_out_host_extents_mean": float(np.mean(self.out_host_extents or [0])),
+            "swap_out_pairs_mean": float(np.mean(self.out_pairs or [0])),
+            "swap_in_gpu_extents_mean": float(np.mean(ins or [0])),
+            "swap_in_host_extents_mean": float(np.mean(self.in_host_extents or [0])),
+            "swap_in_multi_extent": g.swap_in_multi_extent if probed else 0,
+            "swap_in_multi_extent_need_gt_largest_free": (
+                g.swap_in_multi_extent_need_gt_largest if probed else 0),
+            "swap_in_need_gt_largest_free": g.swap_in_need_gt_largest_free if probed else 0,
+            "free_samples": len(self.free_groups),
+        }
+        for name, values in (("free_groups", self.free_groups),
+                             ("largest_free_group", self.largest_free),
+                             ("free_in_groups", self.free_in_groups),
+                             ("reserved_blocks", self.reserved)):
+            for k, v in _pcts(values).items():
+                d[f"{name}_{k}"] = v
+        for ctx, c in (g.calls.items() if probed else ()):
+            for k, v in c.items():
+                d[f"alloc_{ctx}_{k}"] = v
+        d["histograms"] = {
+            "swap_out_table_extents": _log2_histogram(self.out_gpu_extents),
+            "swap_out_extent_lengths": _log2_histogram(self.out_extent_lengths),
+            "swap_out_host_extents": _log2_histogram(self.out_host_extents),
+            "swap_in_gpu_extents": _log2_histogram(ins),
+            "swap_in_host_extents": _log2_histogram(self.in_host_extents),
+            "free_groups": _log2_histogram(self.free_groups),
+            "largest_free_group": _log2_histogram(self.largest_free),
+        }
+        return d
 
 
 @dataclass(eq=False)
@@ -203,12 +368,15 @@ class _Server:
                 a.fill(0)
         engine = AsyncSwapEngine(device, host, backend=cfg.backend,
                                  num_workers=cfg.num_workers)
-        gpu = (BlockGroupAllocator(cfg.gpu_blocks, initial_group_blocks=cfg.initial_group_blocks)
-               if mech.block_groups else BlockGroupAllocator.per_block(cfg.gpu_blocks))
+        # Probed: read-only counters around allocate (issue 14); the allocation is unchanged.
+        gpu = _ProbedAllocator(cfg.gpu_blocks, initial_group_blocks=(
+            cfg.initial_group_blocks if mech.block_groups else 1))
         self.m = SwapManager(
             gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,
             async_swap_out=mech.async_swaps, swap_in="adaptive" if mech.async_swaps else "sync",
             coalesce=mech.block_groups, block_size=cfg.block_size)
+        self.gpu = gpu
+        self.gran = _Granularity(self.m, gpu)
         self.r = ServeResult(preset_block_bytes=preset_region * model.num_regions,
                              executed_block_bytes=region * model.num_regions)
         self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
@@ -246,8 +414,10 @@ class _Server:
         """Move a running conversation's KV to the host pool (or drop it if it cannot)."""
         while True:
             try:
-                self.m.swap_out(c.idx, c.kv, priority=self._priority(c) if c.idx in self.prio
-                                else 0.0)
+                self.gran.before_swap_out(c.idx)
+                plan = self.m.swap_out(c.idx, c.kv, priority=self._priority(c)
+                                       if c.idx in self.prio else 0.0)
+                self.gran.after_swap_out(c.idx, plan)
                 c.on_host = True
                 return
             except OutOfBlocksError:
@@ -297,11 +467,14 @@ class _Server:
 
     def _admit(self, c: _Conv) -> None:
         if c.on_host:
+            self.gran.before_swap_in(c.idx)
+            self.gpu.context = "swap_in"
             self.m.swap_in(c.idx)
             c.on_host = False
         # Room for its prefill, or for the next decoded token.
         extra = self._blocks(c.kv + max(c.prefill, 1)) - self._table_len(c)
         if extra > 0:
+            self.gpu.context = "admit"
             self.m.allocate(c.idx, extra)
         self.running[c.idx] = c
 
@@ -353,6 +526,7 @@ class _Server:
                 if victim is c:
                     break
             if c.idx in self.running:
+                self.gpu.context = "grow"
                 self.m.allocate(c.idx, 1)
 
     # -- the loop ------------------------------------------------------------------------
@@ -408,6 +582,8 @@ class _Server:
             m.poll()
             if failed := m.take_failed():  # a benchmark must not go on with lost KV
                 raise RuntimeError(f"swap copies failed: {list(failed.values())}")
+            if iteration % FREE_SAMPLE_EVERY == 0:
+                self.gran.sample()
             self._schedule(update)
             self._grow()
             ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
@@ -437,6 +613,7 @@ class _Server:
         stats = m.stats()
         r.manager = vars(stats) | {"stall_s": stats.stall_s}
         r.engine = {k: v for k, v in m.engine.stats().items() if k != "copy_size_histogram"}
+        r.granularity = self.gran.report()
         m.close()
         return r
 
