@@ -199,7 +199,8 @@ def test_one_repeat_keeps_the_json_of_before(tmp_path, capsys):
     assert rc == 0, err
     assert "median" not in text
     data = json.loads(out.read_text())
-    assert set(data) == {"config", "trace", "conversations", "configurations", "repeats"}
+    assert set(data) == {"config", "trace", "conversations", "configurations", "repeats",
+                         "granularity_histograms"}  # the last two are additions
     assert data["repeats"]["seeds"] == [0]
     for name, figures in data["configurations"].items():
         assert figures == data["repeats"]["configurations"][name][0]
