@@ -289,6 +289,8 @@ def test_stream_arguments_reach_the_engine():
     free_gpu = m.gpu.num_free_blocks
     with pytest.raises(ValueError, match="host"):
         m.swap_in("a", before=0)
+    with pytest.raises(ValueError, match="host"):
+        m.swap_in("a", after=0)
     assert m.state("a") == "swapped_out" and m.gpu.num_free_blocks == free_gpu
     m.swap_in("a")
     m.wait_swap_in("a")

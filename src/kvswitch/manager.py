@@ -335,7 +335,8 @@ class SwapManager:
 
     # -- step 2: swap-in -----------------------------------------------------------------
 
-    def swap_in(self, seq_id: Hashable, *, before: Any = None) -> npt.NDArray[np.int32]:
+    def swap_in(self, seq_id: Hashable, *, before: Any = None,
+                after: Any = None) -> npt.NDArray[np.int32]:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
         The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
@@ -347,13 +348,17 @@ class SwapManager:
             seq_id: a swapped-out sequence.
             before: CUDA only: a consumer stream whose later work waits for the copies;
                 passed to :meth:`AsyncSwapEngine.swap_in`.
+            after: CUDA only: a stream (or event) whose work so far must finish before
+                the copies start, e.g. the compute stream that may still read the GPU
+                blocks this swap-in is given (freed by another sequence this iteration);
+                passed to :meth:`AsyncSwapEngine.swap_in`.
 
         Returns:
             int32 array: its new GPU block table (block ids may differ from before).
 
         Raises:
-            KeyError: unknown sequence. ValueError: not swapped out, ``before`` the backend
-                cannot take. OutOfBlocksError: the GPU pool lacks the blocks.
+            KeyError: unknown sequence. ValueError: not swapped out, ``before``/``after``
+                the backend cannot take. OutOfBlocksError: the GPU pool lacks the blocks.
                 EngineClosedError: the engine is closed. (All: nothing changes.)
             SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
                 reported yet: this raise reports it, :meth:`take_failed` will not.
@@ -374,12 +379,12 @@ class SwapManager:
                     raise error
                 self._outs_in_flight.pop(seq_id, None)
                 record.handle = None
-            self.engine.check_swap_in(before=before)
+            self.engine.check_swap_in(before=before, after=after)
             table = self.gpu.allocate(seq_id, -(-record.num_tokens // self.block_size))
             try:
                 plan = self.tracker.plan_swap_in(seq_id, table)
                 try:
-                    handle = self._submit("in", plan, before=before)
+                    handle = self._submit("in", plan, before=before, after=after)
                 except BaseException:
                     self.tracker.cancel(plan)
                     raise
