@@ -75,8 +75,8 @@ def test_jobs_on_two_workers_keep_read_write_order(fake):
         for a in pool.arrays:
             a[0:4] = 7
         lib.fake_set_delay_us(b"copy", 30000)
-        # sync_every=1: a worker waits for its stream after each job, so the next job
-        # lands on the other worker's stream
+        # sync_every=1: a worker holds at most one job in flight, so the next job lands
+        # on the other worker's stream
         with K.AsyncSwapEngine(layout, pool, num_workers=2, sync_every=1) as eng:
             out = eng.swap_out([(0, 8, 4)])  # reads device 0..3
             inn = eng.swap_in([(0, 0, 4)])   # overwrites them: write-after-read
@@ -367,6 +367,9 @@ def test_flag_mode_with_every_flag_in_flight_orders_by_event(fake):
             threading.Timer(0.5, lib.fake_gate_open, (gate,)).start()
             last = eng.swap_in([(0, 0, 1)], before=CONSUMER)  # returns once dispatched
             assert C.wait_value == waits and C.wait_event > events
+            # It could be dispatched only after the gated jobs ran (each worker holds at
+            # most sync_every): a swap_in that returned at once would have left it unordered.
+            assert lib.fake_stream_pending(GATED) == 0
             assert last.wait(60) and all(h.wait(60) for h in hs)
             wait_idle(CONSUMER)
     ''', timeout=180)

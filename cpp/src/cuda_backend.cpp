@@ -269,11 +269,6 @@ class CudaQueue final : public CopyQueue {
         return static_cast<double>(ms) * 1e-3;
     }
 
-    void synchronize() override {
-        ScopedContext scope(s_->d, s_->ctx);
-        s_->d.check(s_->d.cuStreamSynchronize(stream_), "cuStreamSynchronize");
-    }
-
   private:
     std::shared_ptr<CudaBackend::Shared> s_;
     CUstream stream_ = nullptr;

@@ -30,7 +30,6 @@ class HostQueue final : public CopyQueue {
     }
     bool completes_on_issue() const override { return true; }
     double finish(JobSync& sync) override { return static_cast<HostSync&>(sync).seconds; }
-    void synchronize() override {}
 };
 
 }  // namespace

@@ -132,11 +132,6 @@ class DeferredQueue final : public CopyQueue {
         while (!ready(js)) std::this_thread::sleep_for(std::chrono::microseconds(20));
         return 0.0;
     }
-    void synchronize() override {
-        std::unique_lock<std::mutex> lock(mu_);
-        idle_cv_.wait(lock, [&] { return work_.empty() && !running_; });
-    }
-
   private:
     void run() {
         for (;;) {
@@ -147,20 +142,14 @@ class DeferredQueue final : public CopyQueue {
                 if (work_.empty()) return;
                 f = std::move(work_.front());
                 work_.pop_front();
-                running_ = true;
             }
             f();
-            {
-                std::lock_guard<std::mutex> lock(mu_);
-                running_ = false;
-            }
-            idle_cv_.notify_all();
         }
     }
     std::mutex mu_;
-    std::condition_variable cv_, idle_cv_;
+    std::condition_variable cv_;
     std::deque<std::function<void()>> work_;
-    bool stop_ = false, running_ = false;
+    bool stop_ = false;
     std::thread device_;
 };
 

@@ -84,8 +84,6 @@ class CopyQueue {
     /// Block until the copies issued with `sync` are complete; return their duration in
     /// seconds (device time between start and end events on CUDA). Throws on error.
     virtual double finish(JobSync& sync) = 0;
-    /// Block until everything issued on this queue is complete.
-    virtual void synchronize() = 0;
 };
 
 class CopyBackend {
@@ -129,7 +127,7 @@ class CopyBackend {
         return {};
     }
     /// Engine close, after every job completed, without the GIL: undoes attach_host() and
-    /// frees what the caller's streams may still wait on (may synchronize the device).
+    /// frees what the caller's streams can no longer wait on (never blocks on them).
     /// Idempotent; never throws.
     virtual void close() noexcept {}
     /// A queue for the calling thread. `dedicated_thread`: the thread is an engine worker
