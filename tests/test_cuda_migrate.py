@@ -107,6 +107,44 @@ def test_migrate_is_ordered_against_swaps_on_another_stream(fake):
     ''')
 
 
+@pytest.mark.parametrize("case", ["war_swap_out", "war_migrate_source", "waw_swap_in"])
+def test_a_job_gated_on_compute_holds_the_conflicting_job_behind_it(fake, case):
+    """The first job waits on a gated stream; the second, on another worker's stream,
+    conflicts with it and must wait on the GPU for it, deterministically: without that
+    wait it would run while the gate is closed and the bytes would show it."""
+    first, second, check = {
+        # a swap-out reads device 0..3, then a migration overwrites them (WAR)
+        "war_swap_out": ("eng.swap_out([(0, 0, 4)], after=GATED)",
+                         "eng.migrate([(8, 0, 4)])",
+                         "(a[0:4] == o[0:4]).all() and (v[0:4] == o[8:12]).all()"),
+        # a migration reads device 0..3, then a swap-in overwrites them (WAR)
+        "war_migrate_source": ("eng.migrate([(0, 8, 4)], after=GATED)",
+                               "eng.swap_in([(4, 0, 4)])",
+                               "(v[8:12] == o[0:4]).all() and (v[0:4] == a[4:8]).all()"),
+        # a migration writes device 8..11, then a swap-in writes them too (WAW)
+        "waw_swap_in": ("eng.migrate([(0, 8, 4)], after=GATED)",
+                        "eng.swap_in([(4, 8, 4)])",
+                        "(v[8:12] == a[4:8]).all()"),
+    }[case]
+    run(fake, f'''
+        views, layout = vllm(n=16, layers=2)
+        pool = K.HostKVPool(layout, 16)
+        for i, a in enumerate(pool.arrays):
+            a[4:8] = 30 + i
+        old = [v.copy() for v in views]
+        gate = lib.fake_gate_close(GATED)
+        with K.AsyncSwapEngine(layout, pool, num_workers=2, sync_every=1) as eng:
+            h1 = {first}
+            h2 = {second}
+            # it cannot finish while the gate holds the first job (it would, unordered)
+            assert not h2.wait(0.3), "the second job ran while the first was gated"
+            lib.fake_gate_open(gate)
+            assert h1.wait(30) and h2.wait(30)
+            for v, o, a in zip(views, old, pool.arrays):
+                assert {check}, "the second job did not wait for the gated one"
+    ''')
+
+
 def test_migrate_after_stream_waits_for_readers_and_before_stream_waits_for_it(fake):
     """after=: destination blocks a kernel still reads are overwritten only after it;
     before=: a kernel enqueued on the consumer after migrate() returns reads the moved
