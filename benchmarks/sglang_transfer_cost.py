@@ -77,17 +77,17 @@ def run(args) -> dict:
             host.backup_from_device_all_layer(device, host_slots, dev_slots, "direct")
             extents = host.kvswitch.counters["backup_extents"] - before["backup_extents"]
             copies = host.kvswitch.counters["backup_copies"] - before["backup_copies"]
-            backup = median_us(lambda h=host, s=host_slots, d=dev_slots:
-                               h.backup_from_device_all_layer(device, s, d, "direct"),
+            backup = median_us(lambda h=host, p=device, s=host_slots, d=dev_slots:
+                               h.backup_from_device_all_layer(p, s, d, "direct"),
                                args.repeats)
 
-            def load_all(h=host, s=host_slots, d=dev_slots):
+            def load_all(h=host, p=device, s=host_slots, d=dev_slots):
                 for layer in range(args.layers):
-                    h.load_to_device_per_layer(device, s, d, layer, "direct")
+                    h.load_to_device_per_layer(p, s, d, layer, "direct")
 
             load_layers = median_us(load_all, args.repeats) / args.layers
-            ref = median_us(lambda h=host, s=host_slots, d=dev_slots:
-                            torch_backup(h, device, s, d), args.repeats)
+            ref = median_us(lambda h=host, p=device, s=host_slots, d=dev_slots:
+                            torch_backup(h, p, s, d), args.repeats)
             rows.append({"layout": layout, "pages": pages, "page_size": ps,
                          "block_tokens": host.kvswitch.block_tokens, "extents": extents,
                          "copies": copies, "regions": 2 * args.layers,

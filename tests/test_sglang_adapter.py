@@ -220,9 +220,6 @@ def test_bad_indices_raise_and_copy_nothing():
         slots = host.alloc(2 * page_size)
         with pytest.raises(ValueError, match="differ in length"):
             host.backup_from_device_all_layer(device, slots, slots_of([1], page_size), "direct")
-        with pytest.raises(ValueError, match="page"):
-            host.backup_from_device_all_layer(device, slots, slots_of([1, 2], page_size) + 3,
-                                              "direct")
         with pytest.raises(ValueError):  # a device page past the pool
             host.backup_from_device_all_layer(device, slots,
                                               slots_of([1, 10_000], page_size), "direct")
@@ -232,6 +229,33 @@ def test_bad_indices_raise_and_copy_nothing():
         assert torch.equal(host.kv_buffer.view(torch.int16), snapshot.view(torch.int16))
         assert same_bytes(device_tokens(device, torch.arange(DEVICE_PAGES * page_size)),
                           dev_snapshot)
+    finally:
+        host.destroy()
+
+
+def test_page_first_direct_refuses_runs_that_are_not_whole_pages():
+    """page_first_direct copies whole pages (a block is a page); a device run that starts
+    mid-page is refused before anything is copied."""
+    page_size = 16
+    device = make_device(page_size)
+    host = make_host(device, "page_first_direct", page_size)
+    try:
+        snapshot = host.kv_buffer.clone()
+        slots = host.alloc(2 * page_size)
+        with pytest.raises(ValueError, match="not whole pages of 16"):
+            host.backup_from_device_all_layer(device, slots, slots_of([1, 2], page_size) + 3,
+                                              "direct")
+        assert torch.equal(host.kv_buffer.view(torch.int16), snapshot.view(torch.int16))
+        # The other layouts copy token runs: the same slots work there.
+        other = make_host(device, "layer_first", page_size)
+        slots = other.alloc(2 * page_size)
+        src = slots_of([1, 2], page_size) + 3
+        other.backup_from_device_all_layer(device, slots, src, "direct")
+        dst = slots_of([9, 10], page_size)
+        for layer in range(LAYERS):
+            other.load_to_device_per_layer(device, slots, dst, layer, "direct")
+        assert same_bytes(device_tokens(device, dst), device_tokens(device, src))
+        other.destroy()
     finally:
         host.destroy()
 

@@ -18,14 +18,18 @@ MLA) the token rows are:
 The device pool keeps one ``[tokens + page, heads, head_dim]`` tensor per layer and
 component (NHD; rows may be strided in unified pools).
 
-**Block = page or token.** A kvswitch block must be one run of bytes in every region on
-both sides. Where a page is contiguous on both sides (``layer_first`` and
-``page_first_direct`` with packed device rows) a block is one SGLang page; ``page_first``
-interleaves layers token by token on the host, so a block there is one token and a run of
-tokens is one strided (2D) copy per region. Both choices give the same number of copies
-(one per region and run of slots consecutive on both sides, page-aligned runs being the
-same runs counted in pages); page blocks make the index arrays, the extent arithmetic and
-the engine's per-block bookkeeping ``page_size`` times smaller.
+**Block = token, or page for page_first_direct.** A kvswitch block must be one run of
+bytes in every region on both sides, and an extent is a run of blocks consecutive on both
+sides. Counted in copies the choice makes no difference where both are possible: one copy
+per region and per run of slots consecutive on both sides, whether the run is counted in
+tokens or (page-aligned) in pages. A block is therefore one token for ``layer_first``
+(rows contiguous: a run is one linear copy per region) and ``page_first`` (layers
+interleaved token by token on the host: a run is one strided 2D copy per region), which
+also copies runs that are not page-aligned (SGLang's token-granular kernels allow them,
+and its CPU test fixtures produce them). ``page_first_direct`` keeps one page of one layer
+contiguous and pages ``layers`` pages apart, so there a token run is not one stride: a
+block is one page, and device runs must be whole, aligned pages (as SGLang's own
+``direct`` kernels assume).
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def build_geometry(*, device_buffers: Sequence[Sequence[Any]], kv_buffer: Any, l
     if page_size > 1 and paged_host and not device_packed:
         raise ValueError("page_first_direct needs packed device rows (a page is one run of "
                          "bytes on the host); this device pool's rows are strided")
-    block_tokens = page_size if page_size > 1 and layout != "page_first" and device_packed else 1
+    block_tokens = page_size if paged_host else 1
     dev_layers, host_layers = [], []
     for layer, comps in enumerate(device_buffers):
         if len(comps) != components:

@@ -14,6 +14,7 @@ Imports torch and SGLang (``pip install 'kvswitch[sglang]'``); tested with sglan
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -41,6 +42,19 @@ def _stream_of(transfer: LayerTransfer) -> Any:
     if transfer.backend != "cuda":
         return None
     return torch.cuda.current_stream()
+
+
+def _unpinned_on_cpu(base: type, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The constructor arguments with ``pin_memory=False`` when the device pool is on the
+    CPU: SGLang pins with ``cudaHostRegister``, which fails without a CUDA driver, and a
+    CPU "device" pool gains nothing from pinned memory."""
+    bound = inspect.signature(base.__init__).bind(None, *args, **kwargs)
+    info = bound.arguments["buffer_info"]
+    device = getattr(info, "device", None)
+    if getattr(device, "type", None) == "cpu" and bound.arguments.get("pin_memory", True):
+        bound.arguments["pin_memory"] = False
+        logger.info("kvswitch host pool: device pool on the CPU, host pool not pinned")
+    return bound.args[1:], bound.kwargs
 
 
 class _KvswitchCopies:
@@ -73,10 +87,12 @@ class _KvswitchCopies:
 class KvswitchMHATokenToKVPoolHost(_KvswitchCopies, MHATokenToKVPoolHost):
     """SGLang's ``MHATokenToKVPoolHost`` with kvswitch copies.
 
-    Takes SGLang's constructor arguments unchanged (``buffer_info`` of the device pool,
+    Takes SGLang's constructor arguments (``buffer_info`` of the device pool,
     ``host_to_device_ratio``, ``host_size``, ``page_size``, ``layout``, ``pin_memory``,
-    ``device`` and the keyword-only ones). Device buffers must be NHD (SGLang's default;
-    ``SGLANG_USE_HND_KVCACHE`` is refused) with ``head_dim == v_head_dim``.
+    ``device`` and the keyword-only ones); ``pin_memory`` is forced to False when the
+    device pool is on the CPU (SGLang pins through CUDA). Device buffers must be NHD
+    (SGLang's default; ``SGLANG_USE_HND_KVCACHE`` is refused) with
+    ``head_dim == v_head_dim``.
 
     Raises:
         ValueError: a layout other than ``layer_first``, ``page_first``,
@@ -93,6 +109,7 @@ class KvswitchMHATokenToKVPoolHost(_KvswitchCopies, MHATokenToKVPoolHost):
         return super().init_kv_buffer()
 
     def __init__(self, *args: Any, **kwargs: Any):
+        args, kwargs = _unpinned_on_cpu(MHATokenToKVPoolHost, args, kwargs)
         super().__init__(*args, **kwargs)
         self._init_kvswitch(list(zip(self.device_k_buffers, self.device_v_buffers,
                                      strict=True)), components=2)
@@ -147,6 +164,7 @@ class KvswitchMLATokenToKVPoolHost(_KvswitchCopies, MLATokenToKVPoolHost):
         return super().init_kv_buffer()
 
     def __init__(self, *args: Any, **kwargs: Any):
+        args, kwargs = _unpinned_on_cpu(MLATokenToKVPoolHost, args, kwargs)
         super().__init__(*args, **kwargs)
         if self._is_dummy:
             raise ValueError("kvswitch MLA host pool: allocator-only (dummy) pools hold no "
