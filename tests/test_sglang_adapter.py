@@ -1,4 +1,5 @@
-"""kvswitch as SGLang's HiCache host pool, against SGLang's real pools on the CPU.
+"""kvswitch as SGLang's HiCache host pool, against SGLang's real pools on the CPU (MHA, and
+MLA at the end).
 
 Needs sglang (``pip install 'kvswitch[sglang]'``; .ci/sglang_suite.sh); skipped without it.
 The device pool is SGLang's ``MHATokenToKVPool(device="cpu")``, the host pool kvswitch's
@@ -16,11 +17,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("sglang.srt.mem_cache.pool_host.mha")
 import torch  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
 
 from kvswitch import SwapError  # noqa: E402
-from kvswitch.adapters.sglang.host_pool import KvswitchMHATokenToKVPoolHost  # noqa: E402
+from kvswitch.adapters.sglang.host_pool import (  # noqa: E402
+    KvswitchMHATokenToKVPoolHost,
+    KvswitchMLATokenToKVPoolHost,
+)
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 PAGE_SIZES = (1, 16, 64)
@@ -313,3 +317,51 @@ def test_unsupported_layout_is_refused_before_allocating():
     device = make_device(16)
     with pytest.raises(ValueError, match="page_head"):
         make_host(device, "page_head", 16)
+
+
+def make_mla(page_size: int, layout: str):
+    """SGLang's MLA device pool on the CPU (random bytes) and kvswitch's MLA host pool."""
+    device = MLATokenToKVPool(
+        size=DEVICE_PAGES * page_size, page_size=page_size, dtype=DTYPE, kv_lora_rank=32,
+        qk_rope_head_dim=16, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+    g = torch.Generator().manual_seed(11)
+    for layer in range(LAYERS):
+        raw = device.get_key_buffer(layer).view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, generator=g, dtype=torch.uint8))
+    info = device.get_device_pool_infos()[0].buffer_info
+    host = KvswitchMLATokenToKVPoolHost(
+        info, 1.0, 0, page_size, layout, pin_memory=False, device="cpu",
+        device_capacity_tokens=device.size, start_layer=0, end_layer=LAYERS,
+        target_layer_num=LAYERS, host_token_capacity=HOST_PAGES * page_size)
+    return device, host
+
+
+def mla_host_page(host, token: int) -> torch.Tensor:
+    """One MLA host page through ``get_data_page`` as ``[layers, page, 1, dim]``."""
+    page = host.get_data_page(token, flat=False)
+    if host.layout == "page_first":           # [page, layers, 1, dim]
+        page = page.permute(1, 0, 2, 3)
+    elif host.layout == "page_first_direct":  # [1, layers, page, 1, dim]
+        page = page[0]
+    return page
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mla_backup_and_load_are_byte_exact(layout, page_size):
+    device, host = make_mla(page_size, layout)
+    try:
+        src_pages, dst_pages = [7, 2, 3, 11], [15, 16, 17, 20]
+        src, dst = slots_of(src_pages, page_size), slots_of(dst_pages, page_size)
+        want = torch.stack([device.get_key_buffer(i)[src] for i in range(LAYERS)]).clone()
+        slots = host.alloc(len(src))
+        host.backup_from_device_all_layer(device, slots, src, "direct")
+        for i in range(len(src_pages)):
+            got = mla_host_page(host, int(slots[i * page_size]))
+            assert same_bytes(got, want[:, i * page_size:(i + 1) * page_size])
+        for layer in range(LAYERS):
+            host.load_to_device_per_layer(device, slots, dst, layer, "direct")
+        got = torch.stack([device.get_key_buffer(i)[dst] for i in range(LAYERS)])
+        assert same_bytes(got, want)
+    finally:
+        host.destroy()
