@@ -1,0 +1,198 @@
+"""The copies of a kvswitch host pool: backups of every layer and per-layer loads.
+
+One :class:`~kvswitch.AsyncSwapEngine` copies all layers (device -> host backups) and one
+per layer copies that layer's regions (host -> device loads), so a load of layer ``i`` is
+its own job with its own handle and its own end event: on CUDA the load stream waits for
+exactly that job before SGLang records layer ``i``'s event, and the forward pass starts
+layer ``i`` while later layers are still copying. (The engine copies every region of its
+layout per extent; an engine per layer is how a load copies one layer.)
+
+No SGLang import here; torch only through the index tensors SGLang passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvswitch.adapters.sglang.extents import as_index_array, coalesce
+from kvswitch.adapters.sglang.geometry import Geometry
+from kvswitch.swap import AsyncSwapEngine, SwapError, SwapHandle
+
+__all__ = ["LayerTransfer"]
+
+
+class LayerTransfer:
+    """Backups and per-layer loads between SGLang's device pool and host ``kv_buffer``.
+
+    Args:
+        geometry: the layouts (:func:`~kvswitch.adapters.sglang.geometry.build_geometry`).
+        num_workers: worker threads per engine; None picks 0 on the host backend (each
+            copy runs inline and is done when the call returns: SGLang's CPU events are
+            no-ops, so nothing could wait for it later) and 1 on CUDA.
+
+    Backend: ``host`` (memcpy) when the device buffers are CPU tensors, ``cuda`` when they
+    are CUDA tensors. On CUDA the host buffer is used as SGLang allocated it (pinned by
+    SGLang's ``cudaHostRegister`` when ``pin_memory=True``); kvswitch does not register it
+    again.
+
+    Failures: a copy that fails raises :class:`~kvswitch.SwapError` from the call that
+    waits for it: the backup itself, a load on the host backend, or, for a CUDA load
+    (which returns once the copy is queued and ordered before the load stream's next
+    work), the next :meth:`backup`, :meth:`load` or :meth:`synchronize` after it finished.
+    Bad indices raise ValueError/TypeError before anything is queued.
+
+    Thread safety: one SGLang cache controller drives a host pool; calls from several
+    threads are safe for the engines but the load-index cache assumes one caller.
+    """
+
+    def __init__(self, geometry: Geometry, *, num_workers: int | None = None):
+        on_cuda = geometry.device_all.device != "cpu"
+        self.backend = "cuda" if on_cuda else "host"
+        workers = (1 if on_cuda else 0) if num_workers is None else num_workers
+        self.geometry = geometry
+        self.block_tokens = geometry.block_tokens
+        kw: dict[str, Any] = {"backend": self.backend, "num_workers": workers}
+        if on_cuda:
+            kw["register_host"] = False
+        self._backup_engine = AsyncSwapEngine(geometry.device_all, geometry.host_all, **kw)
+        self._load_engines = tuple(
+            AsyncSwapEngine(d, h, **kw)
+            for d, h in zip(geometry.device_layers, geometry.host_layers, strict=True))
+        self._pending: list[SwapHandle] = []
+        self._load_key: tuple[Any, ...] | None = None
+        self._load_pairs = np.zeros((0, 3), dtype=np.int64)
+        #: Handle of the latest load job per layer (None before the first load).
+        self.layer_handles: list[SwapHandle | None] = [None] * len(self._load_engines)
+        self.counters = {"backups": 0, "backup_extents": 0, "backup_copies": 0,
+                         "backup_bytes": 0, "loads": 0, "load_extents": 0,
+                         "load_copies": 0, "load_bytes": 0}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._load_engines)
+
+    @property
+    def engines(self) -> tuple[AsyncSwapEngine, ...]:
+        """The backup engine, then one load engine per layer."""
+        return (self._backup_engine, *self._load_engines)
+
+    # ------------------------------------------------------------------ copies
+    def backup(self, host_indices: Any, device_indices: Any, *, after: Any = None) -> SwapHandle:
+        """Copy every layer of device slots ``device_indices`` to host slots
+        ``host_indices`` and wait until the bytes are in the host pool.
+
+        Args:
+            host_indices: host token slots ``[n]`` (torch tensor, NumPy array or ints).
+            device_indices: device token slots ``[n]``.
+            after: CUDA only: a stream whose queued work (the model's writes) the copies
+                start after; SGLang's current (write) stream.
+
+        Returns:
+            The finished :class:`~kvswitch.SwapHandle`.
+
+        Raises:
+            SwapError: the copy failed (or an earlier load did). ValueError/TypeError: bad
+                indices (lengths differ, not page-aligned, out of range); nothing copied.
+        """
+        self.raise_failed()
+        pairs = coalesce(as_index_array(device_indices, "device_indices"),
+                         as_index_array(host_indices, "host_indices"), self.block_tokens)
+        handle = self._backup_engine.swap_out(pairs, after=after)
+        # SGLang takes a backup as done when its write stream passes the point after this
+        # call; swap_out cannot make a stream wait for it, so the host waits instead.
+        handle.wait()
+        c = self.counters
+        c["backups"] += 1
+        c["backup_extents"] += int(pairs.shape[0])
+        c["backup_copies"] += int(handle.num_copies)
+        c["backup_bytes"] += int(handle.nbytes)
+        return handle
+
+    def load(self, host_indices: Any, device_indices: Any, layer: int, *,
+             stream: Any = None) -> SwapHandle:
+        """Copy one layer of host slots ``host_indices`` to device slots
+        ``device_indices``.
+
+        On the host backend the copy is done when this returns. On CUDA it returns once
+        the job is queued, after ``stream``'s queued work, and ``stream``'s later work
+        (SGLang's per-layer event) waits for it.
+
+        Args:
+            host_indices: host token slots ``[n]``.
+            device_indices: device token slots ``[n]``; the same pair of tensors for every
+                layer of one load is coalesced once.
+            layer: layer index in ``[0, num_layers)``.
+            stream: CUDA only: SGLang's load stream (current stream of the call).
+
+        Returns:
+            The job's :class:`~kvswitch.SwapHandle` (also in :attr:`layer_handles`).
+
+        Raises:
+            SwapError: this (host backend) or an earlier copy failed. ValueError: layer
+                out of range or bad indices; nothing queued.
+        """
+        if not 0 <= layer < len(self._load_engines):
+            raise ValueError(f"layer {layer} is outside [0, {len(self._load_engines)})")
+        self.raise_failed()
+        pairs = self._pairs_for_load(host_indices, device_indices)
+        handle = self._load_engines[layer].swap_in(pairs, after=stream, before=stream)
+        self.layer_handles[layer] = handle
+        c = self.counters
+        c["loads"] += 1
+        c["load_extents"] += int(pairs.shape[0])
+        if self.backend == "host":
+            handle.wait()
+        else:
+            self._pending.append(handle)
+        c["load_copies"] += int(handle.num_copies)
+        c["load_bytes"] += int(handle.nbytes)
+        return handle
+
+    def _pairs_for_load(self, host_indices: Any, device_indices: Any) -> np.ndarray:
+        key = (host_indices, device_indices, getattr(host_indices, "_version", None),
+               getattr(device_indices, "_version", None))
+        last = self._load_key
+        if (last is not None and last[0] is key[0] and last[1] is key[1]
+                and last[2:] == key[2:]):
+            return self._load_pairs
+        pairs = coalesce(as_index_array(host_indices, "host_indices"),
+                         as_index_array(device_indices, "device_indices"), self.block_tokens)
+        self._load_key, self._load_pairs = key, pairs
+        return pairs
+
+    # ------------------------------------------------------------------ failures
+    def raise_failed(self) -> None:
+        """Raise :class:`~kvswitch.SwapError` for a finished CUDA load that failed (each
+        failure once); forget finished successful ones."""
+        if not self._pending:
+            return
+        still, failed = [], []
+        for h in self._pending:
+            if not h.done():
+                still.append(h)
+            elif h.error:
+                failed.append(h)
+        self._pending = still
+        if failed:
+            raise SwapError("kvswitch: a HiCache load failed; the device KV of that load is "
+                            "invalid: " + "; ".join(h.error for h in failed))
+
+    def synchronize(self) -> None:
+        """Wait for every queued copy; raise :class:`~kvswitch.SwapError` if one failed."""
+        for engine in self.engines:
+            engine.synchronize()
+        self.raise_failed()
+
+    def close(self) -> None:
+        """Finish queued copies and stop the engines' workers (idempotent)."""
+        for engine in self.engines:
+            engine.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: backups/loads, their extents, copies (engine copies: extents x
+        regions) and bytes, plus ``block_tokens`` and ``backend``."""
+        return {**self.counters, "block_tokens": self.block_tokens, "backend": self.backend}
+
+
