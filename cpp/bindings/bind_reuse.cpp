@@ -1,0 +1,154 @@
+// Binding of kvswitch::CpuCopy, the per-sequence state of kvswitch.ReuseTracker
+// (src/kvswitch/reuse.py wraps it; see its docstrings for the rules). Block tables cross as
+// int32 or int64 NumPy arrays (one overload each, no conversion in between); every array
+// returned is a new NumPy array that owns its buffer.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "bindings.hpp"
+#include "kvswitch/reuse_copy.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace kvswitch::bindings {
+
+namespace {
+
+template <typename T>
+using TableIn = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Int32In = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Int64In = nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+/// A new NumPy array of `shape` holding `values` (row-major), owning its buffer.
+template <typename Out, typename In>
+nb::ndarray<nb::numpy, Out> new_array(const std::vector<In>& values,
+                                      std::initializer_list<std::size_t> shape) {
+    std::unique_ptr<Out[]> data(new Out[values.empty() ? 1 : values.size()]);
+    for (std::size_t i = 0; i < values.size(); ++i) data[i] = static_cast<Out>(values[i]);
+    Out* raw = data.release();
+    nb::capsule owner(raw, [](void* p) noexcept { delete[] static_cast<Out*>(p); });
+    return nb::ndarray<nb::numpy, Out>(raw, shape.size(), shape.begin(), owner);
+}
+
+nb::ndarray<nb::numpy, std::int64_t> pairs_array(const std::vector<std::int64_t>& flat) {
+    return new_array<std::int64_t>(flat, {flat.size() / 3, 3});
+}
+
+template <typename T>
+void bind_table_methods(nb::class_<CpuCopy>& c) {
+    c.def(
+         "prepare_out",
+         [](const CpuCopy& self, TableIn<T> table, std::int64_t num_tokens) {
+             const std::size_t n = self.check_table(table.data(), table.shape(0), num_tokens);
+             return self.count_missing(n);
+         },
+         "table"_a.noconvert(), "num_tokens"_a)
+        .def(
+            "plan_out",
+            [](CpuCopy& self, TableIn<T> table, std::int64_t num_tokens, Int32In fresh) {
+                const std::size_t n = self.check_table(table.data(), table.shape(0), num_tokens);
+                std::vector<std::int64_t> copied, pairs;
+                self.plan_out(table.data(), n, num_tokens, fresh.data(), fresh.shape(0), copied,
+                              pairs);
+                return nb::make_tuple(pairs_array(pairs),
+                                      new_array<std::int64_t>(copied, {copied.size()}));
+            },
+            "table"_a.noconvert(), "num_tokens"_a, "fresh"_a)
+        .def(
+            "pairs_in",
+            [](const CpuCopy& self, TableIn<T> table, std::int64_t num_tokens) {
+                const std::size_t n = self.check_table(table.data(), table.shape(0), num_tokens);
+                std::vector<std::int64_t> pairs;
+                self.pairs_in(table.data(), n, pairs);
+                return pairs_array(pairs);
+            },
+            "table"_a.noconvert(), "num_tokens"_a);
+}
+
+}  // namespace
+
+void bind_reuse(nb::module_& m) {
+    nb::class_<CpuCopy> c(m, "CpuCopy",
+                          "One sequence's CPU copy for ReuseTracker: host block and copied "
+                          "tokens per logical block, and the tracker's per-sequence scalars.");
+    c.def(nb::init<std::int64_t>(), "block_size"_a)
+        .def_rw("num_tokens", &CpuCopy::num_tokens)
+        .def_rw("swapped_out", &CpuCopy::swapped_out)
+        .def_rw("priority", &CpuCopy::priority)
+        .def_rw("last_used", &CpuCopy::last_used)
+        .def_prop_ro("block_size", &CpuCopy::block_size)
+        .def("__len__", &CpuCopy::size)
+        .def_prop_ro("host_blocks",
+                     [](const CpuCopy& self) {
+                         return new_array<std::int32_t>(self.host_blocks(), {self.size()});
+                     }, nb::rv_policy::move)
+        .def_prop_ro("copied_tokens",
+                     [](const CpuCopy& self) {
+                         return new_array<std::int32_t>(self.copied_tokens(), {self.size()});
+                     }, nb::rv_policy::move)
+        .def("blocks_for", &CpuCopy::blocks_for, "num_tokens"_a)
+        .def("count_missing", &CpuCopy::count_missing, "n"_a);
+    bind_table_methods<std::int32_t>(c);
+    bind_table_methods<std::int64_t>(c);
+    c.def(
+         "commit_out",
+         [](CpuCopy& self, std::int64_t num_tokens,
+            Int64In copied) -> std::optional<nb::ndarray<nb::numpy, std::int32_t>> {
+             self.clamp(num_tokens);  // rollback: tokens at and beyond num_tokens are invalid
+             self.mark_copied(copied.data(), copied.shape(0), num_tokens);
+             const std::size_t n = self.blocks_for(num_tokens);
+             std::vector<std::int32_t> beyond = self.held_beyond(n);
+             if (beyond.empty()) {
+                 self.cut(n);
+                 return std::nullopt;
+             }
+             return new_array<std::int32_t>(beyond, {beyond.size()});
+         },
+         "num_tokens"_a, "copied"_a,
+         "Commit a swap-out: clamp to num_tokens, mark `copied` valid; returns the host blocks "
+         "held beyond the new length (free them, then cut()) or None (already cut).")
+        .def("clamp", &CpuCopy::clamp, "num_tokens"_a)
+        .def(
+            "invalidate",
+            [](CpuCopy& self, Int64In logical) { self.invalidate(logical.data(), logical.shape(0)); },
+            "logical"_a)
+        .def(
+            "held_beyond",
+            [](const CpuCopy& self, std::size_t n) {
+                const std::vector<std::int32_t> b = self.held_beyond(n);
+                return new_array<std::int32_t>(b, {b.size()});
+            },
+            "n"_a)
+        .def("cut", &CpuCopy::cut, "n"_a)
+        .def(
+            "forget",
+            [](CpuCopy& self, Int32In ids) { self.forget(ids.data(), ids.shape(0)); }, "ids"_a)
+        .def(
+            "tail",
+            [](const CpuCopy& self, std::size_t count) {
+                const std::vector<std::int32_t> t = self.tail(count);
+                return new_array<std::int32_t>(t, {t.size()});
+            },
+            "count"_a)
+        .def("drop_tail", &CpuCopy::drop_tail, "count"_a)
+        .def("empty", &CpuCopy::empty)
+        .def("valid_blocks",
+             [](const CpuCopy& self) {
+                 const std::vector<std::uint8_t> v = self.valid_blocks();
+                 return new_array<bool>(v, {v.size()});
+             })
+        .def("valid_tokens", [](const CpuCopy& self) {
+            const std::vector<std::int32_t> v = self.valid_tokens();
+            return new_array<std::int32_t>(v, {v.size()});
+        });
+}
+
+}  // namespace kvswitch::bindings
