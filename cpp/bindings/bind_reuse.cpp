@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "bindings.hpp"
@@ -27,19 +28,30 @@ using TableIn = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>
 using Int32In = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Int64In = nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-/// A new NumPy array of `shape` holding `values` (row-major), owning its buffer.
+template <typename Out>
+using Array1 = nb::ndarray<nb::numpy, Out, nb::ndim<1>, nb::c_contig>;
+using PairsOut = nb::ndarray<nb::numpy, std::int64_t, nb::shape<-1, 3>, nb::c_contig>;
+
+/// A new buffer holding `values` (converted to Out) and the capsule that frees it.
 template <typename Out, typename In>
-nb::ndarray<nb::numpy, Out> new_array(const std::vector<In>& values,
-                                      std::initializer_list<std::size_t> shape) {
+std::pair<Out*, nb::capsule> new_buffer(const std::vector<In>& values) {
     std::unique_ptr<Out[]> data(new Out[values.empty() ? 1 : values.size()]);
     for (std::size_t i = 0; i < values.size(); ++i) data[i] = static_cast<Out>(values[i]);
     Out* raw = data.release();
-    nb::capsule owner(raw, [](void* p) noexcept { delete[] static_cast<Out*>(p); });
-    return nb::ndarray<nb::numpy, Out>(raw, shape.size(), shape.begin(), owner);
+    return {raw, nb::capsule(raw, [](void* p) noexcept { delete[] static_cast<Out*>(p); })};
 }
 
-nb::ndarray<nb::numpy, std::int64_t> pairs_array(const std::vector<std::int64_t>& flat) {
-    return new_array<std::int64_t>(flat, {flat.size() / 3, 3});
+/// A new 1-D NumPy array holding `values`, owning its buffer.
+template <typename Out, typename In>
+Array1<Out> new_array(const std::vector<In>& values) {
+    auto [raw, owner] = new_buffer<Out>(values);
+    return Array1<Out>(raw, {values.size()}, owner);
+}
+
+/// A new [m, 3] int64 NumPy array of flattened copy pairs, owning its buffer.
+PairsOut pairs_array(const std::vector<std::int64_t>& flat) {
+    auto [raw, owner] = new_buffer<std::int64_t>(flat);
+    return PairsOut(raw, {flat.size() / 3, 3}, owner);
 }
 
 template <typename T>
@@ -59,7 +71,7 @@ void bind_table_methods(nb::class_<CpuCopy>& c) {
                 self.plan_out(table.data(), n, num_tokens, fresh.data(), fresh.shape(0), copied,
                               pairs);
                 return nb::make_tuple(pairs_array(pairs),
-                                      new_array<std::int64_t>(copied, {copied.size()}));
+                                      new_array<std::int64_t>(copied));
             },
             "table"_a.noconvert(), "num_tokens"_a, "fresh"_a)
         .def(
@@ -88,11 +100,11 @@ void bind_reuse(nb::module_& m) {
         .def("__len__", &CpuCopy::size)
         .def_prop_ro("host_blocks",
                      [](const CpuCopy& self) {
-                         return new_array<std::int32_t>(self.host_blocks(), {self.size()});
+                         return new_array<std::int32_t>(self.host_blocks());
                      }, nb::rv_policy::move)
         .def_prop_ro("copied_tokens",
                      [](const CpuCopy& self) {
-                         return new_array<std::int32_t>(self.copied_tokens(), {self.size()});
+                         return new_array<std::int32_t>(self.copied_tokens());
                      }, nb::rv_policy::move)
         .def("blocks_for", &CpuCopy::blocks_for, "num_tokens"_a)
         .def("count_missing", &CpuCopy::count_missing, "n"_a);
@@ -101,7 +113,7 @@ void bind_reuse(nb::module_& m) {
     c.def(
          "commit_out",
          [](CpuCopy& self, std::int64_t num_tokens,
-            Int64In copied) -> std::optional<nb::ndarray<nb::numpy, std::int32_t>> {
+            Int64In copied) -> std::optional<Array1<std::int32_t>> {
              self.clamp(num_tokens);  // rollback: tokens at and beyond num_tokens are invalid
              self.mark_copied(copied.data(), copied.shape(0), num_tokens);
              const std::size_t n = self.blocks_for(num_tokens);
@@ -110,7 +122,7 @@ void bind_reuse(nb::module_& m) {
                  self.cut(n);
                  return std::nullopt;
              }
-             return new_array<std::int32_t>(beyond, {beyond.size()});
+             return new_array<std::int32_t>(beyond);
          },
          "num_tokens"_a, "copied"_a,
          "Commit a swap-out: clamp to num_tokens, mark `copied` valid; returns the host blocks "
@@ -124,7 +136,7 @@ void bind_reuse(nb::module_& m) {
             "held_beyond",
             [](const CpuCopy& self, std::size_t n) {
                 const std::vector<std::int32_t> b = self.held_beyond(n);
-                return new_array<std::int32_t>(b, {b.size()});
+                return new_array<std::int32_t>(b);
             },
             "n"_a)
         .def("cut", &CpuCopy::cut, "n"_a)
@@ -135,7 +147,7 @@ void bind_reuse(nb::module_& m) {
             "tail",
             [](const CpuCopy& self, std::size_t count) {
                 const std::vector<std::int32_t> t = self.tail(count);
-                return new_array<std::int32_t>(t, {t.size()});
+                return new_array<std::int32_t>(t);
             },
             "count"_a)
         .def("drop_tail", &CpuCopy::drop_tail, "count"_a)
@@ -143,11 +155,11 @@ void bind_reuse(nb::module_& m) {
         .def("valid_blocks",
              [](const CpuCopy& self) {
                  const std::vector<std::uint8_t> v = self.valid_blocks();
-                 return new_array<bool>(v, {v.size()});
+                 return new_array<bool>(v);
              })
         .def("valid_tokens", [](const CpuCopy& self) {
             const std::vector<std::int32_t> v = self.valid_tokens();
-            return new_array<std::int32_t>(v, {v.size()});
+            return new_array<std::int32_t>(v);
         });
 }
 

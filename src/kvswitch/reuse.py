@@ -202,13 +202,17 @@ class ReuseTracker:
                 raise ValueError(f"sequence {seq_id!r} has a plan that is not committed yet")
             if copy is not None and copy.swapped_out:
                 raise ValueError(f"sequence {seq_id!r} is already swapped out")
-            if need:
-                free = self.host.num_free_blocks
-                if need > free:
-                    self._reclaim(need - free, exclude=seq_id)  # or raises
-                new = self.host.allocate(seq_id, need)
-            else:
+            if not need:
                 new = _NO_BLOCKS
+            else:
+                try:  # an allocation that fails changes nothing
+                    new = self.host.allocate(seq_id, need)
+                except OutOfBlocksError:
+                    free = self.host.num_free_blocks
+                    if need <= free:
+                        raise
+                    self._reclaim(need - free, exclude=seq_id)  # or raises
+                    new = self.host.allocate(seq_id, need)
             first = copy is None
             if first:
                 copy = _CpuCopy(self.block_size)
