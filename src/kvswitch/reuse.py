@@ -102,7 +102,7 @@ class SwapPlan:
 # the scalars num_tokens (tokens at the last swap-out), swapped_out (the CPU copy is the
 # only copy: never reclaimed), priority and last_used.
 _CpuCopy = _core.CpuCopy
-_TABLE_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))  # taken by _CpuCopy as they are
+_INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)  # taken by _CpuCopy as they are
 _NO_BLOCKS = np.zeros(0, np.int32)
 
 
@@ -447,9 +447,10 @@ class ReuseTracker:
         """The table as a 1-D C-contiguous int32 or int64 array (the one given when it is
         one already); its size and ids are checked by the _CpuCopy call it goes to."""
         table = gpu_block_table
-        if (type(table) is np.ndarray and table.dtype in _TABLE_DTYPES and table.ndim == 1
-                and table.flags.c_contiguous):
-            return table  # fast path: no conversion
+        if type(table) is np.ndarray and table.ndim == 1 and table.flags.c_contiguous:
+            dtype = table.dtype
+            if dtype is _INT32 or dtype is _INT64:  # NumPy's native dtypes are singletons
+                return table  # fast path: no conversion
         table = np.asarray(table)
         if table.ndim != 1 or table.dtype.kind not in "iu":
             raise ValueError(f"gpu_block_table must be a 1-D integer array, got {table.dtype}"
