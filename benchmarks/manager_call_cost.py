@@ -10,12 +10,18 @@ workers are held (the engine's ``_set_paused`` test hook) during a burst and cop
 bursts, so they do not compete for the cores. Also timed: ``ReuseTracker.plan_swap_out``
 + ``commit`` of a 30-block sequence on its own (300 sequences per round).
 
+``--breakdown`` adds one more set of rounds of this checkout in which the engine's
+``swap_out``/``swap_in`` (Python wrapper and C++ submit) and the tracker's plans and
+commits are timed inside the manager's calls (wrappers on the instances; their own
+overhead, about 0.1 us each, lands in the totals of those rounds only, not in the table
+above them).
+
 ``--before REF`` also times the Python of git revision ``REF`` (its ``reuse.py``,
 ``swap.py`` and ``manager.py``, read with ``git show`` and loaded as separate modules over
 this checkout's C++ core), in rounds alternating with this checkout's, so both are measured
 in one run on one machine state.
 
-Run: ``python benchmarks/manager_call_cost.py [--rounds 10] [--before main]``
+Run: ``python benchmarks/manager_call_cost.py [--rounds 10] [--before main] [--breakdown]``
 """
 
 from __future__ import annotations
@@ -84,8 +90,22 @@ def tracker_round(api: types.SimpleNamespace, sequences: int = 300) -> dict[str,
     return {"plan_swap_out + commit": out}
 
 
-def manager_round(api: types.SimpleNamespace, sequences: int = 64,
-                  regions: int = 64) -> dict[str, list[int]]:
+def timed(obj: object, name: str, label: str, into: dict[str, list[int]]) -> None:
+    """Replace the bound method ``obj.name`` by one that records its duration."""
+    method = getattr(obj, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        t0 = clock()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            into.setdefault(label, []).append(clock() - t0)
+
+    setattr(obj, name, wrapper)
+
+
+def manager_round(api: types.SimpleNamespace, sequences: int = 64, regions: int = 64,
+                  parts: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     blocks = sequences * 30
     kv = [np.zeros((blocks, 256), np.uint8) for _ in range(regions)]
     layout = KVLayout.from_tensors(kv)
@@ -93,6 +113,10 @@ def manager_round(api: types.SimpleNamespace, sequences: int = 64,
                                  backend="host", num_workers=2)
     m = api.SwapManager(BlockGroupAllocator(blocks), engine, BlockGroupAllocator(blocks),
                         block_size=16, swap_in="async")
+    if parts is not None:
+        for obj, name in ((engine, "swap_out"), (engine, "swap_in"), (m.tracker, "plan_swap_out"),
+                          (m.tracker, "plan_swap_in"), (m.tracker, "commit")):
+            timed(obj, name, f"  {type(obj).__name__}.{name}", parts)
     outs: list[int] = []
     ins: list[int] = []
     for s in range(sequences):
@@ -126,6 +150,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10, help="rounds per variant (alternating)")
     p.add_argument("--before", metavar="REF",
                    help="also time the Python of this git revision (e.g. main)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the engine and tracker calls inside the manager's")
     args = p.parse_args()
     timer = min(-(clock() - clock()) for _ in range(10_000))
     variants = {"this checkout": types.SimpleNamespace(
@@ -146,7 +172,9 @@ def main() -> None:
                     times.setdefault((name, label), []).extend(ns)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip() or "?"
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
+          f"load average {load} at the end")
     print(f"# {' '.join(['python', 'benchmarks/' + os.path.basename(sys.argv[0]), *sys.argv[1:]])}"
           f" at {head}: {args.rounds} alternating rounds per variant, timer overhead "
           f"{timer} ns (included)")
@@ -159,6 +187,18 @@ def main() -> None:
             p50 = statistics.median(ns) / 1e3
             p90 = float(np.percentile(ns, 90)) / 1e3
             print(f"{name:<24} {label:<16} {len(ns):>6} {p50:>6.2f} us {p90:>6.2f} us")
+    if args.breakdown:
+        parts: dict[str, list[int]] = {}
+        api = variants["this checkout"]
+        for _ in range(args.rounds):
+            for name, ns in manager_round(api, parts=parts).items():
+                parts.setdefault(name, []).extend(ns)
+        print(f"# breakdown, this checkout, {args.rounds} more rounds with the inner calls "
+              "timed too (commit: swap-outs' and swap-ins' together)")
+        for name, ns in parts.items():
+            p50 = statistics.median(ns) / 1e3
+            p90 = float(np.percentile(ns, 90)) / 1e3
+            print(f"{name:<41} {len(ns):>6} {p50:>6.2f} us {p90:>6.2f} us")
 
 
 if __name__ == "__main__":
