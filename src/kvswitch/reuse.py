@@ -449,7 +449,7 @@ class ReuseTracker:
         table = gpu_block_table
         if type(table) is np.ndarray and table.ndim == 1 and table.flags.c_contiguous:
             dtype = table.dtype
-            if dtype is _INT32 or dtype is _INT64:  # NumPy's native dtypes are singletons
+            if dtype == _INT32 or dtype == _INT64:
                 return table  # fast path: no conversion
         table = np.asarray(table)
         if table.ndim != 1 or table.dtype.kind not in "iu":

@@ -128,9 +128,8 @@ _INT64 = np.dtype(np.int64)
 def _as_pairs(pairs: Any) -> np.ndarray:
     # Fast path, no conversion: an int64 [n, 3]-like array already C-contiguous and aligned
     # (``carray``: also writeable; a read-only one takes the path below, which returns it
-    # as it is). ``is``: NumPy's native int64 dtype is one object; any other equal dtype
-    # takes the path below too.
-    if (type(pairs) is np.ndarray and pairs.dtype is _INT64 and pairs.ndim == 2
+    # as it is). Comparing with a dtype instance is cheaper than with ``np.int64``.
+    if (type(pairs) is np.ndarray and pairs.ndim == 2 and pairs.dtype == _INT64
             and pairs.flags.carray):
         return pairs
     arr = np.asarray(pairs)
