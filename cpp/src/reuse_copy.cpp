@@ -20,7 +20,8 @@ std::int32_t CpuCopy::held(std::int64_t num_tokens, std::size_t i) const {
 
 std::size_t CpuCopy::blocks_for(std::int64_t num_tokens) const {
     if (num_tokens <= 0) return 0;
-    return static_cast<std::size_t>((num_tokens + block_size_ - 1) / block_size_);
+    // ceil without the overflow of num_tokens + block_size - 1 near INT64_MAX
+    return static_cast<std::size_t>(num_tokens / block_size_ + (num_tokens % block_size_ != 0));
 }
 
 template <typename T>

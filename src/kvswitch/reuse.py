@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvswitch import _core
-from kvswitch._validate import INT32_MAX, as_count
+from kvswitch._validate import INT32_MAX, INT64_MAX, as_count
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 
 __all__ = ["ReuseStats", "ReuseTracker", "SwapPlan", "coalesce_pairs"]
@@ -102,7 +102,7 @@ class SwapPlan:
 # the scalars num_tokens (tokens at the last swap-out), swapped_out (the CPU copy is the
 # only copy: never reclaimed), priority and last_used.
 _CpuCopy = _core.CpuCopy
-_INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)  # taken by _CpuCopy as they are
+_TABLE_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))  # taken by _CpuCopy as they are
 _NO_BLOCKS = np.zeros(0, np.int32)
 
 
@@ -192,8 +192,13 @@ class ReuseTracker:
         """
         if type(num_tokens) is not int or num_tokens <= 0:  # fast path: a plain positive int
             num_tokens = as_count(num_tokens, "num_tokens")
+        if type(priority) is not float:  # stored as a C++ double at commit: fail here
+            priority = float(priority)
         with self._lock:
             table = self._table(gpu_block_table)
+            if num_tokens > INT64_MAX:  # past what the C++ state takes; no table holds it
+                raise ValueError(f"gpu_block_table holds {table.size} blocks but {num_tokens} "
+                                 f"tokens need {-(-num_tokens // self.block_size)}")
             copy = self._copies.get(seq_id)
             # Checks the table (size, no negative id); blocks without a host block, the
             # table's blocks beyond the copy included.
@@ -371,7 +376,7 @@ class ReuseTracker:
             if copy.swapped_out and num_tokens == 0:
                 raise ValueError(f"sequence {seq_id!r} is swapped out: truncating it to 0 "
                                  "tokens would leave nothing to swap in; drop it instead")
-            copy.clamp(num_tokens)
+            copy.clamp(min(num_tokens, INT64_MAX))  # all tokens of any real copy
             self._release_beyond(seq_id, copy, -(-num_tokens // self.block_size))
             copy.num_tokens = min(copy.num_tokens, num_tokens)
             self._forget_if_empty(seq_id)
@@ -447,10 +452,9 @@ class ReuseTracker:
         """The table as a 1-D C-contiguous int32 or int64 array (the one given when it is
         one already); its size and ids are checked by the _CpuCopy call it goes to."""
         table = gpu_block_table
-        if type(table) is np.ndarray and table.ndim == 1 and table.flags.c_contiguous:
-            dtype = table.dtype
-            if dtype == _INT32 or dtype == _INT64:
-                return table  # fast path: no conversion
+        if (type(table) is np.ndarray and table.ndim == 1 and table.dtype in _TABLE_DTYPES
+                and table.flags.c_contiguous):
+            return table  # fast path: no conversion
         table = np.asarray(table)
         if table.ndim != 1 or table.dtype.kind not in "iu":
             raise ValueError(f"gpu_block_table must be a 1-D integer array, got {table.dtype}"
@@ -459,6 +463,7 @@ class ReuseTracker:
 
     def _release_beyond(self, seq_id: Hashable, copy: _CpuCopy, n_logical: int) -> None:
         """Release host blocks of logical blocks >= n_logical and cut the copy there."""
+        n_logical = min(n_logical, len(copy))  # a count past the copy changes nothing
         held = copy.held_beyond(n_logical)
         if held.size:
             self.host.free_blocks(seq_id, held)
