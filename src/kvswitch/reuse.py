@@ -195,7 +195,10 @@ class ReuseTracker:
         if type(priority) is not float:  # stored as a C++ double at commit: fail here
             priority = float(priority)
         with self._lock:
-            table = self._table(gpu_block_table)
+            table = gpu_block_table
+            if not (type(table) is np.ndarray and table.ndim == 1  # fast path: as it is
+                    and table.dtype in _TABLE_DTYPES and table.flags.c_contiguous):
+                table = self._table(table)
             if num_tokens > INT64_MAX:  # past what the C++ state takes; no table holds it
                 raise ValueError(f"gpu_block_table holds {table.size} blocks but {num_tokens} "
                                  f"tokens need {-(-num_tokens // self.block_size)}")
@@ -282,7 +285,10 @@ class ReuseTracker:
             ValueError: the plan is not pending (committed twice, cancelled, or stale).
         """
         with self._lock:
-            self._take_pending(plan)
+            pending = self._pending
+            if pending.get(plan.seq_id) is not plan:
+                self._take_pending(plan)  # raises
+            del pending[plan.seq_id]
             plan._state = "committed"
             copy = self._copies[plan.seq_id]
             copy.last_used = next(self._clock)
