@@ -1,5 +1,5 @@
 // Stress test of AsyncSwapEngine without Python: several submitter threads, random jobs
-// with overlapping extents, wait_blocks, poll and close racing with workers. Phase 1 (host
+// (swap-outs, swap-ins and device-to-device migrations) with overlapping extents, wait_blocks, poll and close racing with workers. Phase 1 (host
 // backend) and phase 3 (a deferred backend whose copies complete after issue(), as on
 // CUDA) check the final bytes against a sequential replay per submitter (each submitter
 // owns its blocks). Phase 2 arms failures while threads submit jobs over shared
@@ -49,10 +49,16 @@ bool failures_phase(const std::vector<KVRegion>& dev_regions,
             for (int j = 0; j < kJobs; ++j) {
                 if (g() % 13 == 0) eng.fail_next_jobs(1, "injected");
                 const std::int64_t len = 1 + g() % 3;
-                const std::int64_t s = g() % (8 - len + 1), d = g() % (8 - len + 1);
+                const std::int64_t s = g() % (8 - len + 1);
+                std::int64_t d = g() % (8 - len + 1);
+                auto dir = static_cast<Direction>(g() % 3);
+                // A migration's source must not overlap its destination: move it past.
+                if (dir == Direction::kMigrate && s < d + len && d < s + len)
+                    d = s + len <= 8 - len ? s + len : (s >= len ? s - len : -1);
+                if (d < 0) dir = Direction::kOut;  // no room: a swap-out instead
+                if (d < 0) d = s;
                 const std::int64_t pairs[3] = {s, d, len};
-                handles[t].push_back(
-                    eng.submit(g() & 1 ? Direction::kOut : Direction::kIn, pairs, 1));
+                handles[t].push_back(eng.submit(dir, pairs, 1));
                 if (j % 41 == 0) eng.poll();
             }
         });
@@ -79,8 +85,8 @@ bool failures_phase(const std::vector<KVRegion>& dev_regions,
     }
     eng.close();
     const SwapStats st = eng.stats();
-    ok = ok && failed > 0 && st.num_failed == failed && st.num_jobs == done &&
-         st.in_flight == 0;
+    ok = ok && failed > 0 && st.num_failed == failed &&
+         st.num_jobs + st.num_migrations == done && st.num_migrations > 0 && st.in_flight == 0;
     std::printf("%s: failures phase, %llu jobs done, %llu failed\n", ok ? "OK" : "MISMATCH",
                 static_cast<unsigned long long>(done), static_cast<unsigned long long>(failed));
     return ok;
@@ -201,17 +207,28 @@ bool replay_phase(const char* name, std::shared_ptr<CopyBackend> backend, int sy
             std::mt19937_64 g(100 + t);
             const std::int64_t base = t * kPerThread;
             for (int j = 0; j < kJobs; ++j) {
-                const bool out = g() & 1;
+                const auto dir = static_cast<Direction>(g() % 3);
+                const bool out = dir == Direction::kOut;
                 const std::int64_t len = 1 + g() % 4;
                 const std::int64_t s = base + g() % (kPerThread - len + 1);
-                const std::int64_t d = base + g() % (kPerThread - len + 1);
+                std::int64_t d = base + g() % (kPerThread - len + 1);
+                // A migration's extents must not overlap (kPerThread >= 2 * 4 leaves room).
+                while (dir == Direction::kMigrate && s < d + len && d < s + len)
+                    d = base + g() % (kPerThread - len + 1);
                 const std::int64_t pairs[3] = {s, d, len};
                 // Every third swap-in names a consumer stream: submit() waits for dispatch.
                 StreamRef before;
                 if (with_before && !out && j % 3 == 0) before = {StreamRef::Kind::kStream, 1};
-                eng.submit(out ? Direction::kOut : Direction::kIn, pairs, 1, {}, before);
+                if (with_before && dir == Direction::kMigrate && j % 3 == 1)
+                    before = {StreamRef::Kind::kStream, 1};
+                eng.submit(dir, pairs, 1, {}, before);
                 for (int r = 0; r < kRegions; ++r)  // sequential replay of this thread's jobs
                     for (std::int64_t k = 0; k < len; ++k) {
+                        if (dir == Direction::kMigrate) {
+                            std::memcpy(&exp_dev[r][(d + k) * 2 * kBlockBytes],
+                                        &exp_dev[r][(s + k) * 2 * kBlockBytes], kBlockBytes);
+                            continue;
+                        }
                         unsigned char* hp = &exp_host[r][(out ? d : s) * kBlockBytes + k * kBlockBytes];
                         unsigned char* dp = &exp_dev[r][(out ? s : d) * 2 * kBlockBytes + k * 2 * kBlockBytes];
                         if (out) std::memcpy(hp, dp, kBlockBytes);
@@ -228,11 +245,13 @@ bool replay_phase(const char* name, std::shared_ptr<CopyBackend> backend, int sy
     for (auto& th : threads) th.join();
     eng.close();
     const SwapStats st = eng.stats();
-    bool ok = st.num_jobs == kThreads * kJobs && st.in_flight == 0;
+    bool ok = st.num_jobs + st.num_migrations == kThreads * kJobs && st.num_migrations > 0 &&
+              st.in_flight == 0;
     for (int r = 0; r < kRegions; ++r) ok = ok && dev[r] == exp_dev[r] && host[r] == exp_host[r];
-    std::printf("%s: %s phase, %llu jobs, %llu copies\n", ok ? "OK" : "MISMATCH", name,
-                static_cast<unsigned long long>(st.num_jobs),
-                static_cast<unsigned long long>(st.num_copies));
+    std::printf("%s: %s phase, %llu swaps, %llu copies, %llu migrations\n",
+                ok ? "OK" : "MISMATCH", name, static_cast<unsigned long long>(st.num_jobs),
+                static_cast<unsigned long long>(st.num_copies),
+                static_cast<unsigned long long>(st.num_migrations));
     return ok;
 }
 
