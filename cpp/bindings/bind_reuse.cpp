@@ -7,7 +7,6 @@
 #include <nanobind/stl/optional.h>
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <utility>
