@@ -300,13 +300,19 @@ class SwapManager:
                 Or the sequence had failed and that was not reported yet (reported now).
         """
         with self._lock:
-            self._check_running(seq_id)
+            # _check_running, with the table read in place of its membership test: the
+            # allocator raises the same KeyError for an unknown sequence.
+            if seq_id in self._swapped:
+                raise ValueError(f"sequence {seq_id!r} is swapped out")
+            if seq_id in self._swapping_in:
+                raise ValueError(f"sequence {seq_id!r} is still swapping in")
+            self._check_not_failed(seq_id)
+            table = self.gpu.block_table(seq_id)
             if type(num_tokens) is not int or num_tokens <= 0:  # fast path: a positive int
                 num_tokens = as_count(num_tokens, "num_tokens")
             # Everything the submit could refuse is checked before the tracker reclaims
             # anyone's backup: a call that raises must change nothing.
             self.engine.check_swap_out(after=after)
-            table = self.gpu.block_table(seq_id)
             plan = self.tracker.plan_swap_out(seq_id, table, num_tokens, priority=priority)
             try:
                 handle = self._submit("out", plan, after=after)
