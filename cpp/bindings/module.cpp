@@ -62,6 +62,7 @@ NB_MODULE(_core, m) {
           "How this extension was compiled: compiler, cxx_standard, streaming_stores, "
           "optimized, sanitize.");
     kvswitch::bindings::bind_bench(m);
+    kvswitch::bindings::bind_reuse(m);
     // For kvswitch's exit hook: objects held by daemon threads still running at exit are
     // never released, and nanobind would report them as leaks caused by the bindings.
     m.def("_set_leak_warnings", &nanobind::set_leak_warnings, "enabled"_a,

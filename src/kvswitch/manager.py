@@ -300,12 +300,19 @@ class SwapManager:
                 Or the sequence had failed and that was not reported yet (reported now).
         """
         with self._lock:
-            self._check_running(seq_id)
-            num_tokens = as_count(num_tokens, "num_tokens")
+            # _check_running, with the table read in place of its membership test: the
+            # allocator raises the same KeyError for an unknown sequence.
+            if seq_id in self._swapped:
+                raise ValueError(f"sequence {seq_id!r} is swapped out")
+            if seq_id in self._swapping_in:
+                raise ValueError(f"sequence {seq_id!r} is still swapping in")
+            self._check_not_failed(seq_id)
+            table = self.gpu.block_table(seq_id)
+            if type(num_tokens) is not int or num_tokens <= 0:  # fast path: a positive int
+                num_tokens = as_count(num_tokens, "num_tokens")
             # Everything the submit could refuse is checked before the tracker reclaims
             # anyone's backup: a call that raises must change nothing.
             self.engine.check_swap_out(after=after)
-            table = self.gpu.block_table(seq_id)
             plan = self.tracker.plan_swap_out(seq_id, table, num_tokens, priority=priority)
             try:
                 handle = self._submit("out", plan, after=after)
@@ -327,10 +334,11 @@ class SwapManager:
             self._swapped[seq_id] = record
             if handle is not None:
                 self._outs_in_flight[seq_id] = record
-            self._n["swap_outs"] += 1
-            self._n["swap_out_blocks"] += plan.copied_blocks + plan.reused_blocks
-            self._n["copied_blocks"] += plan.copied_blocks
-            self._n["reused_blocks"] += plan.reused_blocks
+            n = self._n
+            n["swap_outs"] += 1
+            n["swap_out_blocks"] += plan.copied_blocks + plan.reused_blocks
+            n["copied_blocks"] += plan.copied_blocks
+            n["reused_blocks"] += plan.reused_blocks
             return plan
 
     # -- step 2: swap-in -----------------------------------------------------------------
@@ -399,8 +407,9 @@ class SwapManager:
             # it and fails with it.
             del self._swapped[seq_id]
             self._outs_in_flight.pop(seq_id, None)
-            self._n["swap_ins"] += 1
-            self._n["swap_in_blocks"] += plan.copied_blocks
+            n = self._n
+            n["swap_ins"] += 1
+            n["swap_in_blocks"] += plan.copied_blocks
             self._swapping_in[seq_id] = _Swap(plan, handle)
             return table
 
@@ -666,15 +675,30 @@ class SwapManager:
 
     # -- internals (the lock is held) ----------------------------------------------------
 
-    def _submit(self, direction: str, plan: SwapPlan, **stream: Any) -> SwapHandle | None:
+    def _submit(self, direction: str, plan: SwapPlan, *, before: Any = None,
+                after: Any = None) -> SwapHandle | None:
+        """Queue a plan's copies (None when it has none); only the streams given are
+        passed on. Counts its extents, copies and bytes."""
         pairs = plan.pairs if self.coalesce else _per_block_pairs(plan.pairs)
-        if not len(pairs):
+        n_pairs = len(pairs)
+        if not n_pairs:
             return None
-        submit = self.engine.swap_out if direction == "out" else self.engine.swap_in
-        handle = submit(pairs, **{k: v for k, v in stream.items() if v is not None})
-        self._n[f"swap_{direction}_extents"] += len(pairs)
-        self._n["copies"] += len(pairs) * self._regions
-        self._n["bytes_copied"] += int(pairs[:, 2].sum()) * self._block_bytes
+        n = self._n
+        if direction == "out":
+            handle = (self.engine.swap_out(pairs) if after is None
+                      else self.engine.swap_out(pairs, after=after))
+            n["swap_out_extents"] += n_pairs
+        else:
+            if before is None and after is None:
+                handle = self.engine.swap_in(pairs)
+            else:
+                stream = {"before": before, "after": after}
+                handle = self.engine.swap_in(
+                    pairs, **{k: v for k, v in stream.items() if v is not None})
+            n["swap_in_extents"] += n_pairs
+        n["copies"] += n_pairs * self._regions
+        # A plan's pairs copy exactly its copied blocks (per-block pairs as many).
+        n["bytes_copied"] += plan.copied_blocks * self._block_bytes
         self._unfinished.append(handle)
         return handle
 

@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from kvswitch._validate import INT32_MAX, as_count
+from kvswitch import _core
+from kvswitch._validate import INT32_MAX, INT64_MAX, as_count
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 
 __all__ = ["ReuseStats", "ReuseTracker", "SwapPlan", "coalesce_pairs"]
@@ -96,14 +97,13 @@ class SwapPlan:
         repr=False, default="pending")
 
 
-@dataclass
-class _CpuCopy:
-    host_blocks: npt.NDArray[np.int32]  # logical block -> host block id, -1 when none
-    copied_tokens: npt.NDArray[np.int32]  # tokens valid in each logical block's copy
-    num_tokens: int = 0  # tokens of the sequence at its last swap-out
-    swapped_out: bool = False  # the CPU copy is the only copy: never reclaimed
-    priority: float = 0.0
-    last_used: int = 0
+# A sequence's CPU copy (cpp/include/kvswitch/reuse_copy.hpp): per logical block its host
+# block id (-1 when none) and the tokens its copy holds, with the plan computations, plus
+# the scalars num_tokens (tokens at the last swap-out), swapped_out (the CPU copy is the
+# only copy: never reclaimed), priority and last_used.
+_CpuCopy = _core.CpuCopy
+_TABLE_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))  # taken by _CpuCopy as they are
+_NO_BLOCKS = np.zeros(0, np.int32)
 
 
 class ReuseTracker:
@@ -150,6 +150,7 @@ class ReuseTracker:
         self.block_size = block_size
         self._lock = threading.RLock()
         self._copies: dict[Hashable, _CpuCopy] = {}
+        self._blank = _CpuCopy(block_size)  # plans the first swap-out of a sequence
         self._pending: dict[Hashable, SwapPlan] = {}
         self._clock = itertools.count(1)
         self._swap_outs = self._swap_ins = 0
@@ -189,42 +190,52 @@ class ReuseTracker:
             OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every
                 backup of other sequences (nothing is reclaimed then).
         """
+        if type(num_tokens) is not int or num_tokens <= 0:  # fast path: a plain positive int
+            num_tokens = as_count(num_tokens, "num_tokens")
+        if type(priority) is not float:  # stored as a C++ double at commit: fail here
+            priority = float(priority)
         with self._lock:
-            table = self._table(gpu_block_table, num_tokens)
+            table = gpu_block_table
+            if not (type(table) is np.ndarray and table.ndim == 1  # fast path: as it is
+                    and table.dtype in _TABLE_DTYPES and table.flags.c_contiguous):
+                table = self._table(table)
+            if num_tokens > INT64_MAX:  # past what the C++ state takes; no table holds it
+                raise ValueError(f"gpu_block_table holds {table.size} blocks but {num_tokens} "
+                                 f"tokens need {-(-num_tokens // self.block_size)}")
+            copy = self._copies.get(seq_id)
+            # Checks the table (size, no negative id); blocks without a host block, the
+            # table's blocks beyond the copy included.
+            need = (self._blank if copy is None else copy).prepare_out(table, num_tokens)
             if seq_id in self._pending:
                 raise ValueError(f"sequence {seq_id!r} has a plan that is not committed yet")
-            copy = self._copies.get(seq_id)
             if copy is not None and copy.swapped_out:
                 raise ValueError(f"sequence {seq_id!r} is already swapped out")
-            n_logical = len(table)
-            if copy is None:
-                host_blocks = np.full(n_logical, -1, np.int32)
-                copied_tokens = np.zeros(n_logical, np.int32)
-            else:  # grown to cover the table; blocks beyond it are released at commit
-                host_blocks, copied_tokens = self._grown(copy, n_logical)
-            held = self._tokens_per_block(num_tokens, len(host_blocks))
-            # Missing (0 tokens copied) or stale (the partly filled block gained tokens). A
-            # copy holding more tokens than the block now (a rollback) is still valid for
-            # the tokens the block keeps: their KV did not change.
-            stale = np.flatnonzero(copied_tokens[:n_logical] < held[:n_logical])
-            missing = np.flatnonzero(host_blocks[:n_logical] < 0)
-            need = int(missing.size)
-            if need > self.host.num_free_blocks:
-                self._reclaim(need - self.host.num_free_blocks, exclude=seq_id)  # or raises
-            new = self.host.allocate(seq_id, need) if need else np.zeros(0, np.int32)
-            host_blocks[missing] = new
-            copied = stale
-            pairs = coalesce_pairs(table[copied], host_blocks[copied])
-            if copy is None:
-                copy = _CpuCopy(host_blocks, copied_tokens)
-                self._copies[seq_id] = copy
+            if not need:
+                new = _NO_BLOCKS
             else:
-                copy.host_blocks = host_blocks
-                copy.copied_tokens = copied_tokens
-            plan = SwapPlan(
-                seq_id, "out", pairs, int(copied.size), n_logical - int(copied.size),
-                num_tokens, _copied_logical=copied, _new_host_blocks=new, _priority=priority,
-            )
+                try:  # an allocation that fails changes nothing
+                    new = self.host.allocate(seq_id, need)
+                except OutOfBlocksError:
+                    free = self.host.num_free_blocks
+                    if need <= free:
+                        raise
+                    self._reclaim(need - free, exclude=seq_id)  # or raises
+                    new = self.host.allocate(seq_id, need)
+            first = copy is None
+            if first:
+                copy = _CpuCopy(self.block_size)
+            # Grows the copy to the table (blocks beyond it are released at commit), gives
+            # the missing blocks the new host blocks, and plans the copies of the missing
+            # or stale ones (the partly filled block gained tokens). A copy holding more
+            # tokens than the block now (a rollback) is still valid for the tokens the block
+            # keeps: their KV did not change.
+            pairs, copied = copy.plan_out(table, num_tokens, new)
+            if first:
+                self._copies[seq_id] = copy
+            n_copied = len(copied)
+            plan = SwapPlan(seq_id, "out", pairs, n_copied,
+                            -(-num_tokens // self.block_size) - n_copied, num_tokens, copied,
+                            new, priority)
             self._pending[seq_id] = plan
             return plan
 
@@ -252,11 +263,11 @@ class ReuseTracker:
                 raise ValueError(f"sequence {seq_id!r} has a plan that is not committed yet")
             if not copy.swapped_out:
                 raise ValueError(f"sequence {seq_id!r} is not swapped out")
-            table = self._table(gpu_block_table, copy.num_tokens)
-            n = len(table)
-            pairs = coalesce_pairs(copy.host_blocks[:n], table)
-            plan = SwapPlan(seq_id, "in", pairs, n, 0, copy.num_tokens,
-                            _copied_logical=np.arange(n, dtype=np.int64))
+            num_tokens = copy.num_tokens
+            pairs = copy.pairs_in(self._table(gpu_block_table), num_tokens)
+            n = -(-num_tokens // self.block_size)
+            plan = SwapPlan(seq_id, "in", pairs, n, 0, num_tokens,
+                            np.arange(n, dtype=np.int64))
             self._pending[seq_id] = plan
             return plan
 
@@ -274,16 +285,20 @@ class ReuseTracker:
             ValueError: the plan is not pending (committed twice, cancelled, or stale).
         """
         with self._lock:
-            self._take_pending(plan)
+            pending = self._pending
+            if pending.get(plan.seq_id) is not plan:
+                self._take_pending(plan)  # raises
+            del pending[plan.seq_id]
             plan._state = "committed"
             copy = self._copies[plan.seq_id]
             copy.last_used = next(self._clock)
             if plan.direction == "out":
-                n_logical = -(-plan.num_tokens // self.block_size)
-                held = self._tokens_per_block(plan.num_tokens, len(copy.host_blocks))
-                np.minimum(copy.copied_tokens, held, out=copy.copied_tokens)  # rollback
-                copy.copied_tokens[plan._copied_logical] = held[plan._copied_logical]
-                self._release_beyond(plan.seq_id, copy, n_logical)
+                # Copied tokens at and beyond num_tokens become invalid (a rollback), the
+                # copied blocks valid; host blocks wholly beyond it are released.
+                beyond = copy.commit_out(plan.num_tokens, plan._copied_logical)
+                if beyond is not None:
+                    self.host.free_blocks(plan.seq_id, beyond)
+                    copy.cut(-(-plan.num_tokens // self.block_size))
                 copy.num_tokens = plan.num_tokens
                 copy.swapped_out = True
                 copy.priority = plan._priority
@@ -332,15 +347,13 @@ class ReuseTracker:
             plan._state = "failed"
             if plan.direction == "out":
                 copy = self._copies[plan.seq_id]
-                logical = plan._copied_logical[plan._copied_logical < len(copy.copied_tokens)]
-                copy.copied_tokens[logical] = 0
+                copy.invalidate(plan._copied_logical)
                 if was_committed:
                     copy.swapped_out = False
                 else:
                     # The caller declared its length (maybe a rollback) and the copies were
                     # issued: apply the rollback as commit would. Invalidating is safe.
-                    held = self._tokens_per_block(plan.num_tokens, len(copy.copied_tokens))
-                    np.minimum(copy.copied_tokens, held, out=copy.copied_tokens)
+                    copy.clamp(plan.num_tokens)
                     self._release_new_blocks(plan)
             self._forget_if_empty(plan.seq_id)
 
@@ -369,8 +382,7 @@ class ReuseTracker:
             if copy.swapped_out and num_tokens == 0:
                 raise ValueError(f"sequence {seq_id!r} is swapped out: truncating it to 0 "
                                  "tokens would leave nothing to swap in; drop it instead")
-            held = self._tokens_per_block(num_tokens, len(copy.host_blocks))
-            np.minimum(copy.copied_tokens, held, out=copy.copied_tokens)
+            copy.clamp(min(num_tokens, INT64_MAX))  # all tokens of any real copy
             self._release_beyond(seq_id, copy, -(-num_tokens // self.block_size))
             copy.num_tokens = min(copy.num_tokens, num_tokens)
             self._forget_if_empty(seq_id)
@@ -403,9 +415,7 @@ class ReuseTracker:
         """Bool array ``[logical blocks]``: True where the CPU copy holds the tokens that the
         block held at the last swap-out. Raises KeyError if unknown."""
         with self._lock:
-            copy = self._known(seq_id)
-            held = self._tokens_per_block(copy.num_tokens, len(copy.host_blocks))
-            return (copy.host_blocks >= 0) & (copy.copied_tokens >= held) & (held > 0)
+            return self._known(seq_id).valid_blocks()
 
     def valid_tokens(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
         """int32 array ``[logical blocks]``: how many leading tokens of each logical block
@@ -413,13 +423,12 @@ class ReuseTracker:
         swap-out when this covers the tokens the block holds then. Raises KeyError if
         unknown."""
         with self._lock:
-            copy = self._known(seq_id)
-            return np.where(copy.host_blocks >= 0, copy.copied_tokens, 0).astype(np.int32)
+            return self._known(seq_id).valid_tokens()
 
     def host_block_table(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
         """int32 array ``[logical blocks]``: host block of each logical block, -1 if none."""
         with self._lock:
-            return self._known(seq_id).host_blocks.copy()
+            return self._known(seq_id).host_blocks  # a new array
 
     def is_swapped_out(self, seq_id: Hashable) -> bool:
         with self._lock:
@@ -444,40 +453,27 @@ class ReuseTracker:
         except (KeyError, TypeError):
             raise KeyError(f"unknown sequence {seq_id!r}") from None
 
-    def _table(self, gpu_block_table: npt.ArrayLike, num_tokens: int) -> npt.NDArray[np.int64]:
-        num_tokens = as_count(num_tokens, "num_tokens")
-        table = np.asarray(gpu_block_table)
+    @staticmethod
+    def _table(gpu_block_table: npt.ArrayLike) -> npt.NDArray[np.int32] | npt.NDArray[np.int64]:
+        """The table as a 1-D C-contiguous int32 or int64 array (the one given when it is
+        one already); its size and ids are checked by the _CpuCopy call it goes to."""
+        table = gpu_block_table
+        if (type(table) is np.ndarray and table.ndim == 1 and table.dtype in _TABLE_DTYPES
+                and table.flags.c_contiguous):
+            return table  # fast path: no conversion
+        table = np.asarray(table)
         if table.ndim != 1 or table.dtype.kind not in "iu":
             raise ValueError(f"gpu_block_table must be a 1-D integer array, got {table.dtype}"
                              f" of shape {table.shape}")
-        n = -(-num_tokens // self.block_size)
-        if table.size < n:
-            raise ValueError(f"gpu_block_table holds {table.size} blocks but {num_tokens} "
-                             f"tokens need {n}")
-        if (table[:n] < 0).any():
-            raise ValueError("gpu_block_table holds a negative block id")
-        return table[:n].astype(np.int64)
-
-    def _tokens_per_block(self, num_tokens: int, n_logical: int) -> npt.NDArray[np.int32]:
-        starts = np.arange(n_logical, dtype=np.int64) * self.block_size
-        return np.clip(num_tokens - starts, 0, self.block_size).astype(np.int32)
-
-    @staticmethod
-    def _grown(copy: _CpuCopy, n: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-        """Copies of the copy's arrays, extended to at least n logical blocks."""
-        extra = max(0, n - len(copy.host_blocks))
-        host = np.concatenate((copy.host_blocks, np.full(extra, -1, np.int32)))
-        tokens = np.concatenate((copy.copied_tokens, np.zeros(extra, np.int32)))
-        return host, tokens
+        return np.ascontiguousarray(table, dtype=np.int64)
 
     def _release_beyond(self, seq_id: Hashable, copy: _CpuCopy, n_logical: int) -> None:
-        """Release host blocks of logical blocks >= n_logical and cut the arrays there."""
-        beyond = copy.host_blocks[n_logical:]
-        held = beyond[beyond >= 0]
+        """Release host blocks of logical blocks >= n_logical and cut the copy there."""
+        n_logical = min(n_logical, len(copy))  # a count past the copy changes nothing
+        held = copy.held_beyond(n_logical)
         if held.size:
             self.host.free_blocks(seq_id, held)
-        copy.host_blocks = copy.host_blocks[:n_logical].copy()
-        copy.copied_tokens = copy.copied_tokens[:n_logical].copy()
+        copy.cut(n_logical)
 
     def _release_new_blocks(self, plan: SwapPlan) -> None:
         """A swap-out plan's newly allocated host blocks go back to the host pool."""
@@ -485,9 +481,7 @@ class ReuseTracker:
             return
         copy = self._copies[plan.seq_id]
         self.host.free_blocks(plan.seq_id, plan._new_host_blocks)
-        gone = np.isin(copy.host_blocks, plan._new_host_blocks)
-        copy.host_blocks[gone] = -1
-        copy.copied_tokens[gone] = 0
+        copy.forget(plan._new_host_blocks)
 
     def _reclaim(self, deficit: int, exclude: Hashable) -> None:
         victims = [
@@ -507,11 +501,9 @@ class ReuseTracker:
             # From the tail of the backup (highest logical blocks), only what is needed: the
             # allocator merges a backup into maximal runs, so taking a whole group could
             # contaminate a whole conversation for a few blocks.
-            live = np.flatnonzero(copy.host_blocks >= 0)
-            take = live[live.size - min(deficit, live.size) :]
-            self.host.free_blocks(seq, copy.host_blocks[take])
-            copy.host_blocks[take] = -1
-            copy.copied_tokens[take] = 0
+            take = copy.tail(deficit)
+            self.host.free_blocks(seq, take)
+            copy.drop_tail(deficit)
             deficit -= take.size
             self._reclaimed += take.size
             self._contaminations += 1
@@ -526,7 +518,7 @@ class ReuseTracker:
 
     def _forget_if_empty(self, seq_id: Hashable) -> None:
         copy = self._copies[seq_id]
-        if not copy.swapped_out and (copy.host_blocks < 0).all() and copy.num_tokens == 0:
+        if not copy.swapped_out and copy.num_tokens == 0 and copy.empty():
             del self._copies[seq_id]
             if seq_id in self.host:
                 self.host.free(seq_id)

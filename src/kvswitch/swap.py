@@ -124,10 +124,16 @@ def _as_int64(values: Any, what: str) -> np.ndarray:
     return np.require(arr, dtype=np.int64, requirements=("C", "A"))
 
 
+_INT64 = np.dtype(np.int64)
+
+
 def _as_pairs(pairs: Any) -> np.ndarray:
-    if (type(pairs) is np.ndarray and pairs.dtype == np.int64 and pairs.ndim == 2
-            and pairs.flags.c_contiguous and pairs.flags.aligned):
-        return pairs  # fast path: no conversion
+    # Fast path, no conversion: an int64 [n, 3]-like array already C-contiguous and aligned
+    # (``carray``: also writeable; a read-only one takes the path below, which returns it
+    # as it is). Comparing with a dtype instance is cheaper than with ``np.int64``.
+    if (type(pairs) is np.ndarray and pairs.ndim == 2 and pairs.dtype == _INT64
+            and pairs.flags.carray):
+        return pairs
     arr = np.asarray(pairs)
     if arr.size == 0 and arr.ndim <= 2:
         return np.zeros((0, 3), dtype=np.int64)
@@ -324,6 +330,8 @@ class AsyncSwapEngine:
         A driver error while ordering the job against ``after`` does not raise: the job is
         queued as failed and its handle reports it, like a failed copy.
         """
+        if after is None:  # fast path: no stream to order after
+            return self._engine.submit(0, _as_pairs(pairs), _NONE, 0, 0, 0)
         kind, handle = _stream_ref(after, "after")
         return self._engine.submit(0, _as_pairs(pairs), kind, handle, 0, 0)
 
@@ -362,6 +370,8 @@ class AsyncSwapEngine:
         Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
         and not one capturing a CUDA graph).
         """
+        if before is None and after is None:  # fast path: no streams
+            return self._engine.submit(1, _as_pairs(pairs), _NONE, 0, _NONE, 0)
         b_kind, b_handle = _stream_ref(before, "before")
         a_kind, a_handle = _stream_ref(after, "after")
         return self._engine.submit(1, _as_pairs(pairs), a_kind, a_handle, b_kind, b_handle)
