@@ -266,6 +266,8 @@ class BlockGroupAllocator:
         max_moved = (INT32_MAX if max_moved is None
                      else min(as_count(max_moved, "max_moved", minimum=0), INT32_MAX))
         with self._lock:
+            if self._core.per_block_mode:
+                raise ValueError("compact: compaction is off in per-block mode")
             if num_blocks > self._core.num_blocks:
                 raise OutOfBlocksError(
                     f"compact: a free group of {num_blocks} blocks was requested but only "
