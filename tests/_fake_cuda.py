@@ -52,6 +52,7 @@ COUNTER_NAMES = [
     "spin_waits", "stale_flag_waits", "pageable_copies", "host_register", "host_unregister",
     "proc_legacy_flag", "proc_other_flag", "ctx_synchronize", "batch_prefer_overlap",
     "events_blocking_sync", "stream_is_capturing_calls", "stale_flag_writes",
+    "memcpy_2d_dtod", "batch_dtod_copies",
 ]
 
 # Environment variables that change the fake's behaviour: not inherited by run_with_fake's

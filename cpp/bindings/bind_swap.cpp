@@ -48,7 +48,22 @@ StreamRef stream_ref(int kind, std::uintptr_t handle) {
     return StreamRef{static_cast<StreamRef::Kind>(kind), handle};
 }
 
-const char* direction_name(Direction d) { return d == Direction::kOut ? "out" : "in"; }
+const char* direction_name(Direction d) {
+    switch (d) {
+        case Direction::kOut: return "out";
+        case Direction::kIn: return "in";
+        case Direction::kMigrate: return "migrate";
+    }
+    return "?";
+}
+
+/// 0: swap-out, 1: swap-in, 2: migration (device -> device).
+Direction direction_of(int d) {
+    if (d < 0 || d > 2)
+        throw std::invalid_argument("direction must be 0 (out), 1 (in) or 2 (migrate), got " +
+                                    std::to_string(d));
+    return static_cast<Direction>(d);
+}
 
 /// describe_array's tuple for an imported array. The import is moved into the returned
 /// `owner` capsule: a raw DLPack capsule's memory is freed by its deleter, which must run
@@ -151,7 +166,7 @@ void bind_swap(nb::module_& m) {
 
     // ---------------------------------------------------------------- handles
     nb::class_<SwapHandle>(m, "SwapHandle",
-                           "One queued swap job (see AsyncSwapEngine.swap_out/swap_in).")
+                           "One queued job (see AsyncSwapEngine.swap_out/swap_in/migrate).")
         .def("done", &SwapHandle::done,
              "True when the job has finished (successfully or not). Never blocks.")
         .def(
@@ -175,7 +190,8 @@ void bind_swap(nb::module_& m) {
                      "Seconds the copies took (CUDA events / steady clock); None until done "
                      "or when the job failed.")
         .def_prop_ro("direction", [](const SwapHandle& h) { return direction_name(h.direction()); },
-                     "'out' (device -> host) or 'in' (host -> device).")
+                     "'out' (device -> host), 'in' (host -> device) or 'migrate' (device -> "
+                     "device).")
         .def_prop_ro("error", &SwapHandle::error, "Error text of a failed job, else ''.")
         .def_prop_ro("root_job_id",
                      [](const SwapHandle& h) -> std::optional<std::uint64_t> {
@@ -235,7 +251,7 @@ void bind_swap(nb::module_& m) {
                     throw std::invalid_argument("pairs must have shape [n, 3], got [" +
                                                 std::to_string(pairs.shape(0)) + ", " +
                                                 std::to_string(pairs.shape(1)) + "]");
-                const Direction dir = direction == 0 ? Direction::kOut : Direction::kIn;
+                const Direction dir = direction_of(direction);
                 const StreamRef after = stream_ref(after_kind, after_handle);
                 const StreamRef before = stream_ref(before_kind, before_handle);
                 nb::gil_scoped_release release;
@@ -247,7 +263,7 @@ void bind_swap(nb::module_& m) {
             "check",
             [](const AsyncSwapEngine& e, int direction, int after_kind,
                std::uintptr_t after_handle, int before_kind, std::uintptr_t before_handle) {
-                e.check(direction == 0 ? Direction::kOut : Direction::kIn,
+                e.check(direction_of(direction),
                         stream_ref(after_kind, after_handle),
                         stream_ref(before_kind, before_handle));
             },
@@ -289,6 +305,10 @@ void bind_swap(nb::module_& m) {
                          hist[nb::int_(std::uint64_t{1} << k)] = s.copy_size_histogram[k];
                  d["copy_size_histogram"] = hist;
                  d["in_flight"] = s.in_flight;
+                 d["num_migrations"] = s.num_migrations;
+                 d["migration_copies"] = s.migration_copies;
+                 d["migrated_bytes"] = s.migrated_bytes;
+                 d["migration_seconds"] = s.migration_seconds;
                  return d;
              })
         .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a)

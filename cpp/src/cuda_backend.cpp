@@ -193,6 +193,11 @@ class CudaQueue final : public CopyQueue {
         dsts_.clear();
         srcs_.clear();
         sizes_.clear();
+        // A migration's ends are both device memory: said so in the 2D copies' memory
+        // types and the batch's location hints. Swaps name unified addresses (the host
+        // pool may be pinned or registered memory; the driver resolves either).
+        const bool dtod = sync.dir == Direction::kMigrate;
+        const int mem_type = dtod ? CU_MEMORYTYPE_DEVICE : CU_MEMORYTYPE_UNIFIED;
         for (const CopyOp& op : ops) {
             if (op.height == 1) {
                 dsts_.push_back(op.dst);
@@ -201,10 +206,10 @@ class CudaQueue final : public CopyQueue {
                 continue;
             }
             Memcpy2D m{};
-            m.srcMemoryType = CU_MEMORYTYPE_UNIFIED;
+            m.srcMemoryType = mem_type;
             m.srcDevice = op.src;
             m.srcPitch = op.src_pitch;
-            m.dstMemoryType = CU_MEMORYTYPE_UNIFIED;
+            m.dstMemoryType = mem_type;
             m.dstDevice = op.dst;
             m.dstPitch = op.dst_pitch;
             m.WidthInBytes = op.width;
@@ -217,7 +222,7 @@ class CudaQueue final : public CopyQueue {
             attr.flags = CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE;  // swaps overlap compute
             const MemLocation dev{CU_MEM_LOCATION_TYPE_DEVICE, s_->ordinal};
             const MemLocation host{CU_MEM_LOCATION_TYPE_HOST, 0};
-            attr.srcLocHint = sync.dir == Direction::kOut ? dev : host;
+            attr.srcLocHint = sync.dir == Direction::kIn ? host : dev;
             attr.dstLocHint = sync.dir == Direction::kOut ? host : dev;
             std::size_t attr_idx = 0;
             std::size_t fail_idx = SIZE_MAX;

@@ -21,8 +21,11 @@ struct SwapJob {
         std::int64_t src, dst, len;
     };
     std::vector<Row> rows;                // validated, length > 0; expanded by the worker
-    std::vector<BlockSpan> device_spans;  // sorted, merged
+    std::vector<BlockSpan> device_spans;  // sorted, merged: every device block it touches
     std::vector<BlockSpan> host_spans;    // sorted, merged
+    // Sorted, merged destination blocks of a migration (its device_spans also hold the
+    // source blocks, which it only reads); empty for swaps.
+    std::vector<BlockSpan> migrate_writes;
     // Earlier conflicting jobs, kept until this one completes: it completes as failed if
     // one of them fails, even after its own copies were issued (CUDA).
     std::vector<std::shared_ptr<SwapJob>> deps;
@@ -40,8 +43,16 @@ struct SwapJob {
     std::string root_error;                  // guarded by mu; the root job's own error
 
     bool finished_locked() const { return state == JobState::kDone || state == JobState::kFailed; }
-    bool writes_device() const { return dir == Direction::kIn; }
+    bool writes_device() const { return dir != Direction::kOut; }
     bool writes_host() const { return dir == Direction::kOut; }
+    bool is_migration() const { return dir == Direction::kMigrate; }
+    /// The device blocks it writes: all it touches for a swap-in, the destination blocks
+    /// of a migration, none for a swap-out.
+    const std::vector<BlockSpan>& device_writes() const {
+        static const std::vector<BlockSpan> none;
+        if (dir == Direction::kIn) return device_spans;
+        return dir == Direction::kMigrate ? migrate_writes : none;
+    }
 };
 
 // ---------------------------------------------------------------- SwapHandle
@@ -138,9 +149,13 @@ bool overlaps(const std::vector<BlockSpan>& a, const std::vector<BlockSpan>& b) 
     return false;
 }
 
+/// Whether one of the jobs writes a block the other reads or writes (RAW, WAR, WAW). A
+/// migration reads its source device blocks and writes its destination ones, so two jobs
+/// that only read the same device blocks (a swap-out and a migration from them) do not
+/// conflict.
 bool conflicts(const SwapJob& a, const SwapJob& b) {
-    if ((a.writes_device() || b.writes_device()) && overlaps(a.device_spans, b.device_spans))
-        return true;
+    if (a.writes_device() && overlaps(a.device_writes(), b.device_spans)) return true;
+    if (b.writes_device() && overlaps(b.device_writes(), a.device_spans)) return true;
     return (a.writes_host() || b.writes_host()) && overlaps(a.host_spans, b.host_spans);
 }
 
@@ -259,9 +274,10 @@ AsyncSwapEngine::~AsyncSwapEngine() { close(); }
 std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_t* pairs,
                                                 std::size_t n) {
     const bool out = dir == Direction::kOut;
-    const KVLayout& src = out ? device_ : host_;
+    const bool migrate = dir == Direction::kMigrate;
+    const KVLayout& src = out || migrate ? device_ : host_;
     const KVLayout& dst = out ? host_ : device_;
-    const char* src_name = out ? "device pool" : "host pool";
+    const char* src_name = out || migrate ? "device pool" : "host pool";
     const char* dst_name = out ? "host pool" : "device pool";
 
     struct Row {
@@ -307,6 +323,27 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
                 extent_str(a.dst, a.len) + " and " + std::to_string(b.index) + " " +
                 extent_str(b.dst, b.len) + " both write block " + std::to_string(b.dst));
     }
+    if (migrate) {
+        // A migration must not read a block it writes: its copies run in no set order, so
+        // the result would depend on it. Sources may overlap each other (one block copied
+        // to two places). Sweep: sources by start against the disjoint sorted destinations.
+        std::vector<const Row*> by_src(by_dst);
+        std::sort(by_src.begin(), by_src.end(),
+                  [](const Row* a, const Row* b) { return a->src < b->src; });
+        std::size_t i = 0, k = 0;
+        while (i < by_src.size() && k < by_dst.size()) {
+            const Row& a = *by_src[i];
+            const Row& b = *by_dst[k];
+            if (a.src < b.dst + b.len && b.dst < a.src + a.len)
+                throw std::invalid_argument(
+                    "pairs row " + std::to_string(a.index) + " reads device blocks " +
+                    extent_str(a.src, a.len) + " that row " + std::to_string(b.index) +
+                    " writes " + extent_str(b.dst, b.len) +
+                    ": a migration's source and destination extents must not overlap "
+                    "(submit chained moves as separate migrations, in order)");
+            if (a.src + a.len <= b.dst + b.len) ++i; else ++k;
+        }
+    }
 
     auto job = std::make_shared<SwapJob>();
     job->dir = dir;
@@ -316,11 +353,25 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     dev.reserve(rows.size());
     hst.reserve(rows.size());
     std::int64_t blocks = 0;
-    for (const Row& r : rows) {
-        (out ? dev : hst).push_back({r.src, r.len});
-        (out ? hst : dev).push_back({r.dst, r.len});
-        job->rows.push_back({r.src, r.dst, r.len});
-        blocks += r.len;
+    if (migrate) {
+        std::vector<BlockSpan> writes;
+        writes.reserve(rows.size());
+        dev.reserve(2 * rows.size());
+        for (const Row& r : rows) {
+            dev.push_back({r.src, r.len});
+            dev.push_back({r.dst, r.len});
+            writes.push_back({r.dst, r.len});
+            job->rows.push_back({r.src, r.dst, r.len});
+            blocks += r.len;
+        }
+        job->migrate_writes = merged(std::move(writes));
+    } else {
+        for (const Row& r : rows) {
+            (out ? dev : hst).push_back({r.src, r.len});
+            (out ? hst : dev).push_back({r.dst, r.len});
+            job->rows.push_back({r.src, r.dst, r.len});
+            blocks += r.len;
+        }
     }
     // blocks <= the destination pool's size (extents do not overlap), but the sum over
     // regions of a hand-built layout can still be huge.
@@ -337,7 +388,8 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
 
 void AsyncSwapEngine::expand(const SwapJob& job, std::vector<CopyOp>& ops) const {
     const bool out = job.dir == Direction::kOut;
-    const KVLayout& src = out ? device_ : host_;
+    const bool migrate = job.dir == Direction::kMigrate;
+    const KVLayout& src = out || migrate ? device_ : host_;
     const KVLayout& dst = out ? host_ : device_;
     const std::size_t nreg = src.num_regions();
     ops.clear();
@@ -421,7 +473,7 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
                                 .count();
         std::lock_guard<std::mutex> lock(mu_);
-        stats_.busy_s += busy;
+        if (!job->is_migration()) stats_.busy_s += busy;
         return SwapHandle(job);
     }
 
@@ -451,7 +503,8 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
             abandon(*job);  // releases a before= flag wait already on the caller's stream
             throw;
         }
-        if (in_flight_.size() == 1) busy_since_ = std::chrono::steady_clock::now();
+        if (!job->is_migration() && ++swaps_in_flight_ == 1)
+            busy_since_ = std::chrono::steady_clock::now();
     }
     work_cv_.notify_one();
     if (before.kind == StreamRef::Kind::kStream && sync && backend_->defers_before(*sync)) {
@@ -692,13 +745,21 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
     deps.swap(job->deps);  // only this job's worker touches deps after submission
     {
         std::lock_guard<std::mutex> lock(mu_);
-        const bool was_in_flight = !in_flight_.empty();
-        in_flight_.remove(job);
-        if (was_in_flight && in_flight_.empty())
-            stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                           busy_since_)
-                                 .count();
-        if (error.empty()) {
+        // Inline jobs are never in in_flight_ (submit() counts their busy time).
+        const auto it = std::find(in_flight_.begin(), in_flight_.end(), job);
+        if (it != in_flight_.end()) {
+            in_flight_.erase(it);
+            if (!job->is_migration() && --swaps_in_flight_ == 0)
+                stats_.busy_s += std::chrono::duration<double>(
+                                     std::chrono::steady_clock::now() - busy_since_)
+                                     .count();
+        }
+        if (error.empty() && job->is_migration()) {
+            ++stats_.num_migrations;
+            stats_.migration_copies += job->num_copies;
+            stats_.migrated_bytes += job->nbytes;
+            stats_.migration_seconds += seconds;
+        } else if (error.empty()) {
             ++stats_.num_jobs;
             stats_.num_copies += job->num_copies;
             stats_.bytes += job->nbytes;
@@ -775,7 +836,7 @@ SwapStats AsyncSwapEngine::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     SwapStats s = stats_;
     s.in_flight = in_flight_.size();
-    if (!in_flight_.empty())
+    if (swaps_in_flight_ > 0)
         s.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                   busy_since_)
                         .count();

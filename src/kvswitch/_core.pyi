@@ -118,6 +118,8 @@ class SwapEngineCore:
         before_wait: str = "event",
         register_host: bool = True,
     ) -> None: ...
+    # direction: 0 swap-out (device -> host), 1 swap-in (host -> device), 2 migration
+    # (device -> device); SwapHandle.direction is "out", "in" or "migrate".
     def submit(
         self,
         direction: int,

@@ -8,6 +8,8 @@ inference stream's own copies are not stuck behind a long swap queue; it never b
 the GPU while it could take a new job. Each in-flight job remembers the device blocks it
 touches, so that a new allocation over them waits for exactly those jobs
 (:meth:`AsyncSwapEngine.wait_blocks`, KV cache conflict resolution).
+:meth:`AsyncSwapEngine.migrate` moves blocks device -> device within the device layout
+(GPU-pool compaction), ordered against swaps by the same conflict tracking.
 
 Backends:
 
@@ -54,12 +56,12 @@ __all__ = ["AsyncSwapEngine", "CudaEvent", "EngineClosedError", "SwapError", "Sw
 
 #: A job failed inside a worker (e.g. a CUDA error); raised by ``SwapHandle.wait()``.
 SwapError = _core.SwapError
-#: The engine is closed; raised by ``swap_out``/``swap_in`` after ``close()``.
+#: The engine is closed; raised by ``swap_out``/``swap_in``/``migrate`` after ``close()``.
 EngineClosedError = _core.EngineClosedError
 #: Handle of one queued job: ``done()``, ``wait(timeout=None) -> bool`` (GIL released;
 #: None or ``inf``: no limit; raises SwapError if the job failed, ValueError for a negative
 #: or NaN timeout), ``nbytes``, ``num_copies``, ``elapsed_s`` (seconds, None until done),
-#: ``direction`` (``"out"``/``"in"``), ``id``, ``error`` (``""`` unless failed) and
+#: ``direction`` (``"out"``/``"in"``/``"migrate"``), ``id``, ``error`` (``""`` unless failed) and
 #: ``root_job_id`` (the job whose failure made this one fail; None unless failed).
 SwapHandle = _core.SwapHandle
 
@@ -194,15 +196,15 @@ class AsyncSwapEngine:
             be registered (``register_host=True``): every copy is then synchronous and
             several times slower (``stats()["host_memory"] == "pageable"``).
 
-    Jobs that touch overlapping blocks (device or host) where one of them writes run in
-    submission order; others run concurrently.
+    Jobs (swaps and :meth:`migrate`) that touch overlapping blocks (device or host) where
+    one of them writes run in submission order; others run concurrently.
 
     Failures: a copy that fails inside a worker (a CUDA error) is reported on its handle:
     ``handle.wait()`` raises :class:`SwapError`, ``handle.error`` holds the text and
     ``handle.root_job_id`` the job that failed first. Every job queued while it was in
     flight and ordered after it (it touches the same device or host blocks) fails too,
     without copying anything, and its error names that root job. The engine stays usable.
-    A call that raises (``swap_out``, ``swap_in``, ``check_*``) queues nothing.
+    A call that raises (``swap_out``, ``swap_in``, ``migrate``, ``check_*``) queues nothing.
 
     Thread safety: every method may be called from any thread; jobs from several threads
     are ordered by submission. Waits release the GIL.
@@ -371,6 +373,62 @@ class AsyncSwapEngine:
         a_kind, a_handle = _stream_ref(after, "after")
         self._engine.check(1, a_kind, a_handle, b_kind, b_handle)
 
+    def migrate(self, pairs: Any, *, after: Any = None, before: Any = None) -> SwapHandle:
+        """Queue a device -> device copy of block extents within the device layout.
+
+        For GPU-pool compaction: moving blocks merges free space. On a GPU the copies run
+        at HBM bandwidth (tens of times PCIe's), so moving a block costs a few percent of
+        swapping it. The job is ordered by the engine's conflict tracking like a swap: it
+        reads its source device blocks and writes its destination device blocks, so it
+        runs after earlier jobs that write its sources or touch its destinations (a
+        swap-in into its sources, a swap-out of its destinations), and later jobs that
+        touch its destinations, or write its sources, run after it.
+        :meth:`wait_blocks` covers both its source and its destination blocks. If an
+        earlier job it is ordered after fails, it fails too without copying (see the
+        class).
+
+        Args:
+            pairs: integer array ``[n, 3]`` of ``(src_start, dst_start, length)`` in
+                device blocks: device blocks ``[src_start, +length)`` are copied to device
+                blocks ``[dst_start, +length)``. Rows of length 0 are skipped. Each row
+                becomes one copy per region (a 2D copy when a region is strided and the
+                row spans more than one block). Destination extents must not overlap each
+                other, and no source extent may overlap any destination extent (of its own
+                row or another): the copies of one job run in no set order. A chain of
+                moves (``a -> b`` then ``b -> c``, or a shift of an extent onto itself) is
+                submitted as separate migrations in that order; the engine orders them.
+                Sources may overlap each other (a block copied to two places).
+            after: CUDA only, as in :meth:`swap_in`: the copies start only after the work
+                queued on that stream (or the event) so far, e.g. kernels still reading
+                the destination blocks or writing the source blocks.
+            before: CUDA only, as in :meth:`swap_in`: a consumer stream whose later work
+                waits for the copies (attention reading the moved blocks at their new
+                ids).
+
+        Returns:
+            A :class:`SwapHandle` with ``direction == "migrate"`` (finished already when
+            ``num_workers=0``).
+
+        Raises:
+            TypeError: pairs not integers, ``after``/``before`` of an unknown type.
+            ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
+                extent outside the device layout, overlapping destination extents, a
+                source extent overlapping a destination extent, ``after``/``before`` on
+                the host backend, ``before`` an event, an ``after`` event never recorded,
+                a stream capturing a CUDA graph. Nothing is queued and no pool changes.
+            EngineClosedError: the engine is closed.
+        """
+        b_kind, b_handle = _stream_ref(before, "before")
+        a_kind, a_handle = _stream_ref(after, "after")
+        return self._engine.submit(2, _as_pairs(pairs), a_kind, a_handle, b_kind, b_handle)
+
+    def check_migrate(self, *, after: Any = None, before: Any = None) -> None:
+        """Raise what :meth:`migrate` would raise for ``after``/``before`` or a closed
+        engine, without queueing anything. Raises: as :meth:`check_swap_in`."""
+        b_kind, b_handle = _stream_ref(before, "before")
+        a_kind, a_handle = _stream_ref(after, "after")
+        self._engine.check(2, a_kind, a_handle, b_kind, b_handle)
+
     def poll(self) -> list[SwapHandle]:
         """Handles of jobs finished (successfully or not) since the previous poll, in
         completion order. At most the newest 65,536 are kept between polls."""
@@ -402,23 +460,29 @@ class AsyncSwapEngine:
     def stats(self) -> dict[str, Any]:
         """Counters over finished jobs.
 
+        Swaps and migrations (:meth:`migrate`) are counted apart, so that the swap
+        figures (``bytes``, ``busy_s``, ``gbps``) measure the host link only.
+
         Returns:
-            dict with ``num_jobs`` (successful jobs), ``num_failed``, ``num_copies``,
-            ``bytes``, ``seconds`` (sum of jobs' ``elapsed_s``: device time on cuda, jobs on
-            several workers overlap), ``busy_s`` (wall seconds during which at least one
-            job was queued or running), ``gbps`` (throughput over that time, ``bytes /
-            busy_s / 1e9``, GB = 1e9 bytes; time a job waits on an ``after=`` stream
-            counts, so this is not the link's bandwidth), ``copy_size_histogram``
-            ({bucket: count}: copies of ``[bucket, 2 * bucket)`` bytes, buckets powers of
-            2), ``in_flight`` (jobs queued or running now) and ``host_memory``
-            (``"pinned"``, ``"registered"``: page-locked by kvswitch until ``close()``,
-            ``"pageable"``: copies are synchronous, or ``"n/a"`` on the host backend).
+            dict with ``num_jobs`` (successful swap jobs), ``num_failed`` (failed jobs,
+            migrations included), ``num_copies``, ``bytes``, ``seconds`` (sum of swap
+            jobs' ``elapsed_s``: device time on cuda, jobs on several workers overlap),
+            ``busy_s`` (wall seconds during which at least one swap job was queued or
+            running), ``gbps`` (throughput over that time, ``bytes / busy_s / 1e9``, GB =
+            1e9 bytes; time a job waits on an ``after=`` stream counts, so this is not the
+            link's bandwidth), ``copy_size_histogram`` ({bucket: count}: swap copies of
+            ``[bucket, 2 * bucket)`` bytes, buckets powers of 2), ``in_flight`` (jobs,
+            migrations included, queued or running now), ``host_memory`` (``"pinned"``,
+            ``"registered"``: page-locked by kvswitch until ``close()``, ``"pageable"``:
+            copies are synchronous, or ``"n/a"`` on the host backend), and for
+            migrations ``num_migrations`` (successful ones), ``migration_copies``,
+            ``migrated_bytes`` and ``migration_seconds`` (sum of their ``elapsed_s``).
         """
         return self._engine.stats()
 
     def close(self) -> None:
         """Finish queued and running jobs, join the workers (GIL released). Idempotent;
-        later swap_out/swap_in raise EngineClosedError."""
+        later swap_out/swap_in/migrate raise EngineClosedError."""
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()

@@ -27,6 +27,10 @@
 //   streams blocked forever (a test's gate) without hanging or crashing. (A copy still
 //   RUNNING while the interpreter frees its buffers at exit would write freed memory, as
 //   on a GPU: synchronize before exiting, or leave the stream gated.)
+// * A 2D copy endpoint typed CU_MEMORYTYPE_DEVICE that lies in page-locked host memory
+//   (cuMemHostAlloc/registered) is refused (CUDA_ERROR_INVALID_VALUE), as a real driver
+//   refuses a host pointer given as device memory. Device-to-device copies are counted
+//   (memcpy_2d_dtod, batch_dtod_copies) as the caller declared them.
 // * Stream memory operations only touch live memory: a wait on a word outside any
 //   cuMemHostAlloc/registered range passes (counted: stale_flag_waits), a write outside
 //   any page-locked or cuMemAlloc range is dropped (counted: stale_flag_writes).
@@ -58,6 +62,9 @@ struct Counters {
     long spin_waits, stale_flag_waits, pageable_copies, host_register, host_unregister,
         proc_legacy_flag, proc_other_flag, ctx_synchronize, batch_prefer_overlap,
         events_blocking_sync, stream_is_capturing_calls, stale_flag_writes;
+    // Device-to-device copies as the caller declared them: 2D copies with
+    // CU_MEMORYTYPE_DEVICE on both ends, batch copies with device location hints on both.
+    long memcpy_2d_dtod, batch_dtod_copies;
 };
 }
 
@@ -469,6 +476,7 @@ struct MemcpyAttributes {  // CUmemcpyAttributes (CUDA 12.8)
     unsigned flags;
 };
 constexpr int kMemUnified = 4;
+constexpr int kLocDevice = 1;  // CU_MEM_LOCATION_TYPE_DEVICE
 constexpr unsigned kPreferOverlapWithCompute = 0x1;
 
 // Address of a CUDA_MEMCPY2D endpoint: host, device or unified memory (all host here).
@@ -808,10 +816,15 @@ CUresult cuMemcpy2DAsync_v2(const Memcpy2D* m, void* h) {
     if (m->Height > 1 && (m->srcPitch < m->WidthInBytes || m->dstPitch < m->WidthInBytes))
         return kInvalidValue;
     if (legacy_copy_fails()) return kLegacyFakeError;
-    bump(g_counters.memcpy_2d);
     std::lock_guard<std::mutex> lock(S().mu);
+    if ((m->srcMemoryType == kMemDevice && is_pinned(reinterpret_cast<std::uintptr_t>(src))) ||
+        (m->dstMemoryType == kMemDevice && is_pinned(reinterpret_cast<std::uintptr_t>(dst))))
+        return kInvalidValue;  // page-locked host memory named as device memory
+    bump(g_counters.memcpy_2d);
+    const bool dtod = m->srcMemoryType == kMemDevice && m->dstMemoryType == kMemDevice;
+    if (dtod) bump(g_counters.memcpy_2d_dtod);
     enqueue(stream_for(h),
-            copy_op({{dst, src, m->WidthInBytes, m->Height, m->dstPitch, m->srcPitch}}, true));
+            copy_op({{dst, src, m->WidthInBytes, m->Height, m->dstPitch, m->srcPitch}}, !dtod));
     return kSuccess;
 }
 CUresult cuMemcpyBatchAsync(unsigned long long* dsts, unsigned long long* srcs,
@@ -838,13 +851,16 @@ CUresult cuMemcpyBatchAsync(unsigned long long* dsts, unsigned long long* srcs,
             bump(g_counters.batch_prefer_overlap);
             break;
         }
+    const bool dtod =
+        attrs[0].srcLocHint.type == kLocDevice && attrs[0].dstLocHint.type == kLocDevice;
+    if (dtod) bump(g_counters.batch_dtod_copies, static_cast<long>(count));
     std::vector<Segment> segs;
     segs.reserve(count);
     for (std::size_t i = 0; i < count; ++i)
         segs.push_back({reinterpret_cast<char*>(dsts[i]),
                         reinterpret_cast<const char*>(srcs[i]), sizes[i], 1, 0, 0});
     std::lock_guard<std::mutex> lock(S().mu);
-    enqueue(stream_for(h), copy_op(std::move(segs), true));
+    enqueue(stream_for(h), copy_op(std::move(segs), !dtod));
     return kSuccess;
 }
 

@@ -44,6 +44,8 @@ struct CopyOp {
 enum class Direction : int {
     kOut = 0,  ///< device -> host (swap-out)
     kIn = 1,   ///< host -> device (swap-in)
+    /// device -> device within the device layout (compaction); both ends are device blocks
+    kMigrate = 2,
 };
 
 /// A CUDA stream or event given by the caller, as a raw driver handle.

@@ -10,7 +10,9 @@
 //   exports it (CUDA >= 12.8; flag CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE), else one
 //   cuMemcpyAsync each; strided extents use one cuMemcpy2DAsync each. A start and an end
 //   event (timed; the end event with CU_EVENT_BLOCKING_SYNC, so a worker waiting on it
-//   sleeps instead of spinning a core) bracket the job.
+//   sleeps instead of spinning a core) bracket the job. A migration (device -> device)
+//   goes out the same way on the worker's stream, its 2D copies with
+//   CU_MEMORYTYPE_DEVICE on both ends and its batch with device location hints on both.
 // * after=stream: an event is recorded on that stream in the calling thread (prepare),
 //   and the worker makes the swap stream wait on it. after=event: the swap stream waits
 //   on the caller's event as recorded when the worker issues the job, so the caller must

@@ -43,6 +43,7 @@ constexpr int CU_GET_PROC_ADDRESS_LEGACY_STREAM = 0x1;
 constexpr unsigned CU_STREAM_WAIT_VALUE_GEQ = 0x0;
 constexpr unsigned CU_STREAM_WRITE_VALUE_DEFAULT = 0x0;
 constexpr int CU_MEMORYTYPE_HOST = 0x1;
+constexpr int CU_MEMORYTYPE_DEVICE = 0x2;
 constexpr int CU_MEMORYTYPE_UNIFIED = 0x4;
 constexpr int CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2;
 constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;

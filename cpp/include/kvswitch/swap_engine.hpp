@@ -14,8 +14,15 @@
 // calling thread only validates the pairs and records the extents (O(pairs)); the worker
 // expands them into CopyOps (O(pairs x regions)).
 //
+// A migration (Direction::kMigrate) is a job whose pairs are both device blocks: it copies
+// device -> device within the device layout (GPU-pool compaction), one CopyOp per pair and
+// region like a swap. It reads its source blocks and writes its destination blocks; its
+// source extents must not overlap its destination extents (a chain of moves is submitted
+// as separate migrations, in order).
+//
 // Ordering: jobs that touch overlapping blocks (device or host) where at least one of them
-// writes run in submission order, whichever workers they land on. Others run concurrently.
+// writes them run in submission order (read-after-write, write-after-read,
+// write-after-write), whichever workers they land on. Others run concurrently.
 //
 // Failures: a job that fails is reported on its handle (SwapHandle::wait throws SwapError)
 // and counted in stats().num_failed; its copies are never reported done. Every job
@@ -96,19 +103,25 @@ class SwapHandle {
     std::shared_ptr<SwapJob> job_;
 };
 
+/// Swaps (kOut, kIn) and migrations (kMigrate) are counted apart, so that swap bandwidth
+/// figures (bytes / busy_s) are not skewed by device-to-device copies.
 struct SwapStats {
-    std::uint64_t num_jobs = 0;     ///< jobs completed successfully
-    std::uint64_t num_failed = 0;   ///< jobs that failed in a worker
-    std::uint64_t num_copies = 0;   ///< copy operations of completed jobs
-    std::uint64_t bytes = 0;        ///< bytes of completed jobs
-    double seconds = 0.0;           ///< sum of completed jobs' elapsed_s
-    /// Wall seconds (steady clock) during which at least one job was queued or running:
-    /// jobs on several workers overlap, so bytes / busy_s is the achieved bandwidth, where
-    /// bytes / seconds would count overlapping jobs' time twice.
+    std::uint64_t num_jobs = 0;     ///< swap jobs completed successfully
+    std::uint64_t num_failed = 0;   ///< jobs (swaps and migrations) that failed
+    std::uint64_t num_copies = 0;   ///< copy operations of completed swap jobs
+    std::uint64_t bytes = 0;        ///< bytes of completed swap jobs
+    double seconds = 0.0;           ///< sum of completed swap jobs' elapsed_s
+    /// Wall seconds (steady clock) during which at least one swap job was queued or
+    /// running: jobs on several workers overlap, so bytes / busy_s is the achieved
+    /// bandwidth, where bytes / seconds would count overlapping jobs' time twice.
     double busy_s = 0.0;
-    /// copy_size_histogram[k]: copies of [2^k, 2^(k+1)) bytes.
+    /// copy_size_histogram[k]: copies of swap jobs of [2^k, 2^(k+1)) bytes.
     std::vector<std::uint64_t> copy_size_histogram;
-    std::uint64_t in_flight = 0;    ///< jobs queued or running now
+    std::uint64_t in_flight = 0;    ///< jobs (swaps and migrations) queued or running now
+    std::uint64_t num_migrations = 0;    ///< migrations completed successfully
+    std::uint64_t migration_copies = 0;  ///< copy operations of completed migrations
+    std::uint64_t migrated_bytes = 0;    ///< bytes of completed migrations
+    double migration_seconds = 0.0;      ///< sum of completed migrations' elapsed_s
 };
 
 struct EngineOptions {
@@ -133,9 +146,11 @@ class AsyncSwapEngine {
     AsyncSwapEngine& operator=(const AsyncSwapEngine&) = delete;
 
     /// Queue a job. pairs: n rows of (src_start, dst_start, length) in blocks, row-major
-    /// (read bytewise: any alignment). Validates everything first (std::invalid_argument:
-    /// negative length, extent out of range, overlapping destination extents, streams the
-    /// backend does not take; EngineClosed) and then queues nothing on error. A backend
+    /// (read bytewise: any alignment); for kMigrate both are device blocks. Validates
+    /// everything first (std::invalid_argument: negative length, extent out of range,
+    /// overlapping destination extents, for kMigrate a source extent overlapping a
+    /// destination extent, streams the backend does not take; EngineClosed) and then
+    /// queues nothing on error. A backend
     /// error after validation (a driver call that fails) does not throw: the job is queued
     /// as failed and its handle reports it. Length-0 rows are skipped. Returns once the
     /// job is queued (inline mode: once it is done; a `before` stream where the backend
@@ -220,6 +235,7 @@ class AsyncSwapEngine {
     bool closing_ = false;
     bool paused_ = false;
     std::uint64_t next_id_ = 1;  // guarded by submit_mu_
+    std::size_t swaps_in_flight_ = 0;  // guarded by mu_: swap jobs in in_flight_ (busy_s)
     SwapStats stats_;
     HostMemory host_memory_;
     std::chrono::steady_clock::time_point busy_since_;  // guarded by mu_; see busy_s
