@@ -208,3 +208,145 @@ def test_compaction_against_a_model(num_blocks: int, initial: int, ops: list,
     assert not src & dst
     new = a.allocate("new", n).tolist()
     assert new == list(range(new[0], new[0] + n))
+
+
+# -- growth reservations --------------------------------------------------------------
+
+
+def test_reserve_grows_the_tail_from_the_free_group_after_it() -> None:
+    a = BlockGroupAllocator(64, initial_group_blocks=8)
+    a.allocate("a", 4)  # [0, 4), tail [4, 8)
+    assert a.reservation("a") == (4, 4)
+    assert a.reserve("a", 2) == 0  # already that long
+    assert a.reserve("a", 10) == 6
+    assert a.reservation("a") == (4, 10)
+    a.check_invariants()
+    assert a.allocate("a", 10).tolist() == list(range(4, 14))
+    a.allocate("b", 50)  # [14, 64): nothing after "a" is free any more
+    assert a.reservation("a")[1] == 0
+    assert a.reserve("a", 5) == 0 and a.reservation("a")[1] == 0
+    a.check_invariants()
+
+
+def test_reserve_bad_input_and_per_block_mode() -> None:
+    a = BlockGroupAllocator(16, initial_group_blocks=4)
+    a.allocate("a", 2)
+    before = _state(a)
+    with pytest.raises(KeyError):
+        a.reserve("zzz", 3)
+    with pytest.raises(ValueError):
+        a.reserve("a", -1)
+    with pytest.raises(TypeError):
+        a.reserve("a", 2.5)
+    assert _state(a) == before
+    p = BlockGroupAllocator.per_block(8)
+    p.allocate("a", 2)
+    assert p.reserve("a", 4) == 0 and p.num_reserved_blocks == 0
+
+
+# -- the manager: compaction on swap-in ------------------------------------------------
+
+
+def _fragmented_manager(**kw):
+    """A 24-block pool where sequence 0 (5 blocks) is swapped out and the free space is
+    in one-block holes between running one-block sequences."""
+    from kvswitch.testing.swap_manager_state_machine import default_manager
+
+    m, kv = default_manager(gpu_blocks=24, num_workers=0, **kw)
+    m.allocate(0, 5)
+    for r, a in enumerate(kv):
+        a[m.block_table(0)] = 100 + r
+    m.swap_out(0, 20)
+    fillers = []
+    seq = 1
+    while m.gpu.num_free_blocks:
+        m.allocate(seq, 1)
+        fillers.append(seq)
+        seq += 1
+    fillers.sort(key=lambda s: int(m.block_table(s)[0]))
+    kept = []
+    for i, s in enumerate(fillers):
+        if i % 2:
+            m.free(s)
+        else:
+            kept.append(s)
+    for s in kept:  # each kept sequence's one block holds its own id
+        for a in kv:
+            a[m.block_table(s)] = s
+    assert max(n for _, n in m.gpu.free_groups()) < 5 <= m.gpu.num_free_blocks
+    return m, kv, kept
+
+
+def test_swap_in_compacts_reports_tables_and_keeps_every_byte() -> None:
+    seen = []
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0,
+                                      on_block_tables_changed=seen.append)
+    table = m.swap_in(0)
+    assert table.tolist() == list(range(table[0], table[0] + 5))  # one group
+    s = m.stats()
+    assert s.migrations == 1 and s.migrated_blocks >= 1 and s.migrate_extents >= 1
+    assert s.migrate_bytes == s.migrated_blocks * m.engine.device_layout.bytes_per_block
+    assert len(seen) == 1
+    changes = m.take_block_table_changes()
+    assert set(changes) == set(seen[0]) and set(changes) <= set(kept)
+    assert m.take_block_table_changes() == {}
+    m.wait_swap_in(0)
+    for r, a in enumerate(kv):
+        assert (a[m.block_table(0)] == 100 + r).all()
+        for q in kept:  # moved or not, each reads its own bytes through its table
+            assert (a[m.block_table(q)] == q).all()
+    m.gpu.check_invariants()
+    m.close()
+
+
+def test_swap_in_without_compaction_lands_in_several_groups() -> None:
+    m, _, _ = _fragmented_manager()
+    table = m.swap_in(0)
+    assert len(m.gpu.groups(0)) > 1 and len(table) == 5
+    assert m.stats().migrations == 0 and m.take_block_table_changes() == {}
+    m.close()
+
+
+def test_the_cap_on_moved_blocks_is_respected() -> None:
+    m, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=0.0)
+    m.swap_in(0)
+    assert m.stats().migrations == 0 and len(m.gpu.groups(0)) > 1
+    m.close()
+
+
+def test_a_failed_migration_fails_the_moved_sequences() -> None:
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    m.engine._engine._fail_next_jobs(1, "injected copy failure")
+    m.swap_in(0)
+    moved = set(m.take_block_table_changes())
+    assert moved
+    failed = m.take_failed()
+    assert set(failed) == moved
+    for s, error in failed.items():
+        assert error.direction == "migrate" and error.seq_id == s
+        assert m.state(s) == "failed"
+    assert m.stats().migrate_failures == len(moved)
+    m.wait_swap_in(0)  # its own copies were not ordered after the finished migration
+    for r, a in enumerate(kv):
+        assert (a[m.block_table(0)] == 100 + r).all()
+    for s in moved:
+        m.free(s)
+    m.gpu.check_invariants()
+    m.close()
+
+
+def test_manager_compaction_options_are_checked() -> None:
+    from kvswitch.testing.swap_manager_state_machine import default_manager
+
+    with pytest.raises(ValueError, match="per-block"):
+        default_manager(per_block=True, compaction=True)
+    with pytest.raises(ValueError, match="compaction_max_moved"):
+        default_manager(compaction=True, compaction_max_moved=-1.0)
+    m, _, _ = _fragmented_manager(compaction=True)
+    free = m.gpu.free_groups()
+    with pytest.raises(ValueError):
+        m.swap_in(0, reserve_blocks=-1)
+    with pytest.raises(TypeError):
+        m.swap_in(0, reserve_blocks=1.5)
+    assert m.state(0) == "swapped_out" and m.gpu.free_groups() == free
+    m.close()

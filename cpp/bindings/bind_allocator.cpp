@@ -75,6 +75,7 @@ void bind_allocator(nb::module_& m) {
             },
             "seq_id"_a, "num_blocks"_a)
         .def("free", &BlockGroupAllocator::free, "seq_id"_a)
+        .def("reserve", &BlockGroupAllocator::reserve, "seq_id"_a, "num_blocks"_a)
         .def(
             "compact",
             [](BlockGroupAllocator& a, BlockId n, BlockId max_moved,

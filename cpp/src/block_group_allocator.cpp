@@ -317,6 +317,21 @@ void BlockGroupAllocator::rebuild_groups(Sequence& s) {
     }
 }
 
+BlockId BlockGroupAllocator::reserve(SeqId seq, BlockId n) {
+    if (n < 0)
+        throw std::invalid_argument("reserve: number of blocks must not be negative, got " +
+                                    std::to_string(n));
+    Sequence& s = known(seq);
+    if (per_block_mode() || s.table.empty() || s.reserved.length >= n) return 0;
+    const BlockId start = s.table.back() + 1;
+    auto it = free_by_start_.find(start + s.reserved.length);
+    if (it == free_by_start_.end()) return 0;
+    const BlockId take = std::min(it->second, n - s.reserved.length);
+    carve_free(it, take);
+    set_reservation(seq, s, Extent{start, s.reserved.length + take});
+    return take;
+}
+
 // ---------------------------------------------------------------------------------------
 // Compaction
 

@@ -226,6 +226,28 @@ class BlockGroupAllocator:
             del self._ids[seq_id]
             return released
 
+    def reserve(self, seq_id: Hashable, num_blocks: int) -> int:
+        """Grow ``seq_id``'s reserved tail to ``num_blocks`` blocks, from the free group
+        right after it, as far as that group reaches (a growth reservation sized by the
+        caller, e.g. from the sequence's history). Like every tail, it counts as free and
+        is split off when other requests need it.
+
+        Args:
+            seq_id: a known sequence.
+            num_blocks: wanted tail length, in blocks (int >= 0).
+
+        Returns:
+            Blocks added to the tail (0 when it is that long already, nothing after it is
+            free, its table is empty, or in per-block mode).
+
+        Raises:
+            KeyError: unknown sequence. TypeError: ``num_blocks`` not an int. ValueError:
+                negative. (All: nothing changes.)
+        """
+        num_blocks = min(as_count(num_blocks, "num_blocks", minimum=0), INT32_MAX)
+        with self._lock:
+            return self._core.reserve(self._sid(seq_id), num_blocks)
+
     def compact(self, num_blocks: int, *, max_moved: int | None = None,
                 pinned: Iterable[Hashable] = ()) -> BlockMoves | None:
         """Make one free group of at least ``num_blocks`` contiguous blocks by moving blocks.

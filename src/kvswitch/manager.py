@@ -384,8 +384,8 @@ class SwapManager:
 
     # -- step 2: swap-in -----------------------------------------------------------------
 
-    def swap_in(self, seq_id: Hashable, *, before: Any = None,
-                after: Any = None) -> npt.NDArray[np.int32]:
+    def swap_in(self, seq_id: Hashable, *, before: Any = None, after: Any = None,
+                reserve_blocks: int = 0) -> npt.NDArray[np.int32]:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
         The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
@@ -415,19 +415,27 @@ class SwapManager:
                 blocks this swap-in is given (freed by another sequence this iteration);
                 passed to :meth:`AsyncSwapEngine.swap_in` (and to the migration, which
                 must follow kernels still writing the moved blocks).
+            reserve_blocks: blocks the caller expects to :meth:`allocate` for the sequence
+                soon (its next turn's prefill, the decode growth its history suggests; int
+                >= 0). With ``compaction`` the free group made is that much larger and they
+                are held as its reserved tail (free blocks that other requests split off
+                under pressure), so they follow the table in the same group.
 
         Returns:
             int32 array: its new GPU block table (block ids may differ from before).
 
         Raises:
             KeyError: unknown sequence. ValueError: not swapped out, ``before``/``after``
-                the backend cannot take. OutOfBlocksError: the GPU pool lacks the blocks.
+                the backend cannot take, negative ``reserve_blocks``. TypeError:
+                ``reserve_blocks`` not an int. OutOfBlocksError: the GPU pool lacks the blocks.
                 EngineClosedError: the engine is closed. (All: nothing changes.)
             SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
                 reported yet: this raise reports it, :meth:`take_failed` will not.
                 A failure already reported gives ValueError.
         """
         with self._lock:
+            if reserve_blocks:
+                reserve_blocks = as_count(reserve_blocks, "reserve_blocks", minimum=0)
             self._check_not_failed(seq_id)
             record = self._swapped.get(seq_id)
             if record is None:
@@ -444,8 +452,8 @@ class SwapManager:
                 record.handle = None
             self.engine.check_swap_in(before=before, after=after)
             num_blocks = -(-record.num_tokens // self.block_size)
-            if self.compaction and num_blocks > 1:
-                self._compact_for(num_blocks, before=before, after=after)
+            if self.compaction and num_blocks + reserve_blocks > 1:
+                self._compact_for(num_blocks, reserve_blocks, before=before, after=after)
             table = self.gpu.allocate(seq_id, num_blocks)
             try:
                 plan = self.tracker.plan_swap_in(seq_id, table)
@@ -458,6 +466,8 @@ class SwapManager:
                 self.gpu.free(seq_id)
                 raise
             self.tracker.commit(plan)
+            if reserve_blocks and self.compaction:
+                self.gpu.reserve(seq_id, reserve_blocks)
             if not self.reuse:
                 # The engine orders this job's host reads before any later write to the blocks.
                 self.tracker.drop(seq_id)
@@ -763,11 +773,13 @@ class SwapManager:
         self._refresh_recent()
         return bool(self._unfinished) or any(not h.done() for h, _ in self._migrations)
 
-    def _compact_for(self, num_blocks: int, *, before: Any, after: Any) -> None:
-        """Compaction before a swap-in of ``num_blocks`` blocks (see :meth:`swap_in`)."""
+    def _compact_for(self, num_blocks: int, reserve: int, *, before: Any, after: Any) -> None:
+        """Compaction before a swap-in of ``num_blocks`` blocks followed by ``reserve``
+        more (see :meth:`swap_in`)."""
         gpu = self.gpu
         if num_blocks > gpu.num_free_blocks:
             return  # the allocate raises OutOfBlocksError
+        num_blocks = min(num_blocks + reserve, gpu.num_free_blocks)
         streams = {k: v for k, v in (("before", before), ("after", after)) if v is not None}
         self.engine.check_migrate(**streams)
         # Sequences swapping in (their copies write their blocks) and failed ones stay put.
@@ -784,7 +796,6 @@ class SwapManager:
         n["migrated_blocks"] += moves.moved_blocks
         n["migrate_extents"] += len(pairs)
         n["migrate_bytes"] += moves.moved_blocks * self._block_bytes
-        n["copies"] += len(pairs) * self._regions
         changes = {s: gpu.block_table(s) for s in moved}
         self._table_changes.update(changes)
         self._migrations.append((handle, moved))

@@ -106,6 +106,13 @@ class BlockGroupAllocator {
     /// out of range, repeated, or not in seq's table; on a throw nothing changed.
     void free_blocks(SeqId seq, const BlockId* ids, std::size_t n);
 
+    /// Grows seq's reserved tail to `num_blocks` blocks from the free group right after it
+    /// (or after its last block), as far as that group reaches; returns the blocks added
+    /// (0 when the tail is that long already, nothing after it is free, the table is
+    /// empty, or in per-block mode). Throws UnknownSequence, std::invalid_argument for a
+    /// negative count; on a throw nothing changed.
+    BlockId reserve(SeqId seq, BlockId num_blocks);
+
     /// Compaction: makes one free group of at least `num_blocks` blocks when the blocks in
     /// no block table suffice but the largest free group is smaller. Chooses the window of
     /// `num_blocks` blocks that holds the fewest table blocks (and, among those, the fewest

@@ -34,6 +34,7 @@ Requires ``hypothesis`` (``pip install kvswitch[test]``).
 
 from __future__ import annotations
 
+import contextlib
 from itertools import pairwise
 from typing import Any
 
@@ -202,6 +203,22 @@ class AllocatorStateMachine(RuleBasedStateMachine):
             new = a.allocate("new", n).tolist()
             assert new == list(range(new[0], new[0] + n)), "allocate after compact split"
             self.tables["new"] = new
+
+    @rule(seq=SEQUENCE_IDS, n=st.integers(-1, 20))
+    def reserve(self, seq: Any, n: int) -> None:
+        a = self.allocator
+        before = self.snapshot()
+        if seq not in self.tables or n < 0:
+            with contextlib.suppress(KeyError, ValueError):
+                a.reserve(seq, n)
+                raise AssertionError(f"reserve({seq!r}, {n}) did not raise")
+            assert self.snapshot() == before, "a failed reserve changed the allocator"
+            return
+        old = a.reservation(seq)[1]
+        added = a.reserve(seq, n)
+        assert added >= 0 and a.reservation(seq)[1] == old + added
+        assert added == 0 or old + added <= n
+        assert a.num_free_blocks == before[3], "a reservation changed the free count"
 
     @rule(n=st.integers(-2, 0))
     def compact_non_positive(self, n: int) -> None:
