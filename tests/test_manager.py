@@ -14,7 +14,7 @@ from kvswitch import (
     SwapManager,
 )
 from kvswitch.manager import should_wait_for_swap_ins
-from kvswitch.testing import SwapManagerStateMachine
+from kvswitch.testing import CompactingSwapManagerStateMachine, SwapManagerStateMachine
 from kvswitch.testing.swap_manager_state_machine import default_manager
 
 BLOCK_SIZE = 4
@@ -266,6 +266,19 @@ class InlineManagerMachine(SwapManagerStateMachine):
         return default_manager(num_workers=0, host_blocks=24, swap_in="async")
 
 
+class CompactingManagerMachine(CompactingSwapManagerStateMachine):
+    """GPU-pool compaction on swap-in (issue 14): moved sequences' KV reads back intact
+    through their new tables; a failed migration fails exactly the moved sequences."""
+
+
+class InlineCompactingManagerMachine(CompactingSwapManagerStateMachine):
+    """Compaction with num_workers=0 and a tight host pool."""
+
+    def make_manager(self):
+        return default_manager(num_workers=0, host_blocks=24, swap_in="async",
+                               compaction=True, compaction_max_moved=8.0)
+
+
 # 200 examples: the mutation "rollback not applied at commit" needs a backup, a shorter
 # swap-out and a regrowth of one sequence; 60 examples missed it, 400 found it.
 MACHINE_SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
@@ -295,3 +308,9 @@ def test_stream_arguments_reach_the_engine():
     m.swap_in("a")
     m.wait_swap_in("a")
     m.close()
+
+
+TestCompactingManagerMachine = CompactingManagerMachine.TestCase
+TestCompactingManagerMachine.settings = settings(MACHINE_SETTINGS, max_examples=150)
+TestInlineCompactingManagerMachine = InlineCompactingManagerMachine.TestCase
+TestInlineCompactingManagerMachine.settings = MACHINE_SETTINGS

@@ -31,6 +31,16 @@ BlockArray new_block_array(std::size_t n, Fill&& fill) {
     return BlockArray(raw, {n}, owner);
 }
 
+using SeqArray = nb::ndarray<nb::numpy, SeqId, nb::ndim<1>, nb::c_contig>;
+
+SeqArray new_seq_array(const std::vector<BlockMove>& moves) {
+    std::unique_ptr<SeqId[]> data(new SeqId[moves.empty() ? 1 : moves.size()]);
+    for (std::size_t i = 0; i < moves.size(); ++i) data[i] = moves[i].seq;
+    SeqId* raw = data.release();
+    nb::capsule owner(raw, [](void* p) noexcept { delete[] static_cast<SeqId*>(p); });
+    return SeqArray(raw, {moves.size()}, owner);
+}
+
 nb::list extents_to_list(const std::vector<Extent>& extents) {
     nb::list out;
     for (const Extent& e : extents) out.append(nb::make_tuple(e.start, e.length));
@@ -65,6 +75,23 @@ void bind_allocator(nb::module_& m) {
             },
             "seq_id"_a, "num_blocks"_a)
         .def("free", &BlockGroupAllocator::free, "seq_id"_a)
+        .def("reserve", &BlockGroupAllocator::reserve, "seq_id"_a, "num_blocks"_a)
+        .def(
+            "compact",
+            [](BlockGroupAllocator& a, BlockId n, BlockId max_moved,
+               const std::vector<SeqId>& pinned) -> nb::object {
+                auto moves = a.compact(n, max_moved, pinned);
+                if (!moves) return nb::none();
+                const auto& m = *moves;
+                auto column = [&](BlockId BlockMove::*field) {
+                    return new_block_array(m.size(), [&](BlockId* out) {
+                        for (std::size_t i = 0; i < m.size(); ++i) out[i] = m[i].*field;
+                    });
+                };
+                return nb::make_tuple(new_seq_array(m), column(&BlockMove::src),
+                                      column(&BlockMove::dst), column(&BlockMove::length));
+            },
+            "num_blocks"_a, "max_moved"_a, "pinned"_a)
         .def(
             "free_blocks",
             [](BlockGroupAllocator& a, SeqId seq, BlockIdsIn ids) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iterator>
 #include <limits>
+#include <tuple>
 #include <unordered_set>
 
 namespace kvswitch {
@@ -294,13 +295,7 @@ void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t
     if (kept.empty() || kept.back() != old_last) release_reservation(seq, s);
 
     s.table = std::move(kept);
-    s.groups.clear();
-    for (BlockId b : s.table) {
-        if (!s.groups.empty() && s.groups.back().end() == b)
-            ++s.groups.back().length;
-        else
-            s.groups.push_back(Extent{b, 1});
-    }
+    rebuild_groups(s);
     // Release the freed blocks as runs, so each run costs one merge.
     std::sort(gone.begin(), gone.end());
     for (std::size_t i = 0; i < gone.size();) {
@@ -310,6 +305,216 @@ void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t
         i = j;
     }
     if (per_block_mode()) free_list_.insert(free_list_.end(), gone.rbegin(), gone.rend());
+}
+
+void BlockGroupAllocator::rebuild_groups(Sequence& s) {
+    s.groups.clear();
+    for (BlockId b : s.table) {
+        if (!s.groups.empty() && s.groups.back().end() == b)
+            ++s.groups.back().length;
+        else
+            s.groups.push_back(Extent{b, 1});
+    }
+}
+
+BlockId BlockGroupAllocator::reserve(SeqId seq, BlockId n) {
+    if (n < 0)
+        throw std::invalid_argument("reserve: number of blocks must not be negative, got " +
+                                    std::to_string(n));
+    Sequence& s = known(seq);
+    if (per_block_mode() || s.table.empty() || s.reserved.length >= n) return 0;
+    const BlockId start = s.table.back() + 1;
+    auto it = free_by_start_.find(start + s.reserved.length);
+    if (it == free_by_start_.end()) return 0;
+    const BlockId take = std::min(it->second, n - s.reserved.length);
+    carve_free(it, take);
+    set_reservation(seq, s, Extent{start, s.reserved.length + take});
+    return take;
+}
+
+// ---------------------------------------------------------------------------------------
+// Compaction
+
+void BlockGroupAllocator::take_free_range(BlockId start, BlockId length) {
+    auto it = std::prev(free_by_start_.upper_bound(start));  // the free group holding start
+    const BlockId group_start = it->first, group_end = it->first + it->second;
+    erase_free(it);
+    // The pieces left over touch no other free group (free groups never touch).
+    if (start > group_start) {
+        free_by_start_.emplace(group_start, start - group_start);
+        free_by_length_.emplace(start - group_start, group_start);
+        free_in_groups_ += start - group_start;
+    }
+    const BlockId end = start + length;
+    if (end < group_end) {
+        free_by_start_.emplace(end, group_end - end);
+        free_by_length_.emplace(group_end - end, end);
+        free_in_groups_ += group_end - end;
+    }
+}
+
+std::optional<std::vector<BlockMove>> BlockGroupAllocator::compact(
+    BlockId n, BlockId max_moved, const std::vector<SeqId>& pinned) {
+    if (n <= 0)
+        throw std::invalid_argument("compact: number of blocks must be positive, got " +
+                                    std::to_string(n));
+    if (max_moved < 0)
+        throw std::invalid_argument("compact: max_moved must not be negative, got " +
+                                    std::to_string(max_moved));
+    if (per_block_mode())
+        throw std::invalid_argument("compact: compaction is off in per-block mode");
+    if (n > num_free_blocks())
+        throw OutOfBlocks("compact: a free group of " + std::to_string(n) +
+                          " blocks was requested but only " +
+                          std::to_string(num_free_blocks()) + " of " +
+                          std::to_string(num_blocks_) + " lie outside all block tables");
+    if (!free_by_length_.empty() && free_by_length_.rbegin()->first >= n) return std::nullopt;
+
+    // 1. A map of the pool: which sequence's table holds each block, and at which position.
+    const std::size_t N = static_cast<std::size_t>(num_blocks_);
+    std::unordered_set<SeqId> pinned_set(pinned.begin(), pinned.end());
+    std::vector<std::pair<SeqId, Sequence*>> owners;
+    owners.reserve(seqs_.size());
+    std::vector<std::int32_t> owner(N, -1);
+    std::vector<BlockId> pos(N, 0);
+    std::vector<std::uint8_t> is_pinned(N, 0);
+    for (auto& [id, s] : seqs_) {
+        const auto index = static_cast<std::int32_t>(owners.size());
+        owners.emplace_back(id, &s);
+        const std::uint8_t p = pinned_set.count(id) ? 1 : 0;
+        for (std::size_t i = 0; i < s.table.size(); ++i) {
+            const BlockId b = s.table[i];
+            owner[b] = index;
+            pos[b] = static_cast<BlockId>(i);
+            is_pinned[b] = p;
+        }
+    }
+    auto used = [&](std::size_t b) { return owner[b] >= 0; };
+    // A block that starts a run: table blocks of one sequence at consecutive ids and
+    // consecutive table positions form one run (a move keeps a run contiguous).
+    auto run_start = [&](std::size_t b) {
+        return used(b) && !(b > 0 && owner[b - 1] == owner[b] && pos[b - 1] + 1 == pos[b]);
+    };
+
+    // 2. The window [w, w + n) with the fewest table blocks, then the fewest runs.
+    const std::size_t W = static_cast<std::size_t>(n);
+    std::size_t n_used = 0, n_pinned = 0, n_starts = 0;  // over the window; starts after w
+    for (std::size_t b = 0; b < W; ++b) {
+        n_used += used(b);
+        n_pinned += is_pinned[b];
+        if (b > 0) n_starts += run_start(b);
+    }
+    bool found = false;
+    std::size_t best_w = 0, best_used = 0, best_runs = 0;
+    for (std::size_t w = 0;; ++w) {
+        const std::size_t runs = n_starts + (used(w) ? 1 : 0);
+        if (n_pinned == 0 && (!found || n_used < best_used ||
+                              (n_used == best_used && runs < best_runs))) {
+            found = true;
+            best_w = w;
+            best_used = n_used;
+            best_runs = runs;
+        }
+        if (w + W >= N) break;
+        n_used += used(w + W);
+        n_used -= used(w);
+        n_pinned += is_pinned[w + W];
+        n_pinned -= is_pinned[w];
+        n_starts += run_start(w + W);
+        n_starts -= run_start(w + 1);
+    }
+    if (!found || best_used > static_cast<std::size_t>(max_moved)) return std::nullopt;
+    const BlockId win_start = static_cast<BlockId>(best_w);
+    const BlockId win_end = win_start + n;
+
+    // From here on nothing throws but bad_alloc.
+    // 3. The window's runs, and the reserved tails to release: those inside the window,
+    // and those of sequences whose last block moves (a tail must follow the last block).
+    struct Run {
+        std::int32_t owner;
+        BlockId src, pos, length;
+    };
+    std::vector<Run> runs;
+    for (BlockId b = win_start; b < win_end; ++b) {
+        if (!used(b)) continue;
+        if (!runs.empty() && b != win_start && !run_start(b) && runs.back().src +
+                                                                     runs.back().length == b)
+            ++runs.back().length;
+        else
+            runs.push_back(Run{owner[b], b, pos[b], 1});
+    }
+    for (auto& [id, s] : seqs_) {
+        const Extent r = s.reserved;
+        const bool in_window = r.length > 0 && r.start < win_end && r.end() > win_start;
+        const bool last_moves = !s.table.empty() && s.table.back() >= win_start &&
+                                s.table.back() < win_end;
+        if (in_window || last_moves) release_reservation(id, s);
+    }
+
+    // 4. Room outside the window; split reserved tails (all outside it now) if short.
+    auto room_outside = [&]() {
+        std::set<std::pair<BlockId, BlockId>> room;  // (length, start)
+        BlockId total = 0;
+        for (const auto& [start, length] : free_by_start_) {
+            const BlockId end = start + length;
+            if (start < win_start) {
+                const BlockId e = std::min(end, win_start);
+                room.emplace(e - start, start);
+                total += e - start;
+            }
+            if (end > win_end) {
+                const BlockId b = std::max(start, win_end);
+                room.emplace(end - b, b);
+                total += end - b;
+            }
+        }
+        return std::make_pair(std::move(room), total);
+    };
+    auto [room, room_total] = room_outside();
+    if (room_total < static_cast<BlockId>(best_used)) {
+        reclaim_reservations(static_cast<BlockId>(best_used) - room_total);
+        std::tie(room, room_total) = room_outside();
+    }
+
+    // 5. Place runs, largest first, by best fit; a run no free extent holds is split over
+    // the largest ones.
+    std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) {
+        return a.length != b.length ? a.length > b.length : a.src < b.src;
+    });
+    std::vector<BlockMove> moves;
+    std::vector<std::pair<std::int32_t, BlockId>> move_pos;  // (owner, table position)
+    for (const Run& r : runs) {
+        BlockId done = 0;
+        while (done < r.length) {
+            const BlockId want = r.length - done;
+            auto fit = room.lower_bound({want, 0});
+            if (fit == room.end()) fit = std::prev(room.end());
+            const auto [length, start] = *fit;
+            room.erase(fit);
+            const BlockId take = std::min(length, want);
+            if (length > take) room.emplace(length - take, start + take);
+            moves.push_back(BlockMove{owners[r.owner].first, r.src + done, start, take});
+            move_pos.emplace_back(r.owner, r.pos + done);
+            done += take;
+        }
+    }
+
+    // 6. Apply: take the destinations, rewrite the tables, free the sources.
+    std::vector<std::int32_t> touched;
+    for (std::size_t i = 0; i < moves.size(); ++i) {
+        const BlockMove& m = moves[i];
+        take_free_range(m.dst, m.length);
+        Sequence& s = *owners[move_pos[i].first].second;
+        for (BlockId k = 0; k < m.length; ++k) s.table[move_pos[i].second + k] = m.dst + k;
+        touched.push_back(move_pos[i].first);
+    }
+    for (const BlockMove& m : moves) insert_free(m.src, m.length);
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (std::int32_t t : touched) rebuild_groups(*owners[t].second);
+    std::sort(moves.begin(), moves.end(),
+              [](const BlockMove& a, const BlockMove& b) { return a.src < b.src; });
+    return moves;
 }
 
 // ---------------------------------------------------------------------------------------

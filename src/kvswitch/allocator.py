@@ -8,7 +8,7 @@ sequence in a few large copies instead of one copy per block, per layer, per K/V
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ import numpy.typing as npt
 from kvswitch import _core
 from kvswitch._validate import INT32_MAX, as_count
 
-__all__ = ["AllocatorStats", "BlockGroupAllocator", "OutOfBlocksError"]
+__all__ = ["AllocatorStats", "BlockGroupAllocator", "BlockMoves", "OutOfBlocksError"]
 
 OutOfBlocksError = _core.OutOfBlocksError
 """Raised by :meth:`BlockGroupAllocator.allocate` when fewer blocks lie outside all block
@@ -53,6 +53,60 @@ class AllocatorStats:
     fragmentation: float
 
 
+@dataclass(frozen=True)
+class BlockMoves:
+    """The moves of one compaction (:meth:`BlockGroupAllocator.compact`), sorted by ``src``.
+
+    Move ``i`` says: blocks ``[src[i], src[i] + length[i])`` of sequence ``seq_ids[i]``'s
+    block table now have the ids ``[dst[i], dst[i] + length[i])``, at the same table
+    positions. Their KV must be copied (device to device) before anything reads the new ids.
+
+    Attributes:
+        seq_ids: the moved sequence of each move (a sequence may appear in several moves).
+        src: int32 ``[n]``: first old block id of each move.
+        dst: int32 ``[n]``: first new block id of each move.
+        length: int32 ``[n]``: blocks in each move (> 0).
+    """
+
+    seq_ids: tuple[Hashable, ...]
+    src: npt.NDArray[np.int32]
+    dst: npt.NDArray[np.int32]
+    length: npt.NDArray[np.int32]
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def moved_blocks(self) -> int:
+        """Blocks moved in all."""
+        return int(self.length.sum())
+
+    @property
+    def moved_sequences(self) -> list[Hashable]:
+        """The moved sequences, each once, in order of their first move."""
+        return list(dict.fromkeys(self.seq_ids))
+
+    def pairs(self) -> npt.NDArray[np.int64]:
+        """int64 ``[m, 3]`` rows ``(src_start, dst_start, length)`` for
+        :meth:`AsyncSwapEngine.migrate`, coalesced: moves that continue each other in both
+        source and destination (whichever sequence they belong to) form one row."""
+        if not len(self.seq_ids):
+            return np.zeros((0, 3), dtype=np.int64)
+        src = self.src.astype(np.int64)
+        dst = self.dst.astype(np.int64)
+        length = self.length.astype(np.int64)
+        order = np.argsort(src, kind="stable")
+        src, dst, length = src[order], dst[order], length[order]
+        joins = (src[:-1] + length[:-1] == src[1:]) & (dst[:-1] + length[:-1] == dst[1:])
+        first = np.concatenate(([True], ~joins))
+        group = np.cumsum(first) - 1
+        out = np.zeros((int(group[-1]) + 1, 3), dtype=np.int64)
+        out[:, 0] = src[first]
+        out[:, 1] = dst[first]
+        np.add.at(out[:, 2], group, length)
+        return out
+
+
 class BlockGroupAllocator:
     """Buddy-like allocator of contiguous block groups over one pool of ``num_blocks`` blocks.
 
@@ -76,6 +130,9 @@ class BlockGroupAllocator:
       blocks than needed, tails are split off, largest first. ``allocate`` therefore fails
       only when fewer blocks than requested lie outside all block tables.
     * Freed blocks merge with adjacent free groups at once.
+
+    * :meth:`compact` (opt-in, beyond the paper) moves table blocks to merge free space
+      when a request needs a larger free group than there is.
 
     ``initial_group_blocks=1`` selects *per-block mode*: no reservation, and blocks come from
     a FIFO free list with freed blocks appended in reverse table order, as in vLLM's block
@@ -168,6 +225,91 @@ class BlockGroupAllocator:
             released = self._core.free(self._sid(seq_id))
             del self._ids[seq_id]
             return released
+
+    def reserve(self, seq_id: Hashable, num_blocks: int) -> int:
+        """Grow ``seq_id``'s reserved tail to ``num_blocks`` blocks, from the free group
+        right after it, as far as that group reaches (a growth reservation sized by the
+        caller, e.g. from the sequence's history). Like every tail, it counts as free and
+        is split off when other requests need it.
+
+        Args:
+            seq_id: a known sequence.
+            num_blocks: wanted tail length, in blocks (int >= 0).
+
+        Returns:
+            Blocks added to the tail (0 when it is that long already, nothing after it is
+            free, its table is empty, or in per-block mode).
+
+        Raises:
+            KeyError: unknown sequence. TypeError: ``num_blocks`` not an int. ValueError:
+                negative. (All: nothing changes.)
+        """
+        num_blocks = min(as_count(num_blocks, "num_blocks", minimum=0), INT32_MAX)
+        with self._lock:
+            return self._core.reserve(self._sid(seq_id), num_blocks)
+
+    def compact(self, num_blocks: int, *, max_moved: int | None = None,
+                pinned: Iterable[Hashable] = ()) -> BlockMoves | None:
+        """Make one free group of at least ``num_blocks`` contiguous blocks by moving blocks.
+
+        For a request that the blocks outside all block tables can serve but the largest
+        free group cannot (it would land in several groups). Chooses the window of
+        ``num_blocks`` blocks holding the fewest table blocks (then the fewest runs of
+        them) and no block of a ``pinned`` sequence; releases the reserved tails inside it
+        and those of sequences whose last block moves; moves the window's table blocks into
+        free space outside it, whole runs by best fit (largest first), splitting runs only
+        when no free group holds them and splitting other reserved tails only when the free
+        groups lack room; rewrites the moved sequences' block tables in place (same token
+        order, new ids) and their groups. A following ``allocate(seq, num_blocks)`` of a
+        sequence without a reserved tail then gets one group.
+
+        The caller must copy each move's KV (device to device, e.g.
+        :meth:`AsyncSwapEngine.migrate` with :meth:`BlockMoves.pairs`) and make every
+        reader of the moved sequences (paged attention) use their new block tables.
+        Not available in per-block mode.
+
+        Args:
+            num_blocks: size of the free group wanted, in blocks (int > 0).
+            max_moved: most table blocks to move (int >= 0); None: no limit.
+            pinned: sequences whose blocks must not move (e.g. copies still in flight);
+                unknown ids are ignored.
+
+        Returns:
+            The moves (possibly none, when releasing reserved tails was enough), or None
+            when nothing changed: the largest free group already holds ``num_blocks``, or
+            every window would move more than ``max_moved`` blocks or holds a pinned block.
+
+        Raises:
+            TypeError: a count is not an int. ValueError: ``num_blocks`` <= 0,
+                ``max_moved`` < 0, or per-block mode. OutOfBlocksError: fewer than
+                ``num_blocks`` blocks lie outside all block tables. (All: nothing changes.)
+        """
+        num_blocks = as_count(num_blocks, "num_blocks")
+        max_moved = (INT32_MAX if max_moved is None
+                     else min(as_count(max_moved, "max_moved", minimum=0), INT32_MAX))
+        with self._lock:
+            if self._core.per_block_mode:
+                raise ValueError("compact: compaction is off in per-block mode")
+            if num_blocks > self._core.num_blocks:
+                raise OutOfBlocksError(
+                    f"compact: a free group of {num_blocks} blocks was requested but only "
+                    f"{self._core.num_free_blocks} of {self._core.num_blocks} lie outside "
+                    f"all block tables")
+            ids = self._ids
+            pin = []
+            for s in pinned:
+                try:
+                    sid = ids.get(s)
+                except TypeError:
+                    continue
+                if sid is not None:
+                    pin.append(sid)
+            result = self._core.compact(num_blocks, max_moved, pin)
+            if result is None:
+                return None
+            sids, src, dst, length = result
+            names = {v: k for k, v in ids.items()} if len(sids) else {}
+            return BlockMoves(tuple(names[int(s)] for s in sids), src, dst, length)
 
     def free_blocks(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
         """Release some blocks of ``seq_id`` and remove them from its block table.

@@ -21,6 +21,13 @@ the host-pool allocator, and issues every copy through an
   :meth:`SwapManager.free`. Other sequences are not affected, except those whose own
   copies were ordered after the failed one (they share blocks): they fail too, and their
   errors name the root cause.
+
+GPU-pool compaction (``compaction=True``, beyond the paper): a swap-in whose table would
+land in several block groups first moves other running sequences' blocks device to device
+(:meth:`~kvswitch.BlockGroupAllocator.compact`, :meth:`~kvswitch.AsyncSwapEngine.migrate`)
+so that it lands in one. The moved sequences' block tables change: the adapter must make
+paged attention read the new ids (:meth:`SwapManager.take_block_table_changes` or the
+``on_block_tables_changed`` callback).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +57,10 @@ __all__ = [
 ]
 
 SwapState = Literal["running", "swapping_in", "swapped_out", "failed"]
+
+#: Default cap on the blocks one compaction moves, as a fraction of the swap-in's blocks
+#: (chosen with ``kvswitch bench``; see docs/benchmarks.md, issue 14).
+DEFAULT_COMPACTION_MAX_MOVED = 1.0
 SwapInPolicy = Literal["adaptive", "async", "sync"]
 
 
@@ -78,12 +89,19 @@ class SwapManagerStats:
     sync_decisions: int  #: iterations whose pending swap-ins were waited for
     async_decisions: int  #: iterations whose pending swap-ins proceeded asynchronously
     swap_failures: int = 0  #: swaps whose copies failed (sequences failed, or raised)
+    migrations: int = 0  #: compactions that moved blocks (one migrate job each)
+    migrated_blocks: int = 0  #: GPU blocks moved device to device by them
+    migrate_extents: int = 0  #: copy pairs of those migrate jobs (one copy per region each)
+    migrate_bytes: int = 0  #: bytes those migrate jobs copy device to device
+    migrate_failures: int = 0  #: sequences failed because a migration of theirs failed
+    migrate_wait_s: float = 0.0  #: time waiting for migrations (no ``before`` stream given)
 
     @property
     def stall_s(self) -> float:
         """Total time the caller was blocked on swaps (conflicts, sync swap-outs and
         swap-ins)."""
-        return self.conflict_wait_s + self.swap_out_wait_s + self.swap_in_wait_s
+        return (self.conflict_wait_s + self.swap_out_wait_s + self.swap_in_wait_s
+                + self.migrate_wait_s)
 
 
 @dataclass
@@ -154,11 +172,24 @@ class SwapManager:
             block, as vLLM does.
         block_size: tokens per block (int > 0).
         window: swap jobs remembered for the adaptive decision's bandwidth estimate (> 0).
+        compaction: GPU-pool compaction on swap-in (opt-in; needs a block-group GPU
+            allocator). When the free blocks suffice for a swap-in but its table would
+            land in several groups, :meth:`swap_in` moves other sequences' blocks so that
+            it lands in one (see there). Turn it on only when the engine's attention reads
+            block tables after :meth:`take_block_table_changes` or the callback.
+        compaction_max_moved: cap on the blocks one compaction may move, as a fraction of
+            the swap-in's blocks (float >= 0); a swap-in needing more falls back to several
+            groups.
+        on_block_tables_changed: called (under the manager's lock, from :meth:`swap_in`)
+            with ``{seq_id: int32 block table}`` of the running sequences a compaction
+            moved: their new tables in full. Paged attention must read these ids from then
+            on. The same changes are also kept for :meth:`take_block_table_changes`.
 
     Raises:
         TypeError: ``block_size`` or ``window`` not an int. ValueError: non-empty
             allocators, pool sizes that disagree with the engine, a bad policy, block size
-            or window.
+            or window, ``compaction`` with a per-block GPU allocator, a negative
+            ``compaction_max_moved``.
 
     Failures (docs/design.md, "Failures and threads"): every job's handle is checked. A
     blocking swap-out whose copies fail raises :class:`SwapError` and the sequence stays
@@ -183,6 +214,10 @@ class SwapManager:
         coalesce: bool = True,
         block_size: int = 16,
         window: int = 32,
+        compaction: bool = False,
+        compaction_max_moved: float = DEFAULT_COMPACTION_MAX_MOVED,
+        on_block_tables_changed: Callable[[dict[Hashable, npt.NDArray[np.int32]]], None]
+        | None = None,
     ) -> None:
         block_size = as_count(block_size, "block_size", maximum=INT32_MAX)
         window = as_count(window, "window")
@@ -198,6 +233,11 @@ class SwapManager:
                              f"allocator {host_allocator.num_blocks}")
         if swap_in not in ("adaptive", "async", "sync"):
             raise ValueError(f"swap_in must be 'adaptive', 'async' or 'sync', got {swap_in!r}")
+        if compaction and gpu_allocator.per_block_mode:
+            raise ValueError("compaction needs a block-group GPU allocator, not per-block mode")
+        compaction_max_moved = float(compaction_max_moved)
+        if not compaction_max_moved >= 0.0:
+            raise ValueError(f"compaction_max_moved must be >= 0, got {compaction_max_moved}")
         self.gpu = gpu_allocator
         self.engine = engine
         self.tracker = ReuseTracker(host_allocator, block_size=block_size)
@@ -206,6 +246,12 @@ class SwapManager:
         self.async_swap_out = async_swap_out
         self.swap_in_policy: SwapInPolicy = swap_in
         self.coalesce = coalesce
+        self.compaction = bool(compaction)
+        self.compaction_max_moved = compaction_max_moved
+        self.on_block_tables_changed = on_block_tables_changed
+        self._table_changes: dict[Hashable, npt.NDArray[np.int32]] = {}
+        # Migrations not yet seen finished: (handle, the running sequences it moved).
+        self._migrations: list[tuple[SwapHandle, tuple[Hashable, ...]]] = []
         self._lock = threading.RLock()
         self._regions = engine.device_layout.num_regions
         self._block_bytes = engine.device_layout.bytes_per_block
@@ -220,8 +266,10 @@ class SwapManager:
             ("swap_outs", "swap_ins", "swap_out_blocks", "copied_blocks", "reused_blocks",
              "swap_in_blocks", "swap_out_extents", "swap_in_extents", "copies",
              "bytes_copied", "conflicts", "sync_decisions", "async_decisions",
-             "swap_failures"), 0)
-        self._t = dict.fromkeys(("conflict_wait_s", "swap_out_wait_s", "swap_in_wait_s"), 0.0)
+             "swap_failures", "migrations", "migrated_blocks", "migrate_extents",
+             "migrate_bytes", "migrate_failures"), 0)
+        self._t = dict.fromkeys(("conflict_wait_s", "swap_out_wait_s", "swap_in_wait_s",
+                                 "migrate_wait_s"), 0.0)
 
     # -- GPU blocks of running sequences -------------------------------------------------
 
@@ -330,6 +378,7 @@ class SwapManager:
                 handle = None
             self.tracker.commit(plan)
             self.gpu.free(seq_id)
+            self._table_changes.pop(seq_id, None)
             record = _SwappedOut(plan, handle, num_tokens)
             self._swapped[seq_id] = record
             if handle is not None:
@@ -343,14 +392,27 @@ class SwapManager:
 
     # -- step 2: swap-in -----------------------------------------------------------------
 
-    def swap_in(self, seq_id: Hashable, *, before: Any = None,
-                after: Any = None) -> npt.NDArray[np.int32]:
+    def swap_in(self, seq_id: Hashable, *, before: Any = None, after: Any = None,
+                reserve_blocks: int = 0) -> npt.NDArray[np.int32]:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
         The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
         :meth:`wait_swap_in` reports it running (or failed); do not read its blocks before.
         Its swap-out may still be in flight: the engine orders the copies after it, and if
         it fails, so does this swap-in.
+
+        With ``compaction``: when the GPU pool's free blocks suffice but no free group holds
+        the whole table, it first compacts the pool (at most ``compaction_max_moved`` x
+        its blocks moved; sequences still swapping in or failed never move), queues one
+        :meth:`AsyncSwapEngine.migrate` job for the moves (coalesced extents, with
+        ``after``/``before`` passed on), reports the moved sequences' new block tables (the
+        callback, :meth:`take_block_table_changes`), then allocates one group. Without a
+        ``before`` stream it waits for the migration before returning (``migrate_wait_s``),
+        so the new ids hold the KV on return; with one, the consumer stream waits for it.
+        If the migration fails, the moved sequences become ``"failed"`` (reported by
+        :meth:`take_failed`, ``direction == "migrate"``); jobs the engine ordered after it
+        (this swap-in, a swap-out of a moved sequence) fail with it. Never a silent wrong
+        byte.
 
         Args:
             seq_id: a swapped-out sequence.
@@ -359,20 +421,29 @@ class SwapManager:
             after: CUDA only: a stream (or event) whose work so far must finish before
                 the copies start, e.g. the compute stream that may still read the GPU
                 blocks this swap-in is given (freed by another sequence this iteration);
-                passed to :meth:`AsyncSwapEngine.swap_in`.
+                passed to :meth:`AsyncSwapEngine.swap_in` (and to the migration, which
+                must follow kernels still writing the moved blocks).
+            reserve_blocks: blocks the caller expects to :meth:`allocate` for the sequence
+                soon (its next turn's prefill, the decode growth its history suggests; int
+                >= 0). With ``compaction`` the free group made is that much larger and they
+                are held as its reserved tail (free blocks that other requests split off
+                under pressure), so they follow the table in the same group.
 
         Returns:
             int32 array: its new GPU block table (block ids may differ from before).
 
         Raises:
             KeyError: unknown sequence. ValueError: not swapped out, ``before``/``after``
-                the backend cannot take. OutOfBlocksError: the GPU pool lacks the blocks.
+                the backend cannot take, negative ``reserve_blocks``. TypeError:
+                ``reserve_blocks`` not an int. OutOfBlocksError: the GPU pool lacks the blocks.
                 EngineClosedError: the engine is closed. (All: nothing changes.)
             SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
                 reported yet: this raise reports it, :meth:`take_failed` will not.
                 A failure already reported gives ValueError.
         """
         with self._lock:
+            if reserve_blocks:
+                reserve_blocks = as_count(reserve_blocks, "reserve_blocks", minimum=0)
             self._check_not_failed(seq_id)
             record = self._swapped.get(seq_id)
             if record is None:
@@ -388,7 +459,10 @@ class SwapManager:
                 self._outs_in_flight.pop(seq_id, None)
                 record.handle = None
             self.engine.check_swap_in(before=before, after=after)
-            table = self.gpu.allocate(seq_id, -(-record.num_tokens // self.block_size))
+            num_blocks = -(-record.num_tokens // self.block_size)
+            if self.compaction and num_blocks + reserve_blocks > 1:
+                self._compact_for(num_blocks, reserve_blocks, before=before, after=after)
+            table = self.gpu.allocate(seq_id, num_blocks)
             try:
                 plan = self.tracker.plan_swap_in(seq_id, table)
                 try:
@@ -400,6 +474,8 @@ class SwapManager:
                 self.gpu.free(seq_id)
                 raise
             self.tracker.commit(plan)
+            if reserve_blocks and self.compaction:
+                self.gpu.reserve(seq_id, reserve_blocks)
             if not self.reuse:
                 # The engine orders this job's host reads before any later write to the blocks.
                 self.tracker.drop(seq_id)
@@ -424,6 +500,7 @@ class SwapManager:
         """
         with self._lock:
             self._reap_swap_outs()
+            self._reap_migrations()
             return self._finish_swap_ins()
 
     def decide(self, batch_size: int, iteration_s: float) -> list[Hashable]:
@@ -450,6 +527,7 @@ class SwapManager:
         """
         with self._lock:
             self._reap_swap_outs()
+            self._reap_migrations()
             ready = self._finish_swap_ins()
             pending = list(self._swapping_in)
             if not pending:
@@ -482,8 +560,19 @@ class SwapManager:
         """
         with self._lock:
             self._reap_swap_outs()
+            self._reap_migrations()
             failed, self._unreported = self._unreported, {}
             return failed
+
+    def take_block_table_changes(self) -> dict[Hashable, npt.NDArray[np.int32]]:
+        """Block tables that compaction changed since the last call: ``{seq_id: int32
+        table}``, each the sequence's full current GPU block table (sequences freed or
+        swapped out since are left out). Paged attention must read these ids; the old ids
+        of a moved block may already hold another sequence's KV.
+        """
+        with self._lock:
+            changes, self._table_changes = self._table_changes, {}
+            return changes
 
     def estimate_swap_in_s(self, seq_ids: list[Hashable] | None = None) -> float | None:
         """Seconds the pending swap-ins of ``seq_ids`` (default: all) would take at the
@@ -580,6 +669,7 @@ class SwapManager:
             self._outs_in_flight.pop(seq_id, None)
             self._failed.pop(seq_id, None)
             self._unreported.pop(seq_id, None)
+            self._table_changes.pop(seq_id, None)
             if seq_id in self.gpu:
                 self.gpu.free(seq_id)
             if seq_id in self.tracker:
@@ -652,6 +742,7 @@ class SwapManager:
             self.engine.synchronize()
             self._t["swap_in_wait_s"] += time.perf_counter() - t0
             self._reap_swap_outs()
+            self._reap_migrations()
 
     def stats(self) -> SwapManagerStats:
         with self._lock:
@@ -704,7 +795,61 @@ class SwapManager:
 
     def _unfinished_jobs(self) -> bool:
         self._refresh_recent()
-        return bool(self._unfinished)
+        return bool(self._unfinished) or any(not h.done() for h, _ in self._migrations)
+
+    def _compact_for(self, num_blocks: int, reserve: int, *, before: Any, after: Any) -> None:
+        """Compaction before a swap-in of ``num_blocks`` blocks followed by ``reserve``
+        more (see :meth:`swap_in`)."""
+        gpu = self.gpu
+        if num_blocks > gpu.num_free_blocks:
+            return  # the allocate raises OutOfBlocksError
+        num_blocks = min(num_blocks + reserve, gpu.num_free_blocks)
+        streams = {k: v for k, v in (("before", before), ("after", after)) if v is not None}
+        self.engine.check_migrate(**streams)
+        # Sequences swapping in (their copies write their blocks) and failed ones stay put.
+        pinned = [*self._swapping_in, *self._failed]
+        moves = gpu.compact(num_blocks, max_moved=int(self.compaction_max_moved * num_blocks),
+                            pinned=pinned)
+        if not moves:  # None (no change) or only reserved tails released
+            return
+        pairs = moves.pairs()
+        handle = self.engine.migrate(pairs, **streams)
+        moved = tuple(moves.moved_sequences)
+        n = self._n
+        n["migrations"] += 1
+        n["migrated_blocks"] += moves.moved_blocks
+        n["migrate_extents"] += len(pairs)
+        n["migrate_bytes"] += moves.moved_blocks * self._block_bytes
+        changes = {s: gpu.block_table(s) for s in moved}
+        self._table_changes.update(changes)
+        self._migrations.append((handle, moved))
+        if before is None:
+            t0 = time.perf_counter()
+            _quiet_wait(handle)
+            self._t["migrate_wait_s"] += time.perf_counter() - t0
+            self._reap_migrations()
+        if self.on_block_tables_changed is not None:
+            self.on_block_tables_changed(changes)
+
+    def _reap_migrations(self) -> None:
+        """Migrations whose job ended: a failed one fails the sequences it moved that are
+        still running on the moved blocks (a swap-out of one since then was ordered after
+        the migration and fails with it, through the swap-out path)."""
+        if not self._migrations:
+            return
+        still = []
+        for handle, moved in self._migrations:
+            if not handle.done():
+                still.append((handle, moved))
+                continue
+            if not handle.error:
+                continue
+            for s in moved:
+                if s in self._failed or s in self._swapped or s not in self.gpu:
+                    continue
+                self._n["migrate_failures"] += 1
+                self._mark_failed(s, self._error(s, "migrate", handle))
+        self._migrations = still
 
     def _refresh_recent(self) -> None:
         still = []
@@ -764,7 +909,8 @@ class SwapManager:
 
     @staticmethod
     def _error(seq_id: Hashable, direction: str, handle: SwapHandle) -> SwapError:
-        error = SwapError(f"swap-{direction} of sequence {seq_id!r} failed: swap job "
+        what = "migration" if direction == "migrate" else f"swap-{direction}"
+        error = SwapError(f"{what} of sequence {seq_id!r} failed: swap job "
                           f"{handle.id}: {handle.error}")
         error.seq_id = seq_id
         error.direction = direction

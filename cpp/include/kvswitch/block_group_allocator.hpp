@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -55,6 +56,16 @@ class UnknownSequence : public std::out_of_range {
 class InvariantViolation : public std::logic_error {
   public:
     using std::logic_error::logic_error;
+};
+
+/// One move of a compaction: blocks [src, src + length) of seq's block table now live at
+/// [dst, dst + length) (same table positions, new ids). The KV must be copied device to
+/// device before anything reads the new ids.
+struct BlockMove {
+    SeqId seq = 0;
+    BlockId src = 0;
+    BlockId dst = 0;
+    BlockId length = 0;
 };
 
 struct AllocatorStats {
@@ -94,6 +105,31 @@ class BlockGroupAllocator {
     /// its table becomes empty. Throws UnknownSequence, or std::invalid_argument for an id
     /// out of range, repeated, or not in seq's table; on a throw nothing changed.
     void free_blocks(SeqId seq, const BlockId* ids, std::size_t n);
+
+    /// Grows seq's reserved tail to `num_blocks` blocks from the free group right after it
+    /// (or after its last block), as far as that group reaches; returns the blocks added
+    /// (0 when the tail is that long already, nothing after it is free, the table is
+    /// empty, or in per-block mode). Throws UnknownSequence, std::invalid_argument for a
+    /// negative count; on a throw nothing changed.
+    BlockId reserve(SeqId seq, BlockId num_blocks);
+
+    /// Compaction: makes one free group of at least `num_blocks` blocks when the blocks in
+    /// no block table suffice but the largest free group is smaller. Chooses the window of
+    /// `num_blocks` blocks that holds the fewest table blocks (and, among those, the fewest
+    /// runs) and no block of a `pinned` sequence; releases the reserved tails inside it and
+    /// those of sequences whose last block moves; moves the window's table blocks, run by
+    /// run (best fit, largest run first), into free space outside it, splitting reserved
+    /// tails there off when the free groups lack room; rewrites the moved sequences' block
+    /// tables in place (same order, new ids). Returns the moves sorted by src; nothing
+    /// changes when the largest free group already holds `num_blocks` or when every window
+    /// would move more than `max_moved` blocks or holds a pinned block.
+    /// Throws std::invalid_argument (num_blocks <= 0, max_moved < 0, per-block mode) and
+    /// OutOfBlocks (fewer than num_blocks blocks lie outside all block tables); on a throw
+    /// nothing changed. O(num_blocks + table blocks).
+    /// Returns std::nullopt when nothing changed; an empty vector when releasing reserved
+    /// tails alone made the group.
+    std::optional<std::vector<BlockMove>> compact(BlockId num_blocks, BlockId max_moved,
+                                                  const std::vector<SeqId>& pinned);
 
     bool contains(SeqId seq) const { return seqs_.count(seq) != 0; }
     /// Throws UnknownSequence.
@@ -146,6 +182,9 @@ class BlockGroupAllocator {
     BlockId expected_group_blocks(const Sequence& s, BlockId needed) const;
 
     void allocate_groups(SeqId seq, Sequence& s, BlockId n, BlockId* out);
+    /// Removes [start, start + length) from the free group that holds all of it.
+    void take_free_range(BlockId start, BlockId length);
+    static void rebuild_groups(Sequence& s);
     void allocate_per_block(Sequence& s, BlockId n, BlockId* out);
 
     BlockId num_blocks_;

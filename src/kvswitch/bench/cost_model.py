@@ -110,6 +110,12 @@ class CostModel:
         if not 0.0 < self.efficiency <= 1.0:
             raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
 
+    def migrate_s(self, nbytes: float) -> float:
+        """Modelled seconds of a device-to-device move of ``nbytes`` bytes of KV (GPU-pool
+        compaction): each byte is read and written once in HBM, at ``efficiency`` of
+        peak. An assumption, not a measurement (see :meth:`step_s`)."""
+        return 2.0 * nbytes / (self.gpu.hbm_bytes_per_s * self.efficiency)
+
     def step_s(self, decode_context_tokens: int, num_decodes: int,
                prefills: list[tuple[int, int]] | tuple[()] = ()) -> float:
         """Seconds of one iteration.

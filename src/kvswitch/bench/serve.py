@@ -53,7 +53,7 @@ from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, Mod
 from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
-from kvswitch.manager import SwapManager
+from kvswitch.manager import DEFAULT_COMPACTION_MAX_MOVED, SwapManager
 from kvswitch.swap import AsyncSwapEngine
 from kvswitch.trace import Conversation
 
@@ -70,13 +70,15 @@ class Mechanisms:
     block_groups: bool  #: group allocator and one copy per extent (else vLLM: per block)
     async_swaps: bool  #: asynchronous swap-out and adaptive swap-in (else blocking swaps)
     reuse: bool  #: CPU copies reused across swap-outs
+    #: GPU-pool compaction on swap-in (SwapManager(compaction=True); beyond the paper)
+    compaction: bool = False
 
 
 CONFIGURATIONS: dict[str, Mechanisms] = {
     "baseline": Mechanisms(False, False, False),  # vLLM's swap path
-    "groups": Mechanisms(True, False, False),
-    "groups+async": Mechanisms(True, True, False),
-    "full": Mechanisms(True, True, True),
+    "groups": Mechanisms(True, False, False, compaction=True),
+    "groups+async": Mechanisms(True, True, False, compaction=True),
+    "full": Mechanisms(True, True, True, compaction=True),
 }
 
 
@@ -104,6 +106,8 @@ class ServeConfig:
     #: "host" (pools in host memory, memcpy) or "cuda" (device pool on GPU 0, pinned host
     #: pool, real block bytes; time_scale must be 1)
     backend: str = "host"
+    #: cap on blocks one compaction moves, as a fraction of the swap-in's blocks
+    compaction_max_moved: float = DEFAULT_COMPACTION_MAX_MOVED
 
 
 @dataclass
@@ -210,8 +214,10 @@ class _Granularity:
     """Per-direction copy granularity, table fragmentation at swap-out and the GPU pool's
     free groups over time; read-only (see docs/benchmarks.md, issue 14)."""
 
-    def __init__(self, m: SwapManager, gpu: BlockGroupAllocator) -> None:
+    def __init__(self, m: SwapManager, gpu: BlockGroupAllocator,
+                 cost: CostModel | None = None, preset_block_bytes: int = 0) -> None:
         self.m, self.gpu = m, gpu
+        self.cost, self.preset_block_bytes = cost, preset_block_bytes
         self.out_tables = 0
         self.out_gpu_extents: list[int] = []  # extents of each GPU table at swap-out
         self.out_extent_lengths: list[int] = []  # their lengths
@@ -270,6 +276,16 @@ class _Granularity:
                 g.swap_in_multi_extent_need_gt_largest if probed else 0),
             "swap_in_need_gt_largest_free": g.swap_in_need_gt_largest_free if probed else 0,
             "free_samples": len(self.free_groups),
+            # GPU-pool compaction: measured counts; the migrations' wait is in the measured
+            # stall (host memcpy here, charged x time scale like a swap); the HBM cost of
+            # the same bytes on the preset GPU is modelled.
+            "migrations": m.migrations,
+            "migrated_blocks": m.migrated_blocks,
+            "migrate_copies": m.migrate_extents * self.m.engine.device_layout.num_regions,
+            "migrate_wait_s_measured": m.migrate_wait_s,
+            "migrate_s_modelled": (self.cost.migrate_s(m.migrated_blocks
+                                                       * self.preset_block_bytes)
+                                   if self.cost is not None else 0.0),
         }
         for name, values in (("free_groups", self.free_groups),
                              ("largest_free_group", self.largest_free),
@@ -374,9 +390,10 @@ class _Server:
         self.m = SwapManager(
             gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,
             async_swap_out=mech.async_swaps, swap_in="adaptive" if mech.async_swaps else "sync",
-            coalesce=mech.block_groups, block_size=cfg.block_size)
+            coalesce=mech.block_groups, block_size=cfg.block_size,
+            compaction=mech.compaction, compaction_max_moved=cfg.compaction_max_moved)
         self.gpu = gpu
-        self.gran = _Granularity(self.m, gpu)
+        self.gran = _Granularity(self.m, gpu, self.cost, preset_region * model.num_regions)
         self.r = ServeResult(preset_block_bytes=preset_region * model.num_regions,
                              executed_block_bytes=region * model.num_regions)
         self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
@@ -469,7 +486,12 @@ class _Server:
         if c.on_host:
             self.gran.before_swap_in(c.idx)
             self.gpu.context = "swap_in"
-            self.m.swap_in(c.idx)
+            # The prefill's blocks and the decode growth expected from the conversation's
+            # past turns (their mean output) follow the table: compaction makes room.
+            past = c.conv.turns[:c.turn]
+            growth = sum(t.output_tokens for t in past) // len(past) if past else 0
+            self.m.swap_in(c.idx, reserve_blocks=self._blocks(c.kv + max(c.prefill, 1)
+                                                              + growth) - self._blocks(c.kv))
             c.on_host = False
         # Room for its prefill, or for the next decoded token.
         extra = self._blocks(c.kv + max(c.prefill, 1)) - self._table_len(c)
@@ -580,6 +602,7 @@ class _Server:
             if update:
                 self.prio.update()
             m.poll()
+            m.take_block_table_changes()  # the modelled attention reads tables afresh
             if failed := m.take_failed():  # a benchmark must not go on with lost KV
                 raise RuntimeError(f"swap copies failed: {list(failed.values())}")
             if iteration % FREE_SAMPLE_EVERY == 0:

@@ -12,6 +12,10 @@ except ImportError as e:
         'kvswitch.testing needs hypothesis: pip install "kvswitch[test]"') from e
 
 from kvswitch.testing.allocator_state_machine import AllocatorStateMachine
-from kvswitch.testing.swap_manager_state_machine import SwapManagerStateMachine
+from kvswitch.testing.swap_manager_state_machine import (
+    CompactingSwapManagerStateMachine,
+    SwapManagerStateMachine,
+)
 
-__all__ = ["AllocatorStateMachine", "SwapManagerStateMachine"]
+__all__ = ["AllocatorStateMachine", "CompactingSwapManagerStateMachine",
+           "SwapManagerStateMachine"]

@@ -21,11 +21,20 @@ never adjacent; a sequence's groups cover its table exactly; counters agree; and
 ``allocate`` raised ``OutOfBlocksError`` exactly when fewer blocks were free than requested.
 A call that raised must have left everything unchanged.
 
+Compaction (:meth:`~kvswitch.BlockGroupAllocator.compact`) is a rule too: the model applies
+the returned moves to its tables (a moved block keeps its table position and takes its new
+id), and the machine checks that pinned sequences did not move, that no more than
+``max_moved`` blocks moved, that a compaction which changed something left a free group of
+the requested size, that one which returned None changed nothing, and that a following
+``allocate`` of that size by a new sequence lands in one group (no false out-of-memory and
+no false fragmentation).
+
 Requires ``hypothesis`` (``pip install kvswitch[test]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from itertools import pairwise
 from typing import Any
 
@@ -159,6 +168,67 @@ class AllocatorStateMachine(RuleBasedStateMachine):
             assert self.snapshot() == before, "a failed free_blocks changed the allocator"
             return
         raise AssertionError(f"free_blocks with a bad id ({kind}) did not raise")
+
+    @rule(data=st.data(), max_moved=st.one_of(st.none(), st.integers(0, 40)),
+          then_allocate=st.booleans())
+    def compact(self, data: st.DataObject, max_moved: int | None, then_allocate: bool) -> None:
+        a = self.allocator
+        free = a.num_blocks - self.used_blocks()
+        n = data.draw(st.integers(1, max(1, free + 2)))
+        pinned = data.draw(st.lists(SEQUENCE_IDS, max_size=2, unique_by=repr))
+        before = self.snapshot()
+        if a.per_block_mode or n > free:
+            try:
+                a.compact(n, max_moved=max_moved, pinned=pinned)
+            except (ValueError, OutOfBlocksError) as e:
+                assert isinstance(e, ValueError) == a.per_block_mode
+                assert self.snapshot() == before, "a failed compact changed the allocator"
+                return
+            raise AssertionError("compact did not raise for per-block mode or too few blocks")
+        largest_before = max((n_ for _, n_ in a.free_groups()), default=0)
+        moves = a.compact(n, max_moved=max_moved, pinned=pinned)
+        if moves is None:
+            assert self.snapshot() == before, "compact returned None but changed something"
+            return
+        assert largest_before < n, "compact changed something though a free group fitted"
+        assert max_moved is None or moves.moved_blocks <= max_moved
+        assert not set(moves.seq_ids) & set(pinned), "a pinned sequence moved"
+        assert max(n_ for _, n_ in a.free_groups()) >= n, "compact made no group of n blocks"
+        for seq, src, dst, length in zip(moves.seq_ids, moves.src.tolist(), moves.dst.tolist(),
+                                         moves.length.tolist(), strict=True):
+            table = self.tables[seq]
+            for k in range(length):
+                table[table.index(src + k)] = dst + k
+        if then_allocate and "new" not in self.tables:
+            new = a.allocate("new", n).tolist()
+            assert new == list(range(new[0], new[0] + n)), "allocate after compact split"
+            self.tables["new"] = new
+
+    @rule(seq=SEQUENCE_IDS, n=st.integers(-1, 20))
+    def reserve(self, seq: Any, n: int) -> None:
+        a = self.allocator
+        before = self.snapshot()
+        if seq not in self.tables or n < 0:
+            with contextlib.suppress(KeyError, ValueError):
+                a.reserve(seq, n)
+                raise AssertionError(f"reserve({seq!r}, {n}) did not raise")
+            assert self.snapshot() == before, "a failed reserve changed the allocator"
+            return
+        old = a.reservation(seq)[1]
+        added = a.reserve(seq, n)
+        assert added >= 0 and a.reservation(seq)[1] == old + added
+        assert added == 0 or old + added <= n
+        assert a.num_free_blocks == before[3], "a reservation changed the free count"
+
+    @rule(n=st.integers(-2, 0))
+    def compact_non_positive(self, n: int) -> None:
+        before = self.snapshot()
+        try:
+            self.allocator.compact(n)
+        except ValueError:
+            assert self.snapshot() == before
+            return
+        raise AssertionError(f"compact({n}) did not raise")
 
     @rule(seq=SEQUENCE_IDS)
     def free_blocks_unknown(self, seq: Any) -> None:

@@ -8,7 +8,11 @@ Rules: new sequences, growth, rollback (:meth:`~kvswitch.SwapManager.truncate`),
 iterations (``poll`` + ``decide``), frees, dropped CPU copies, priorities that steer which
 backups are reclaimed when the host pool runs short (contamination), injected copy
 failures (the engine's ``_fail_next_jobs`` test hook), and two callers on two threads at
-once.
+once. With ``compaction=True`` (see :class:`CompactingSwapManagerStateMachine`) swap-ins
+also compact the GPU pool: other running sequences' blocks move device to device, their
+new block tables must be reported (checked against the manager's tables), their KV must
+read back intact through the new tables, and an injected failure that hits the migration
+fails exactly the moved sequences.
 
 Each token's KV is a byte pattern of (sequence, token, version); a rollback bumps the
 version, so a swap-in that restores old KV, a reused stale block, or a write into a block
@@ -54,7 +58,7 @@ from kvswitch.layout import KVLayout
 from kvswitch.manager import SwapManager
 from kvswitch.swap import AsyncSwapEngine, SwapError
 
-__all__ = ["SwapManagerStateMachine"]
+__all__ = ["CompactingSwapManagerStateMachine", "SwapManagerStateMachine"]
 
 RUNNING, SWAPPING_IN, SWAPPED_OUT, FAILED = "running", "swapping_in", "swapped_out", "failed"
 
@@ -207,19 +211,47 @@ class SwapManagerStateMachine(RuleBasedStateMachine):
         assert self.m.state(seq) == FAILED
         self.expect_reported(seq)
 
+    def check_table_changes(self, migrations_before: int) -> list[int]:
+        """The block tables a compaction changed: reported for running sequences only, each
+        equal to the manager's table now. Returns the moved sequences of this step."""
+        changes = self.m.take_block_table_changes()
+        if self.m.stats().migrations == migrations_before:
+            assert changes == {}, "block tables reported changed without a migration"
+            return []
+        assert changes, "a migration reported no changed block table"
+        for seq, table in changes.items():
+            assert self.state.get(seq) == RUNNING, (seq, self.state.get(seq))
+            assert table.dtype == np.int32
+            assert table.tolist() == self.m.block_table(seq).tolist()
+        return sorted(changes)
+
     @precondition(lambda self: self.seqs(SWAPPED_OUT))
     @rule(data=st.data(), fail=st.booleans())
     def swap_in(self, data: st.DataObject, fail: bool) -> None:
         seq = data.draw(st.sampled_from(self.seqs(SWAPPED_OUT)), label="seq")
         if fail:
             self.arm_failure()
+        migrations = self.m.stats().migrations
         try:
             self.m.swap_in(seq)
         except OutOfBlocksError:
             self.disarm()
             return
         self.state[seq] = SWAPPING_IN
-        if fail:
+        moved = self.check_table_changes(migrations)
+        if fail and moved:
+            # The armed failure hit the migration (the first job): the moved sequences
+            # failed (the manager waited for it), the swap-in itself was not ordered after
+            # a job still in flight, so it goes on.
+            self.injected += len(moved)
+            failed = self.m.take_failed()
+            assert set(failed) == set(moved), (moved, failed)
+            for other in moved:
+                assert failed[other].direction == "migrate"
+                assert "injected copy failure" in str(failed[other])
+                self.state[other] = FAILED
+            self.surfaced += len(moved)
+        elif fail:
             self.injected += 1
             self.m.synchronize()  # every job has ended: poll() reports all other swap-ins
             ready = self.m.poll()
@@ -241,10 +273,13 @@ class SwapManagerStateMachine(RuleBasedStateMachine):
             return
         del self.values[seq][keep:]
         self.state[seq] = SWAPPED_OUT
+        migrations = self.m.stats().migrations
         try:
             self.m.swap_in(seq)
         except OutOfBlocksError:
             return
+        self.state[seq] = SWAPPING_IN
+        self.check_table_changes(migrations)
         self.m.wait_swap_in(seq)
         self.state[seq] = RUNNING
 
@@ -354,3 +389,40 @@ class SwapManagerStateMachine(RuleBasedStateMachine):
         self.m.tracker.host.check_invariants()
         known: set[Hashable] = set(self.state)
         assert set(self.m.gpu.sequences()) <= known
+
+
+class CompactingSwapManagerStateMachine(SwapManagerStateMachine):
+    """The same histories with GPU-pool compaction on swap-in (``compaction=True``, a
+    generous move cap), plus a rule that scatters the free space into one-block holes so
+    that swap-ins need compaction often."""
+
+    def make_manager(self) -> tuple[SwapManager, list[np.ndarray]]:
+        return default_manager(compaction=True, compaction_max_moved=8.0, gpu_blocks=24)
+
+    @precondition(lambda self: self.seqs(SWAPPED_OUT) and len(self.state) < 12)
+    @rule(data=st.data(), keep_every=st.integers(2, 3), fail=st.booleans())
+    def scatter_then_swap_in(self, data: st.DataObject, keep_every: int, fail: bool) -> None:
+        """Fill the GPU pool with one-block sequences, free all but every
+        ``keep_every``-th of them in block order (the free space is left in small holes),
+        then swap a sequence in (maybe with an injected failure), which then compacts."""
+        made = []
+        while self.m.gpu.num_free_blocks:
+            seq = self.next_id
+            self.m.allocate(seq, 1)
+            self.next_id += 1
+            self.state[seq] = RUNNING
+            self.values[seq] = []
+            self.stamp(seq, 0, 1)
+            made.append(seq)
+        made.sort(key=lambda s: int(self.m.block_table(s)[0]))
+        for i, seq in enumerate(made):
+            if i % keep_every:
+                self.m.free(seq)
+                del self.state[seq], self.values[seq]
+        self.swap_in(data, fail)
+
+    @invariant()
+    def migrations_balance(self) -> None:
+        s = self.m.stats()
+        assert s.migrate_bytes == s.migrated_blocks * self.m.engine.device_layout.bytes_per_block
+        assert s.migrations <= s.swap_ins
