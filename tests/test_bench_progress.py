@@ -232,7 +232,9 @@ def test_aggregate_and_table_with_nan():
          "swap_job_s_measured", "us_per_copy_measured", "stall_s_measured", "ttft_p50_s",
          "ttft_p95_s", "ttft_p99_s", "ttft_p999_s", "tbt_p999_s", "throughput_tok_s",
          "priority_preemptions", "pool_full_preemptions", "recomputed_tokens", "conflicts",
-         "sync_swap_in_decisions", "async_swap_in_decisions", "wall_s"], 1.0)
+         "sync_swap_in_decisions", "async_swap_in_decisions", "wall_s",
+         "gran_swap_out_blocks_per_copy", "gran_swap_in_blocks_per_copy", "gran_migrations",
+         "gran_migrated_blocks"], 1.0)
         for n in CONFIGURATIONS}
     figures["full"]["tbt_p999_s"] = float("nan")
     spreads = {n: {k: [0.5, 2.0] for k in f} for n, f in figures.items()}

@@ -244,6 +244,9 @@ ROWS = [
     ("swap-in blocks", "swap_in_blocks", "{:,.0f}"),
     ("copies issued", "copies", "{:,.0f}"),
     ("mean blocks per copy", "blocks_per_copy", "{:,.1f}"),
+    ("  swap-out / swap-in", "gran_swap_out_blocks_per_copy", "bpc"),
+    ("migrations (GPU-pool compaction)", "gran_migrations", "{:,.0f}"),
+    ("  blocks moved device to device", "gran_migrated_blocks", "{:,.0f}"),
     ("KV moved, preset bytes (GiB)", "preset_bytes_moved", "gib"),
     ("swap job time (s, measured)", "swap_job_s_measured", "{:,.2f}"),
     ("  per copy (us, measured)", "us_per_copy_measured", "{:,.2f}"),
@@ -286,13 +289,16 @@ def _number_text(x: float, fmt: str) -> str:
 
 
 _PAIRS = {"pp": ("priority_preemptions", "pool_full_preemptions"),
-          "dec": ("sync_swap_in_decisions", "async_swap_in_decisions")}
+          "dec": ("sync_swap_in_decisions", "async_swap_in_decisions"),
+          "bpc": ("gran_swap_out_blocks_per_copy", "gran_swap_in_blocks_per_copy")}
+_PAIR_FORMATS = {"bpc": "{:,.1f}"}
 
 
 def _cell(f: dict[str, float], key: str, fmt: str,
           spread: dict[str, list[float]] | None = None) -> str:
     """One table cell; with ``spread`` (several seeds) ``median (min-max)``."""
-    keys, fmt = (_PAIRS[fmt], "{:,.0f}") if fmt in _PAIRS else ((key,), fmt)
+    keys, fmt = ((_PAIRS[fmt], _PAIR_FORMATS.get(fmt, "{:,.0f}")) if fmt in _PAIRS
+                 else ((key,), fmt))
     text = " / ".join(_number_text(f[k], fmt) for k in keys)
     if spread is None or all(math.isnan(f[k]) for k in keys):
         return text
