@@ -332,3 +332,24 @@ def test_backend_cuda_runs_at_time_scale_1(monkeypatch, capsys):
 def test_unknown_backend_is_an_option_error(capsys, no_serve):
     rc, out, err = run(capsys, "--backend", "tpu")
     assert_option_error(rc, out, err, "--backend")
+
+
+# -- compaction ablations (issue 14): the same configuration without compaction, one run --
+
+def test_nocompact_ablation_runs_beside_its_configuration_and_never_migrates(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    rc, out, err = run(capsys, *FAST, "--conversations", "40",
+                       "--configs", "full-nocompact,full", "--json", str(out_json))
+    assert rc == 0, err
+    figures = json.loads(out_json.read_text())["configurations"]
+    assert list(figures) == ["full-nocompact", "full"]
+    assert figures["full-nocompact"]["gran_migrations"] == 0
+    assert figures["full-nocompact"]["gran_migrated_blocks"] == 0
+    # Same trace, same pools: both serve every token.
+    assert figures["full-nocompact"]["tokens"] == figures["full"]["tokens"]
+
+
+def test_ablations_are_named_in_the_unknown_configuration_message(capsys, no_serve):
+    rc, out, err = run(capsys, "--configs", "fast", "--no-progress")
+    assert rc == 2
+    assert "full-nocompact" in err and "groups+async-nocompact" in err

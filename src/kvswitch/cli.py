@@ -26,6 +26,7 @@ import numpy as np
 
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS
 from kvswitch.bench.serve import (
+    ABLATIONS,
     CONFIGURATIONS,
     ServeConfig,
     ServeResult,
@@ -398,10 +399,11 @@ def _option_error(option: str, message: str) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGURATIONS]
+    known = {**CONFIGURATIONS, **ABLATIONS}
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         print(f"kvswitch bench: unknown configuration(s) {unknown}; choose from "
-              f"{', '.join(CONFIGURATIONS)}", file=sys.stderr)
+              f"{', '.join(known)}", file=sys.stderr)
         return 2
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -497,7 +499,7 @@ def _bench(args: argparse.Namespace) -> int:
         for i, (name, seed) in enumerate(runs):
             progress.start(i, f"{name} seed {seed} ({i + 1}/{len(runs)})")
             try:
-                result = serve(samples[seed], configs[seed], CONFIGURATIONS[name],
+                result = serve(samples[seed], configs[seed], known[name],
                                on_progress=progress.advance)
             except ValueError as e:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
@@ -613,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
                    help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),
-                   help="comma-separated configurations to compare")
+                   help="comma-separated configurations to compare (default: all four); "
+                        "also groups-nocompact, groups+async-nocompact, full-nocompact: the "
+                        "same without GPU-pool compaction")
     b.add_argument("--json", type=_output_path, default=None,
                    help="also write the figures to this JSON file (its directory must exist "
                         "and be writable; checked before the run)")

@@ -58,7 +58,8 @@ from kvswitch.swap import AsyncSwapEngine
 from kvswitch.trace import Conversation
 
 __all__ = [
-    "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult", "cuda_unavailable_reason",
+    "ABLATIONS", "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult",
+    "cuda_unavailable_reason",
     "RunEstimate", "estimate_run", "min_gpu_blocks", "serve",
 ]
 
@@ -79,6 +80,13 @@ CONFIGURATIONS: dict[str, Mechanisms] = {
     "groups": Mechanisms(True, False, False, compaction=True),
     "groups+async": Mechanisms(True, True, False, compaction=True),
     "full": Mechanisms(True, True, True, compaction=True),
+}
+
+#: Configurations run only when named in ``--configs``: each default configuration with
+#: compaction off, so that its effect is measured side by side in one run (issue 14).
+ABLATIONS: dict[str, Mechanisms] = {
+    f"{name}-nocompact": Mechanisms(m.block_groups, m.async_swaps, m.reuse)
+    for name, m in CONFIGURATIONS.items() if m.compaction
 }
 
 
