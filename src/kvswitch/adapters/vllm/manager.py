@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Hashable
 from typing import Any
 
+import numpy as np
 from vllm.v1.kv_offload.base import OffloadKey, PrepareStoreOutput, ReqContext
 from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
 from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
@@ -99,6 +100,8 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         # chunk id -> the allocator sequence (request) whose table holds it
         self._chunk_owner: dict[int, Hashable] = {}
         self._pending_free: list[int] = []
+        # chunks in each request's allocator table (saves a locked query per free)
+        self._held: dict[Hashable, int] = {}
         self._store_seq: Hashable = ""
         self._new_allocator()
 
@@ -107,6 +110,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
     def _new_allocator(self) -> None:
         self._chunk_owner.clear()
         self._pending_free.clear()
+        self._held = {}
         self._allocator = (
             BlockGroupAllocator(self._num_chunks, initial_group_blocks=self.initial_group_chunks)
             if self._groups and self._num_chunks > 0 else None)
@@ -137,12 +141,15 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         for chunk_id in self._pending_free:
             by_seq.setdefault(owner.pop(chunk_id), []).append(chunk_id)
         self._pending_free.clear()
+        held = self._held
         for seq, ids in by_seq.items():
-            if len(ids) == alloc.num_table_blocks(seq):
+            left = held[seq] - len(ids)
+            if left == 0:
+                del held[seq]
                 alloc.free(seq)  # also releases the request's reserved tail
             else:
-                alloc.free_blocks(seq, ids)
-        self._num_allocated_chunks = alloc.num_used_blocks
+                held[seq] = left
+                alloc.free_blocks(seq, np.array(ids, dtype=np.int32))
 
     def _get_num_free_chunks(self) -> int:
         if not self._groups:
@@ -162,7 +169,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         owner = self._chunk_owner
         for chunk_id in ids:
             owner[chunk_id] = seq
-        self._num_allocated_chunks = self._allocator.num_used_blocks
+        self._held[seq] = self._held.get(seq, 0) + len(ids)
         return [ChunkStatus(chunk_id) for chunk_id in ids]
 
     def _free_chunk(self, chunk: ChunkStatus) -> None:
@@ -200,4 +207,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         """vLLM's ``OffloadingConnectorStats`` for the period since the last call."""
         if self._groups and self._allocator is not None:
             self._flush_frees()
+            # vLLM's usage gauge reads these: allocated minus free-listed chunks
+            self._num_allocated_chunks = self._allocator.num_used_blocks
+            self._free_list = []
         return super().get_stats()
