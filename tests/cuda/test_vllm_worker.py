@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+# a submodule: without vLLM, tests/vllm/ (no __init__.py) would import as "vllm"
+pytest.importorskip("vllm.v1.kv_offload.base")
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
