@@ -28,7 +28,8 @@ step() { local t0=$SECONDS; "$@"; echo "== $((SECONDS - t0)) s: $*"; }
 
 ROOT=$PWD
 DIR=$ROOT/build/ci-vllm
-VENV=$DIR/venv
+# KVSWITCH_CI_VLLM_VENV: reuse an existing venv (e.g. a developer's, where disk is short).
+VENV=${KVSWITCH_CI_VLLM_VENV:-$DIR/venv}
 PY=$VENV/bin/python
 VLLM_VERSION=0.32.0
 SDIST=$DIR/vllm-$VLLM_VERSION

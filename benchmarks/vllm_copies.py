@@ -17,7 +17,8 @@ finished request frees its blocks as vLLM does. For every request it records
   comparison). Two job shapes: one job per request (the preemption flush or a finished
   request's store) and one job per scheduler step (the connector's incremental stores).
 
-Counting only; nothing is copied. Run: python benchmarks/vllm_copies.py [--requests N].
+Counting only; nothing is copied. Run: python benchmarks/vllm_copies.py [--requests N]
+[--gpu-allocator vllm|kvswitch].
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+from types import SimpleNamespace
 
 import numpy as np
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.kv_offload.base import ReqContext, make_offload_key
 from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
 
+from kvswitch import BlockGroupAllocator
 from kvswitch.adapters.vllm import KVSwitchOffloadingManager, coalesce_pairs
 from kvswitch.trace import load_trace
 
@@ -48,6 +51,10 @@ def main() -> None:
     ap.add_argument("--cpu-chunks", type=int, default=65536)
     ap.add_argument("--layer-tensors", type=int, default=32, help="data refs per group")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu-allocator", choices=("vllm", "kvswitch"), default="vllm",
+                    help="vllm: vLLM's BlockPool; kvswitch: a counterfactual in which the "
+                         "GPU block ids come from a BlockGroupAllocator (block groups per "
+                         "request), what ordering vLLM's free queue per request would give")
     args = ap.parse_args()
 
     turns = []  # (context tokens: history + new input, output tokens) per turn
@@ -64,6 +71,18 @@ def main() -> None:
     prompt = [min(-(-c // bs), n) for (c, _), n in zip(turns, need, strict=True)]
 
     pool = BlockPool(args.gpu_blocks, enable_caching=False, hash_block_size=bs)
+    gpu_alloc = BlockGroupAllocator(args.gpu_blocks)
+
+    def new_blocks(i: int, n: int) -> list:
+        if args.gpu_allocator == "vllm":
+            return pool.get_new_blocks(n)
+        return [SimpleNamespace(block_id=b) for b in gpu_alloc.allocate(i, n).tolist()]
+
+    def free(i: int) -> None:
+        if args.gpu_allocator == "vllm":
+            pool.free_blocks(reversed(tables[i]))
+        else:
+            gpu_alloc.free(i)
     managers = {"kvswitch": KVSwitchOffloadingManager(args.cpu_chunks),
                 "vllm": CPUOffloadingManager(args.cpu_chunks)}
     tables: dict[int, list] = {}
@@ -72,58 +91,63 @@ def main() -> None:
     running: list[int] = []
     gpu_runs, block_counts = [], []
     copies = {k: {"request": 0, "step": 0} for k in ("native", "kvswitch", "kvswitch_vllm_cpu")}
-    n_keys = 0
 
-    def store(i: int) -> None:
-        nonlocal n_keys
+    cpu_ids: dict[str, dict[int, list[int]]] = {name: {} for name in managers}
+
+    def offer(i: int, gpu_ids: list[int]) -> None:
+        """The connector's store of a step's new blocks: one prepare_store per manager,
+        interleaved across running requests as the scheduler issues them."""
+        step_jobs[i].append(gpu_ids)
+        first = sum(len(j) for j in step_jobs[i][:-1])
+        keys = [make_offload_key(f"{i}:{first + j}".encode(), 0) for j in range(len(gpu_ids))]
+        for name, m in managers.items():
+            ctx = contexts[name][i]
+            out = m.prepare_store(keys, ctx)
+            assert out is not None
+            cpu_ids[name].setdefault(i, []).extend(out.store_spec.block_ids.tolist())
+            m.complete_store(keys, ctx)
+
+    def finish(i: int) -> None:
         ids = [b.block_id for b in tables[i]]
         gpu_runs.append(runs(ids))
         block_counts.append(len(ids))
-        cpu = {}
         for name, m in managers.items():
-            ctx = ReqContext(f"r{i}")
-            keys = [make_offload_key(f"{i}:{j}".encode(), 0) for j in range(len(ids))]
-            chunk_ids: list[int] = []
-            # the connector stores each step's new blocks: one prepare_store per job
-            off = 0
-            for job in step_jobs[i]:
-                out = m.prepare_store(keys[off:off + len(job)], ctx)
-                assert out is not None
-                chunk_ids += out.store_spec.block_ids.tolist()
-                m.complete_store(keys[off:off + len(job)], ctx)
-                off += len(job)
-            m.on_request_finished(ctx)
-            cpu[name] = chunk_ids
+            m.on_request_finished(contexts[name][i])
         refs = args.layer_tensors
         copies["native"]["request"] += len(ids) * refs
         copies["native"]["step"] += len(ids) * refs
         for label, name in (("kvswitch", "kvswitch"), ("kvswitch_vllm_cpu", "vllm")):
-            copies[label]["request"] += len(coalesce_pairs(ids, cpu[name])) * refs
+            cpu = cpu_ids[name].pop(i)
+            copies[label]["request"] += len(coalesce_pairs(ids, cpu)) * refs
             off = 0
             for job in step_jobs[i]:
-                copies[label]["step"] += len(coalesce_pairs(
-                    job, cpu[name][off:off + len(job)])) * refs
+                copies[label]["step"] += len(coalesce_pairs(job, cpu[off:off + len(job)])) * refs
                 off += len(job)
-        n_keys += len(ids)
 
+    contexts: dict[str, dict[int, ReqContext]] = {name: {} for name in managers}
     while pending or running:
         while pending and len(running) < args.batch:
             i = pending.pop(0)
-            tables[i] = pool.get_new_blocks(prompt[i])
-            step_jobs[i] = [[b.block_id for b in tables[i]]]
+            for name, m in managers.items():
+                contexts[name][i] = ReqContext(f"r{i}")
+                m.on_new_request(contexts[name][i])
+            tables[i] = new_blocks(i, prompt[i])
+            step_jobs[i] = []
+            offer(i, [b.block_id for b in tables[i]])
             running.append(i)
         for i in list(running):  # one decode block per running request per round
             if len(tables[i]) < need[i]:
-                new = pool.get_new_blocks(1)
+                new = new_blocks(i, 1)
                 tables[i] += new
-                step_jobs[i].append([new[0].block_id])
+                offer(i, [new[0].block_id])
             else:
-                store(i)
-                pool.free_blocks(reversed(tables[i]))
+                finish(i)
+                free(i)
                 running.remove(i)
         # the finished requests' CPU chunks stay cached; evict nothing (pool is large)
 
     n = len(block_counts)
+    print(f"GPU block ids from: {args.gpu_allocator}")
     print(f"{n} requests of the ShareGPT trace, block size {bs}, batch {args.batch}, "
           f"{args.gpu_blocks} GPU blocks, {args.layer_tensors} layer tensors")
     print(f"blocks per request: mean {statistics.mean(block_counts):.1f}, "

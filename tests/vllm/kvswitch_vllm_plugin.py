@@ -10,7 +10,9 @@ is imported it rebinds, in vLLM's own modules, only the class under test:
   factory's registered ``"CPUOffloadingSpec"`` loader, which reads the module attribute,
   and the tests' imports both resolve to kvswitch's spec).
 
-No assertion is edited. Environment:
+vLLM's tiering classes, which subclass or compose these through module-level imports, are
+imported before the rebinding and keep vLLM's originals. No assertion is edited.
+Environment:
 
 * ``KVSWITCH_VLLM_SUBSTITUTE``: ``manager,spec`` (default), a subset, or ``none`` (a
   control run of vLLM's own classes).
@@ -29,6 +31,11 @@ def _substitute() -> list[str]:
     wanted_set = {w.strip() for w in wanted.split(",") if w.strip() and w.strip() != "none"}
     import vllm.v1.kv_offload.cpu.manager as vllm_manager
     import vllm.v1.kv_offload.cpu.spec as vllm_spec
+
+    # vLLM's tiering spec and manager subclass / compose the CPU classes by a module-level
+    # import: import them first, so they keep vLLM's classes (they are not under test).
+    import vllm.v1.kv_offload.tiering.manager  # noqa: F401
+    import vllm.v1.kv_offload.tiering.spec  # noqa: F401
 
     from kvswitch.adapters.vllm import KVSwitchOffloadingManager, KVSwitchOffloadingSpec
 
