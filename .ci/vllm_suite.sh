@@ -9,8 +9,9 @@
 #     CUDA torch; their native ops fail to load with CI's CPU torch 2.13.0 and transformers
 #     then fails at import, so they are uninstalled (nothing tested here uses them). tblib:
 #     vLLM's tests/conftest.py imports it.
-#  2. vLLM 0.32.0's source distribution from PyPI (checked against PyPI's sha256), for its
-#     tests/ (pip download --no-binary would build vLLM's build requirements from source).
+#  2. vLLM 0.32.0's source distribution from PyPI's simple index, sha256-checked, for its
+#     tests/ (tests/vllm/fetch_sdist.py; pip download --no-binary would build vLLM's build
+#     requirements from source).
 #  3. kvswitch's vLLM tests (tests/test_vllm_*.py).
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
@@ -44,22 +45,7 @@ install() {
 
 fetch_sdist() {
   [ -d "$SDIST/tests" ] && return 0
-  "$PY" - "$VLLM_VERSION" "$DIR" <<'EOF'
-import hashlib, json, sys, tarfile, urllib.request
-version, out = sys.argv[1], sys.argv[2]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/vllm/{version}/json"))
-(sdist,) = [u for u in meta["urls"] if u["packagetype"] == "sdist"]
-path = f"{out}/{sdist['filename']}"
-data = urllib.request.urlopen(sdist["url"]).read()
-if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
-    sys.exit(f"sha256 mismatch for {sdist['filename']}")
-open(path, "wb").write(data)
-with tarfile.open(path) as tar:
-    members = [m for m in tar.getmembers() if "/tests/" in m.name or m.name.endswith(
-        ("/pyproject.toml", "/setup.cfg"))]
-    tar.extractall(out, members=members, filter="data")
-print("extracted", len(members), "files of", sdist["filename"])
-EOF
+  "$PY" tests/vllm/fetch_sdist.py "$VLLM_VERSION" "$DIR"
 }
 
 kvswitch_tests() {
