@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.kv_offload.base import ReqContext, make_offload_key
+from vllm.v1.kv_offload.cpu.gpu_worker import SingleDirectionOffloadingHandler
 from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
 
 from kvswitch import BlockGroupAllocator
@@ -114,8 +115,16 @@ def main() -> None:
         for name, m in managers.items():
             m.on_request_finished(contexts[name][i])
         refs = args.layer_tensors
-        copies["native"]["request"] += len(ids) * refs
-        copies["native"]["step"] += len(ids) * refs
+        # vLLM's own count for its direct layout: one descriptor per (block, ref)
+        native = SingleDirectionOffloadingHandler._estimate_max_copy_ops(
+            SimpleNamespace(layer_refs_per_group=[[None] * refs], _canonical_copy_plans=None),
+            [len(ids)])
+        copies["native"]["request"] += native
+        copies["native"]["step"] += sum(
+            SingleDirectionOffloadingHandler._estimate_max_copy_ops(
+                SimpleNamespace(layer_refs_per_group=[[None] * refs],
+                                _canonical_copy_plans=None), [len(job)])
+            for job in step_jobs[i])
         for label, name in (("kvswitch", "kvswitch"), ("kvswitch_vllm_cpu", "vllm")):
             cpu = cpu_ids[name].pop(i)
             copies[label]["request"] += len(coalesce_pairs(ids, cpu)) * refs
