@@ -16,7 +16,8 @@
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
 #     model they name: tests/vllm/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:
-#     - test_manager.py::test_cpu_manager in the default "groups" chunk order: it asserts
+#     - test_manager.py::test_cpu_manager (exactly; -k, since --deselect matches node-id
+#       prefixes and would drop test_cpu_manager_*) in the default "groups" order: it asserts
 #       vLLM's exact LIFO free-list chunk ids ([2, 0, 3] where kvswitch hands [2, 3, 0],
 #       the same chunks); it runs, with every other manager test, in step 5.
 #     - test_factory.py tests that monkeypatch vLLM's CPUOffloadingWorker constructor in
@@ -63,11 +64,12 @@ FACTORY=tests/v1/kv_offload/test_factory.py
 vllm_suites() {
   vllm_pytest \
     tests/v1/kv_offload/cpu/test_manager.py \
-    --deselect tests/v1/kv_offload/cpu/test_manager.py::test_cpu_manager \
+    -k "not test_cpu_manager or test_cpu_manager_" \
     "$FACTORY" \
     --deselect "$FACTORY::test_cpu_spec_create_worker_uses_mmap_on_cuda" \
     --deselect "$FACTORY::test_cpu_spec_create_worker_skips_mmap_for_empty_cache" \
-    -k "not test_cpu_spec_create_worker_uses_tensor_path_without_shared_region" \
+    --deselect "$FACTORY::test_cpu_spec_create_worker_uses_tensor_path_without_shared_region[non-cuda-alike]" \
+    --deselect "$FACTORY::test_cpu_spec_create_worker_uses_tensor_path_without_shared_region[rocm]" \
     tests/v1/kv_connector/unit/offloading_connector
 }
 
