@@ -156,14 +156,15 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
             return super()._get_num_free_chunks()
         if self._allocator is None:
             return 0
-        self._flush_frees()
-        return self._allocator.num_free_blocks
+        # freed chunks still in the allocator's tables (see _free_chunk) count as free
+        return self._allocator.num_free_blocks + len(self._pending_free)
 
     def _allocate_chunks(self, keys: list[OffloadKey]) -> list[ChunkStatus]:
         if not self._groups:
             return super()._allocate_chunks(keys)
         assert self._allocator is not None
-        self._flush_frees()
+        if len(keys) > self._allocator.num_free_blocks:
+            self._flush_frees()  # the freed chunks are needed now
         seq = self._store_seq
         ids = self._allocator.allocate(seq, len(keys)).tolist()
         owner = self._chunk_owner
@@ -176,8 +177,10 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         if not self._groups:
             super()._free_chunk(chunk)
             return
-        # Deferred: an eviction frees many chunks of a few requests; they go back to the
-        # allocator in one call per request before the pool is next read.
+        # Deferred: freed chunks go back to the allocator in batches, one call per request,
+        # when an allocation needs them or the pool is inspected (stats, chunk_runs), so
+        # that evictions over many steps cost few allocator calls. Until then they stay in
+        # their request's table and count as free (_get_num_free_chunks).
         self._pending_free.append(int(chunk.chunk_id))
 
     # -- OffloadingManager overrides ------------------------------------------------------
@@ -188,14 +191,6 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         """vLLM's ``prepare_store``; new chunks extend the request's CPU block group."""
         self._store_seq = req_context.req_id
         return super().prepare_store(keys, req_context)
-
-    def complete_store(
-        self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
-    ) -> None:
-        """vLLM's ``complete_store``; chunks of a failed store return to the allocator."""
-        super().complete_store(keys, req_context, success)
-        if self._groups and self._allocator is not None:
-            self._flush_frees()
 
     def reset_cache(self) -> None:
         """vLLM's ``reset_cache``; the allocator starts empty."""
