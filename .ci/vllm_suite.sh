@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The vLLM adapter's CI (issue 12): kvswitch's vLLM tests and vLLM's own offloading suites
-# with kvswitch's classes substituted (tests/vllm/kvswitch_vllm_plugin.py). Run from the
+# with kvswitch's classes substituted (tests/vllm_support/kvswitch_vllm_plugin.py). Run from the
 # repository root: bash .ci/vllm_suite.sh. CPU only: vLLM runs with VLLM_TARGET_DEVICE=cpu.
 #
 # Steps (each prints its time):
@@ -10,12 +10,12 @@
 #     then fails at import, so they are uninstalled (nothing tested here uses them). tblib:
 #     vLLM's tests/conftest.py imports it.
 #  2. vLLM 0.32.0's source distribution from PyPI's simple index, sha256-checked, for its
-#     tests/ (tests/vllm/fetch_sdist.py; pip download --no-binary would build vLLM's build
+#     tests/ (tests/vllm_support/fetch_sdist.py; pip download --no-binary would build vLLM's build
 #     requirements from source).
 #  3. kvswitch's vLLM tests (tests/test_vllm_*.py).
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
-#     model they name: tests/vllm/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:
+#     model they name: tests/vllm_support/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:
 #     - test_manager.py::test_cpu_manager (exactly; -k, since --deselect matches node-id
 #       prefixes and would drop test_cpu_manager_*) in the default "groups" order: it asserts
 #       vLLM's exact LIFO free-list chunk ids ([2, 0, 3] where kvswitch hands [2, 3, 0],
@@ -46,7 +46,7 @@ install() {
 
 fetch_sdist() {
   [ -d "$SDIST/tests" ] && return 0
-  "$PY" tests/vllm/fetch_sdist.py "$VLLM_VERSION" "$DIR"
+  "$PY" tests/vllm_support/fetch_sdist.py "$VLLM_VERSION" "$DIR"
 }
 
 kvswitch_tests() {
@@ -55,8 +55,8 @@ kvswitch_tests() {
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.
 vllm_pytest() {
-  (cd "$SDIST" && env PYTHONPATH="$ROOT/tests/vllm" VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 \
-    HF_HUB_CACHE="$ROOT/tests/vllm/hf_cache/hub" \
+  (cd "$SDIST" && env PYTHONPATH="$ROOT/tests/vllm_support" VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 \
+    HF_HUB_CACHE="$ROOT/tests/vllm_support/hf_cache/hub" \
     "$PY" -m pytest -q -p no:cacheprovider -p kvswitch_vllm_plugin "$@")
 }
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# a submodule: without vLLM, tests/vllm/ (no __init__.py) would import as "vllm"
+# the submodule is what tells an installed vLLM apart
 pytest.importorskip("vllm.v1.kv_offload.base")
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).parent / "vllm"))
+sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
 
 import transfer_cases as cases  # noqa: E402
 from vllm.v1.kv_offload.base import (  # noqa: E402

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-# a submodule: without vLLM, tests/vllm/ (no __init__.py) would import as "vllm"
+# the submodule is what tells an installed vLLM apart
 pytest.importorskip("vllm.v1.kv_offload.base")
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "vllm"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "vllm_support"))
 
 import transfer_cases as cases  # noqa: E402
 

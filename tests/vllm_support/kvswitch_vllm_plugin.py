@@ -1,6 +1,6 @@
 """Pytest plugin: run vLLM's own test suites with kvswitch's classes substituted.
 
-Load it with ``-p kvswitch_vllm_plugin`` (``tests/vllm`` on ``PYTHONPATH``) when running
+Load it with ``-p kvswitch_vllm_plugin`` (``tests/vllm_support`` on ``PYTHONPATH``) when running
 tests from vLLM's source distribution (``.ci/vllm_suite.sh`` does). Before any test module
 is imported it rebinds, in vLLM's own modules, only the class under test:
 

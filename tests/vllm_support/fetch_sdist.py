@@ -5,7 +5,7 @@ downloads it, checks the hash and extracts ``tests/`` and the build config files
 (``pip download --no-binary :all: vllm`` would also build vLLM's build requirements,
 cmake and torch among them, from source to prepare its metadata.)
 
-Usage: python tests/vllm/fetch_sdist.py VERSION OUT_DIR
+Usage: python tests/vllm_support/fetch_sdist.py VERSION OUT_DIR
 """
 
 from __future__ import annotations
