@@ -9,6 +9,8 @@
 #
 # SGLang's own host-pool unit tests are not run: the sglang 0.5.23 wheel ships none, PyPI
 # has no sdist of it (the last sdist is 0.5.10.post1), and CI reaches no other source.
+#
+# Usage: bash .ci/sglang_suite.sh [all|install|test] (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { local t0=$SECONDS; "$@"; echo "== $((SECONDS - t0)) s: $*"; }
@@ -22,17 +24,18 @@ grep -v -E '^[[:space:]]*torch[[:space:]]*(==|$)' .ci/constraints.txt > "$dir/co
 echo "sglang==0.5.23" >> "$dir/constraints.txt"
 PIN=(-c "$dir/constraints.txt")
 
-make_venv() { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; }
-step make_venv
 py=$venv/bin/python
-# SGLang first (the big, cacheable part), then kvswitch built from this tree.
-step "$py" -m pip install --quiet "${PIN[@]}" "sglang==0.5.23"
-# kvswitch without build isolation, into its own CMake build folder: a warm run rebuilds
-# incrementally instead of compiling the C++ core from scratch in a throw-away env.
-step "$py" -m pip install --quiet "${PIN[@]}" scikit-build-core nanobind cmake ninja
-step "$py" -m pip install --quiet "${PIN[@]}" --no-build-isolation \
-  -C build-dir="$dir/cmake" ".[test,sglang]"
-"$py" -c "import torch, sglang, kvswitch; print('torch', torch.__version__, '| sglang', sglang.__version__, '| kvswitch', kvswitch.__version__)"
+install() {
+  [ -x "$py" ] || python3 -m venv "$venv"
+  # SGLang first (the big part), then kvswitch built from this tree without build isolation,
+  # into its own CMake build folder: .ci/run may build the main wheel from this tree
+  # meanwhile, and a warm run rebuilds incrementally.
+  "$py" -m pip install --quiet "${PIN[@]}" "sglang==0.5.23"
+  "$py" -m pip install --quiet "${PIN[@]}" scikit-build-core nanobind cmake ninja
+  "$py" -m pip install --quiet "${PIN[@]}" --no-build-isolation \
+    -C build-dir="$dir/cmake" ".[test,sglang]"
+  "$py" -c "import torch, sglang, kvswitch; print('torch', torch.__version__, '| sglang', sglang.__version__, '| kvswitch', kvswitch.__version__)"
+}
 
 # The entry point SGLang's plugin loader reads, as installed (not from the source tree).
 check_entry_point() {
@@ -44,10 +47,20 @@ print("entry point:", eps[0].value)
 PY
   )
 }
-step check_entry_point
 
 # -p no:cacheprovider: nothing written into the tree; rootdir's pyproject gives the markers.
-step "$py" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  tests/test_sglang_*.py tests/cuda/test_sglang_*.py
-step "$py" benchmarks/sglang_transfer_cost.py --quick
-echo "== $SECONDS s: .ci/sglang_suite.sh"
+tests() {
+  "$py" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    tests/test_sglang_*.py tests/cuda/test_sglang_*.py
+}
+cost() { "$py" benchmarks/sglang_transfer_cost.py --quick; }
+
+# `install` or `test` runs half of it (.ci/run downloads while the main suite runs).
+mode=${1:-all}
+case $mode in
+  install | all) step install ;;&
+  test | all) step check_entry_point; step tests; step cost ;;&
+  install | test | all) ;;
+  *) echo "usage: bash .ci/sglang_suite.sh [all|install|test]" >&2; exit 2 ;;
+esac
+echo "== $SECONDS s: .ci/sglang_suite.sh $mode"

@@ -24,6 +24,8 @@
 #       vllm.v1.kv_offload.cpu.spec and inspect its arguments: they test which worker class
 #       vLLM's own spec instantiates, which kvswitch's spec replaces by design.
 #  5. cpu/test_manager.py again, all of it, in the documented "vllm" chunk order.
+#
+# Usage: bash .ci/vllm_suite.sh [all|install|test] (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { local t0=$SECONDS; "$@"; echo "== $((SECONDS - t0)) s: $*"; }
@@ -39,7 +41,9 @@ mkdir -p "$DIR"
 
 install() {
   [ -x "$PY" ] || python3 -m venv "$VENV"
-  "$PY" -m pip install --quiet -c .ci/constraints.txt ".[test,vllm]" tblib
+  # Its own CMake build folder: .ci/run may build the main wheel from this tree meanwhile.
+  "$PY" -m pip install --quiet -c .ci/constraints.txt -C build-dir="$DIR/cmake" \
+    ".[test,vllm]" tblib
   "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
   "$PY" -c "import torch, vllm, kvswitch.adapters.vllm; print('torch', torch.__version__, '| vllm', vllm.__version__)"
 }
@@ -77,9 +81,12 @@ vllm_manager_vllm_order() {
   KVSWITCH_VLLM_CHUNK_ORDER=vllm vllm_pytest tests/v1/kv_offload/cpu/test_manager.py
 }
 
-step install
-step fetch_sdist
-step kvswitch_tests
-step vllm_suites
-step vllm_manager_vllm_order
-echo "== $SECONDS s: .ci/vllm_suite.sh"
+# `install` or `test` runs half of it (.ci/run downloads while the main suite runs).
+mode=${1:-all}
+case $mode in
+  install | all) step install; step fetch_sdist ;;&
+  test | all) step kvswitch_tests; step vllm_suites; step vllm_manager_vllm_order ;;&
+  install | test | all) ;;
+  *) echo "usage: bash .ci/vllm_suite.sh [all|install|test]" >&2; exit 2 ;;
+esac
+echo "== $SECONDS s: .ci/vllm_suite.sh $mode"
