@@ -350,3 +350,188 @@ def test_manager_compaction_options_are_checked() -> None:
         m.swap_in(0, reserve_blocks=1.5)
     assert m.state(0) == "swapped_out" and m.gpu.free_groups() == free
     m.close()
+
+
+# -- review findings: compaction failures, reports, caps and streams ----------------------
+
+
+def _tables(m) -> dict:
+    return {s: m.block_table(s).tolist() for s in m.gpu.sequences()}
+
+
+@pytest.mark.parametrize("cause", ["closed", "memory"])
+def test_a_migration_that_cannot_be_queued_fails_every_moved_sequence(cause: str) -> None:
+    """gpu.compact() rewrote the tables, then queueing the migration raised: the moved
+    sequences' new blocks were never filled, so they must be failed, never left running."""
+    from kvswitch import EngineClosedError
+
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    before = _tables(m)
+    if cause == "closed":  # closed by another thread between the check and the submit
+        check = m.engine.check_migrate
+
+        def check_then_close(**kw):
+            check(**kw)
+            m.engine.close()
+        m.engine.check_migrate = check_then_close
+        error = EngineClosedError
+    else:
+        def no_memory(*args, **kw):
+            raise MemoryError("no memory for the migration")
+        m.engine.migrate = no_memory
+        error = MemoryError
+    with pytest.raises(error):
+        m.swap_in(0)
+    after = _tables(m)
+    moved = {s for s in before if s in after and after[s] != before[s]}
+    assert moved  # the allocator did move blocks
+    assert m.state(0) == "swapped_out" and 0 not in m.gpu
+    assert m.take_block_table_changes() == {}
+    failed = m.take_failed()
+    assert set(failed) == moved
+    for s, e in failed.items():
+        assert e.direction == "migrate" and e.seq_id == s and e.job_id is None
+        assert m.state(s) == "failed"
+    assert m.stats().migrate_failures == len(moved) and m.stats().migrations == 0
+    for q in kept:  # every sequence still running reads its own bytes
+        if m.state(q) == "running":
+            for a in kv:
+                assert (a[m.block_table(q)] == q).all()
+    for s in moved:
+        m.free(s)
+    m.gpu.check_invariants()
+    m.close()
+
+
+def test_block_table_changes_are_the_tables_at_the_time_they_are_taken() -> None:
+    seen = []
+    m, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0,
+                                  on_block_tables_changed=seen.append)
+    m.swap_in(0)
+    m.wait_swap_in(0)
+    assert len(seen) == 1 and len(seen[0]) >= 2
+    for s, table in seen[0].items():  # the callback's tables: current when it ran
+        assert table.dtype == np.int32 and table.tolist() == m.block_table(s).tolist()
+    grown, gone = list(seen[0])[:2]
+    m.allocate(grown, 2)  # grows after the compaction, before the adapter takes the changes
+    m.swap_out(gone, m.block_size)
+    changes = m.take_block_table_changes()
+    assert gone not in changes  # holds no GPU blocks any more
+    assert set(changes) == set(seen[0]) - {gone}
+    for s, table in changes.items():
+        assert table.dtype == np.int32 and table.tolist() == m.block_table(s).tolist()
+    assert len(changes[grown]) == 3
+    assert m.take_block_table_changes() == {}
+    m.close()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -1.0])
+def test_compaction_max_moved_must_be_finite_and_non_negative(value: float) -> None:
+    from kvswitch.testing.swap_manager_state_machine import default_manager
+
+    with pytest.raises(ValueError, match="compaction_max_moved"):
+        default_manager(compaction=True, compaction_max_moved=value)
+
+
+def test_a_huge_finite_compaction_cap_means_no_limit() -> None:
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=1e300)
+    table = m.swap_in(0)
+    assert len(m.gpu.groups(0)) == 1 and len(table) == 5
+    m.wait_swap_in(0)
+    for q in kept:
+        for a in kv:
+            assert (a[m.block_table(q)] == q).all()
+    m.close()
+
+
+@pytest.mark.parametrize("reserve", [0, 2])
+def test_the_cap_is_a_fraction_of_the_swap_in_blocks_plus_the_reserve(
+        reserve: int, monkeypatch) -> None:
+    """The documented meaning of compaction_max_moved: floor(cap x (the swap-in's blocks +
+    reserve_blocks, at most the free blocks)) blocks, for a free group of that size."""
+    m, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=0.7)
+    calls = []
+    compact = BlockGroupAllocator.compact
+
+    def spy(self, num_blocks, **kw):
+        calls.append((num_blocks, kw["max_moved"]))
+        return compact(self, num_blocks, **kw)
+
+    monkeypatch.setattr(BlockGroupAllocator, "compact", spy)
+    size = min(5 + reserve, m.gpu.num_free_blocks)
+    m.swap_in(0, reserve_blocks=reserve)
+    assert calls == [(size, int(0.7 * size))]
+    m.close()
+
+
+def test_cuda_backend_without_after_does_not_compact(monkeypatch) -> None:
+    """On a stream backend a migration without ``after`` could race the compute kernels
+    that still write the running sequences' blocks: such a swap-in must not compact. The
+    rule is keyed on the engine's backend (a host engine made to report "cuda")."""
+    from kvswitch import AsyncSwapEngine
+
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    monkeypatch.setattr(AsyncSwapEngine, "backend", property(lambda self: "cuda"))
+    before = _tables(m)
+    table = m.swap_in(0)
+    assert len(m.gpu.groups(0)) > 1 and len(table) == 5
+    assert m.stats().migrations == 0 and m.take_block_table_changes() == {}
+    assert {s: t for s, t in _tables(m).items() if s != 0} == before
+    monkeypatch.undo()  # the same pool on the host backend compacts (the control)
+    m2, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    m2.swap_in(0)
+    assert m2.stats().migrations == 1 and len(m2.gpu.groups(0)) == 1
+    m.close()
+    m2.close()
+
+
+class _PendingMigration:
+    """A migrate job the test finishes by hand (the host backend always waits for a real
+    one in swap_in, so a migration still pending is only reachable with a stand-in)."""
+
+    id = root_job_id = 999
+    nbytes = 0
+    elapsed_s = None
+
+    def __init__(self) -> None:
+        self.error = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self) -> None:  # what swap_in does without ``before``: returns, still pending
+        pass
+
+    def fail(self, why: str) -> None:
+        self.error = why
+        self.finished = True
+
+
+@pytest.mark.parametrize("how", ["freed_and_reused", "swapped_out_and_in"])
+def test_an_old_migration_fails_only_sequences_still_holding_the_moved_blocks(
+        how: str) -> None:
+    m, kv, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    pending = _PendingMigration()
+    m.engine.migrate = lambda pairs, **kw: pending
+    m.swap_in(0)
+    moved = list(m.take_block_table_changes())
+    assert len(moved) >= 2
+    other, untouched = moved[0], moved[1:]
+    del m.engine.migrate  # the real engine from here on
+    if how == "freed_and_reused":
+        m.free(other)
+        m.allocate(other, 1)  # a new sequence under the old id, on other blocks
+    else:
+        m.swap_out(other, m.block_size)
+        m.synchronize()
+        m.swap_in(other)
+        m.wait_swap_in(other)  # its KV came from the host copy
+    assert m.state(other) == "running"
+    pending.fail("injected migration failure")
+    m.poll()
+    failed = m.take_failed()
+    assert set(failed) == set(untouched)  # the control: those still hold the moved blocks
+    assert all(e.direction == "migrate" for e in failed.values())
+    assert m.state(other) == "running" and other not in m.failed
+    m.close()
