@@ -424,9 +424,12 @@ class SwapManager:
         ``direction == "migrate"``); jobs the engine ordered after it (this swap-in, a
         swap-out of a moved sequence, which reports its own failure) fail with it. If the
         migration cannot even be queued (the engine closed by another thread, MemoryError),
-        the moves are not undone: every moved sequence becomes ``"failed"`` (reported by
-        :meth:`take_failed`, ``direction == "migrate"``, ``job_id`` None) and the exception
-        propagates, this sequence staying swapped out. Never a silent wrong byte.
+        the moves are undone (:meth:`BlockGroupAllocator.undo_moves`: every moved sequence
+        has its old table and KV again; reserved tails the compaction released stay
+        released), nothing is reported, and the exception propagates, this sequence staying
+        swapped out. Only if the undo is refused too does every moved sequence become
+        ``"failed"`` (reported by :meth:`take_failed`, ``direction == "migrate"``,
+        ``job_id`` None). Never a silent wrong byte.
 
         On the CUDA backend it compacts only when ``after`` is given: a migration must
         follow the compute kernels that still write running sequences' blocks (the last
@@ -462,8 +465,8 @@ class SwapManager:
                 (the callback, the swap-in's own plan or submit), the moved sequences keep
                 their new tables and the migration, reported by
                 :meth:`take_block_table_changes`; when queueing the migration itself raised,
-                every moved sequence is ``"failed"``, as above. Reserved tails the
-                compaction released stay released.)
+                the moves are undone, as above. Reserved tails the compaction released stay
+                released.)
             SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
                 reported yet: this raise reports it, :meth:`take_failed` will not.
                 A failure already reported gives ValueError.
@@ -850,10 +853,14 @@ class SwapManager:
         try:
             handle = self.engine.migrate(pairs, **streams)
         except BaseException as exc:
-            # The tables name the new blocks, which hold no KV, and the old ones are free:
-            # the moved sequences' KV is lost. Fail them (reported by take_failed) so that
-            # nothing reads the new ids as theirs, then let the caller see the cause.
-            self._fail_unmigrated(moved, exc)
+            # Nothing was queued: the tables name new blocks that hold no KV. The old ones
+            # are still free (the lock is held), so move the tables back. Should that be
+            # refused, fail the moved sequences (reported by take_failed) so that nothing
+            # reads the new ids as theirs. Either way the caller sees the cause.
+            try:
+                gpu.undo_moves(moves)
+            except Exception:
+                self._fail_unmigrated(moved, exc)
             raise
         n = self._n
         n["migrations"] += 1
@@ -871,7 +878,8 @@ class SwapManager:
             self.on_block_tables_changed(self._current_tables(moved))
 
     def _fail_unmigrated(self, moved: list[Hashable], cause: BaseException) -> None:
-        """Mark failed the sequences a compaction moved whose migration was never queued."""
+        """Mark failed the sequences a compaction moved whose migration was never queued and
+        whose moves could not be undone."""
         for s in moved:
             error = SwapError(f"migration of sequence {s!r} failed: its blocks were moved "
                               f"but the migration could not be queued: {cause!r}")
