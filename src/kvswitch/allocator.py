@@ -265,8 +265,9 @@ class BlockGroupAllocator:
 
         The caller must copy each move's KV (device to device, e.g.
         :meth:`AsyncSwapEngine.migrate` with :meth:`BlockMoves.pairs`) and make every
-        reader of the moved sequences (paged attention) use their new block tables.
-        Not available in per-block mode.
+        reader of the moved sequences (paged attention) use their new block tables; if
+        the copies cannot be issued, :meth:`undo_moves` moves the tables back. Not
+        available in per-block mode.
 
         Args:
             num_blocks: size of the free group wanted, in blocks (int > 0).
