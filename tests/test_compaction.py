@@ -167,9 +167,10 @@ def test_pairs_coalesce_moves_of_neighbouring_sequences() -> None:
                  max_size=40),
     want=st.floats(0.0, 1.0),
     pin=st.lists(st.integers(0, 5), max_size=2),
+    undo=st.booleans(),
 )
 def test_compaction_against_a_model(num_blocks: int, initial: int, ops: list,
-                                    want: float, pin: list[int]) -> None:
+                                    want: float, pin: list[int], undo: bool) -> None:
     a = BlockGroupAllocator(num_blocks, initial_group_blocks=initial)
     for seq, n, drop in ops:
         if drop and seq in a:
@@ -182,6 +183,7 @@ def test_compaction_against_a_model(num_blocks: int, initial: int, ops: list,
         return
     n = max(1, int(want * free))
     tables = {s: a.block_table(s).tolist() for s in a.sequences()}
+    original = {s: list(t) for s, t in tables.items()}
     largest = max((k for _, k in a.free_groups()), default=0)
     before = _state(a)
     moves = a.compact(n, pinned=pin)
@@ -206,6 +208,12 @@ def test_compaction_against_a_model(num_blocks: int, initial: int, ops: list,
     src = {int(b) for s0, _, k in p for b in range(s0, s0 + k)}
     dst = {int(b) for _, d0, k in p for b in range(d0, d0 + k)}
     assert not src & dst
+    if undo:  # the inverse: every table as before the compaction, no block lost
+        a.undo_moves(moves)
+        a.check_invariants()
+        assert {s: a.block_table(s).tolist() for s in a.sequences()} == original
+        assert a.num_free_blocks == free
+        return
     new = a.allocate("new", n).tolist()
     assert new == list(range(new[0], new[0] + n))
 
@@ -350,3 +358,293 @@ def test_manager_compaction_options_are_checked() -> None:
         m.swap_in(0, reserve_blocks=1.5)
     assert m.state(0) == "swapped_out" and m.gpu.free_groups() == free
     m.close()
+
+
+# -- review findings: compaction failures, reports, caps and streams ----------------------
+
+
+def _tables(m) -> dict:
+    return {s: m.block_table(s).tolist() for s in m.gpu.sequences()}
+
+
+def _migrate_cannot_be_queued(m, cause: str) -> type:
+    """Make the next migration's submit raise, as a close by another thread between the
+    check and the submit would, or a MemoryError; returns the exception type."""
+    from kvswitch import EngineClosedError
+
+    if cause == "closed":
+        check = m.engine.check_migrate
+
+        def check_then_close(**kw):
+            check(**kw)
+            m.engine.close()
+        m.engine.check_migrate = check_then_close
+        return EngineClosedError
+
+    def no_memory(*args, **kw):
+        raise MemoryError("no memory for the migration")
+    m.engine.migrate = no_memory
+    return MemoryError
+
+
+@pytest.mark.parametrize("cause", ["closed", "memory"])
+def test_a_migration_that_cannot_be_queued_is_undone(cause: str) -> None:
+    """gpu.compact() rewrote the tables, then queueing the migration raised: the moves are
+    undone, so every sequence reads its own bytes through its (old) table again."""
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    before = _tables(m)
+    with pytest.raises(_migrate_cannot_be_queued(m, cause)):
+        m.swap_in(0)
+    assert _tables(m) == before
+    assert m.state(0) == "swapped_out" and 0 not in m.gpu
+    assert m.take_block_table_changes() == {} and m.take_failed() == {}
+    assert m.failed == [] and m.stats().migrations == 0
+    for q in kept:
+        assert m.state(q) == "running"
+        for a in kv:
+            assert (a[m.block_table(q)] == q).all()
+    m.gpu.check_invariants()
+    if cause == "memory":  # the next swap-in compacts and lands in one group
+        del m.engine.migrate
+        m.swap_in(0)
+        m.wait_swap_in(0)
+        assert len(m.gpu.groups(0)) == 1 and m.stats().migrations == 1
+        for r, a in enumerate(kv):
+            assert (a[m.block_table(0)] == 100 + r).all()
+            for q in kept:
+                assert (a[m.block_table(q)] == q).all()
+    m.close()
+
+
+@pytest.mark.parametrize("cause", ["closed", "memory"])
+def test_a_migration_that_cannot_be_queued_nor_undone_fails_every_moved_sequence(
+        cause: str, monkeypatch) -> None:
+    """The fallback: if the allocator refused the undo, the moved sequences' new blocks
+    were never filled, so they must be failed, never left running."""
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    before = _tables(m)
+
+    def refuse(self, moves):
+        raise ValueError("undo refused")
+    monkeypatch.setattr(BlockGroupAllocator, "undo_moves", refuse)
+    with pytest.raises(_migrate_cannot_be_queued(m, cause)):
+        m.swap_in(0)
+    after = _tables(m)
+    moved = {s for s in before if s in after and after[s] != before[s]}
+    assert moved  # the allocator did move blocks
+    assert m.state(0) == "swapped_out" and 0 not in m.gpu
+    assert m.take_block_table_changes() == {}
+    failed = m.take_failed()
+    assert set(failed) == moved
+    for s, e in failed.items():
+        assert e.direction == "migrate" and e.seq_id == s and e.job_id is None
+        assert m.state(s) == "failed"
+    assert m.stats().migrate_failures == len(moved) and m.stats().migrations == 0
+    for q in kept:  # every sequence still running reads its own bytes
+        if m.state(q) == "running":
+            for a in kv:
+                assert (a[m.block_table(q)] == q).all()
+    for s in moved:
+        m.free(s)
+    m.gpu.check_invariants()
+    m.close()
+
+
+def test_block_table_changes_are_the_tables_at_the_time_they_are_taken() -> None:
+    seen = []
+    m, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0,
+                                  on_block_tables_changed=seen.append)
+    m.swap_in(0)
+    m.wait_swap_in(0)
+    assert len(seen) == 1 and len(seen[0]) >= 2
+    for s, table in seen[0].items():  # the callback's tables: current when it ran
+        assert table.dtype == np.int32 and table.tolist() == m.block_table(s).tolist()
+    grown, gone = list(seen[0])[:2]
+    m.allocate(grown, 2)  # grows after the compaction, before the adapter takes the changes
+    m.swap_out(gone, m.block_size)
+    changes = m.take_block_table_changes()
+    assert gone not in changes  # holds no GPU blocks any more
+    assert set(changes) == set(seen[0]) - {gone}
+    for s, table in changes.items():
+        assert table.dtype == np.int32 and table.tolist() == m.block_table(s).tolist()
+    assert len(changes[grown]) == 3
+    assert m.take_block_table_changes() == {}
+    m.close()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -1.0])
+def test_compaction_max_moved_must_be_finite_and_non_negative(value: float) -> None:
+    from kvswitch.testing.swap_manager_state_machine import default_manager
+
+    with pytest.raises(ValueError, match="compaction_max_moved"):
+        default_manager(compaction=True, compaction_max_moved=value)
+
+
+def test_a_huge_finite_compaction_cap_means_no_limit() -> None:
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=1e300)
+    table = m.swap_in(0)
+    assert len(m.gpu.groups(0)) == 1 and len(table) == 5
+    m.wait_swap_in(0)
+    for q in kept:
+        for a in kv:
+            assert (a[m.block_table(q)] == q).all()
+    m.close()
+
+
+@pytest.mark.parametrize("reserve", [0, 2])
+def test_the_cap_is_a_fraction_of_the_swap_in_blocks_plus_the_reserve(
+        reserve: int, monkeypatch) -> None:
+    """The documented meaning of compaction_max_moved: floor(cap x (the swap-in's blocks +
+    reserve_blocks, at most the free blocks)) blocks, for a free group of that size."""
+    m, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=0.7)
+    calls = []
+    compact = BlockGroupAllocator.compact
+
+    def spy(self, num_blocks, **kw):
+        calls.append((num_blocks, kw["max_moved"]))
+        return compact(self, num_blocks, **kw)
+
+    monkeypatch.setattr(BlockGroupAllocator, "compact", spy)
+    size = min(5 + reserve, m.gpu.num_free_blocks)
+    m.swap_in(0, reserve_blocks=reserve)
+    assert calls == [(size, int(0.7 * size))]
+    m.close()
+
+
+def test_cuda_backend_without_after_does_not_compact(monkeypatch) -> None:
+    """On a stream backend a migration without ``after`` could race the compute kernels
+    that still write the running sequences' blocks: such a swap-in must not compact. The
+    rule is keyed on the engine's backend (a host engine made to report "cuda")."""
+    from kvswitch import AsyncSwapEngine
+
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    monkeypatch.setattr(AsyncSwapEngine, "backend", property(lambda self: "cuda"))
+    before = _tables(m)
+    table = m.swap_in(0)
+    assert len(m.gpu.groups(0)) > 1 and len(table) == 5
+    assert m.stats().migrations == 0 and m.take_block_table_changes() == {}
+    assert {s: t for s, t in _tables(m).items() if s != 0} == before
+    monkeypatch.undo()  # the same pool on the host backend compacts (the control)
+    m2, _, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    m2.swap_in(0)
+    assert m2.stats().migrations == 1 and len(m2.gpu.groups(0)) == 1
+    m.close()
+    m2.close()
+
+
+class _PendingMigration:
+    """A migrate job the test finishes by hand (the host backend always waits for a real
+    one in swap_in, so a migration still pending is only reachable with a stand-in)."""
+
+    id = root_job_id = 999
+    nbytes = 0
+    elapsed_s = None
+
+    def __init__(self) -> None:
+        self.error = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self) -> None:  # what swap_in does without ``before``: returns, still pending
+        pass
+
+    def fail(self, why: str) -> None:
+        self.error = why
+        self.finished = True
+
+
+@pytest.mark.parametrize("how", ["freed_and_reused", "swapped_out_and_in"])
+def test_an_old_migration_fails_only_sequences_still_holding_the_moved_blocks(
+        how: str) -> None:
+    m, kv, _ = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    pending = _PendingMigration()
+    m.engine.migrate = lambda pairs, **kw: pending
+    m.swap_in(0)
+    moved = list(m.take_block_table_changes())
+    assert len(moved) >= 2
+    other, untouched = moved[0], moved[1:]
+    del m.engine.migrate  # the real engine from here on
+    if how == "freed_and_reused":
+        m.free(other)
+        m.allocate(other, 1)  # a new sequence under the old id, on other blocks
+    else:
+        m.swap_out(other, m.block_size)
+        m.synchronize()
+        m.swap_in(other)
+        m.wait_swap_in(other)  # its KV came from the host copy
+    assert m.state(other) == "running"
+    pending.fail("injected migration failure")
+    m.poll()
+    failed = m.take_failed()
+    assert set(failed) == set(untouched)  # the control: those still hold the moved blocks
+    assert all(e.direction == "migrate" for e in failed.values())
+    assert m.state(other) == "running" and other not in m.failed
+    m.close()
+
+
+# -- undo_moves: the inverse of a compaction whose copies could not be issued -------------
+
+
+def _busy() -> BlockGroupAllocator:
+    """16 blocks; "a" and "b" interleaved with holes, "c" holding a reserved tail."""
+    a = BlockGroupAllocator(16, initial_group_blocks=2)
+    for s in ("a", "b", "a", "b", "c"):
+        a.allocate(s, 2)
+    a.free_blocks("a", a.block_table("a")[:1])
+    a.free_blocks("b", a.block_table("b")[1:2])
+    a.reserve("c", 2)
+    a.check_invariants()
+    return a
+
+
+@pytest.mark.parametrize(("maker", "num_blocks"), [(_striped, 4), (_striped, 6), (_busy, 7),
+                                                  (_busy, 8)])
+def test_undo_moves_restores_every_table(maker, num_blocks: int) -> None:
+    a = maker()
+    before = _state(a)
+    groups = {s: a.groups(s) for s in a.sequences()}
+    moves = a.compact(num_blocks)
+    assert moves
+    assert _state(a)[0] != before[0]
+    a.undo_moves(moves)
+    a.check_invariants()
+    after = _state(a)
+    assert after[0] == before[0]  # every table, block for block
+    assert after[3] == before[3]  # as many blocks outside all tables
+    assert {s: a.groups(s) for s in a.sequences()} == groups
+
+
+def test_undo_moves_refuses_what_it_cannot_undo_and_changes_nothing() -> None:
+    a = _striped()
+    moves = a.compact(4)
+    assert moves
+    state = _state(a)
+    n = len(moves)
+
+    def variant(**kw) -> BlockMoves:
+        fields = {"seq_ids": moves.seq_ids, "src": moves.src, "dst": moves.dst,
+                  "length": moves.length, **kw}
+        return BlockMoves(**fields)
+
+    bad = [
+        (variant(seq_ids=("nobody",) * n), KeyError),
+        (variant(src=moves.dst), ValueError),  # the sources are not free
+        (variant(dst=moves.src), ValueError),  # not in the table
+        (variant(length=moves.length + 100), ValueError),
+        (BlockMoves(moves.seq_ids * 2, np.concatenate([moves.src] * 2),
+                    np.concatenate([moves.dst] * 2), np.concatenate([moves.length] * 2)),
+         ValueError),  # overlapping moves
+    ]
+    for wrong, error in bad:
+        with pytest.raises(error):
+            a.undo_moves(wrong)
+        assert _state(a) == state
+    a.undo_moves(moves)
+    with pytest.raises(ValueError):  # done already: the sources are in the table again
+        a.undo_moves(moves)
+    per_block = BlockGroupAllocator.per_block(4)
+    with pytest.raises(ValueError, match="per-block"):
+        per_block.undo_moves(BlockMoves((), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                        np.zeros(0, np.int32)))

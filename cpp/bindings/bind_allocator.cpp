@@ -93,6 +93,20 @@ void bind_allocator(nb::module_& m) {
             },
             "num_blocks"_a, "max_moved"_a, "pinned"_a)
         .def(
+            "undo_moves",
+            [](BlockGroupAllocator& a, const std::vector<SeqId>& seqs,
+               const std::vector<BlockId>& src, const std::vector<BlockId>& dst,
+               const std::vector<BlockId>& length) {
+                if (src.size() != seqs.size() || dst.size() != seqs.size() ||
+                    length.size() != seqs.size())
+                    throw std::invalid_argument("undo_moves: columns of different lengths");
+                std::vector<BlockMove> moves(seqs.size());
+                for (std::size_t i = 0; i < seqs.size(); ++i)
+                    moves[i] = BlockMove{seqs[i], src[i], dst[i], length[i]};
+                a.undo_moves(moves);
+            },
+            "seq_ids"_a, "src"_a, "dst"_a, "length"_a)
+        .def(
             "free_blocks",
             [](BlockGroupAllocator& a, SeqId seq, BlockIdsIn ids) {
                 a.free_blocks(seq, ids.data(), ids.shape(0));

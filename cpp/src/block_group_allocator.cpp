@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <iterator>
 #include <limits>
+#include <string>
 #include <tuple>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace kvswitch {
@@ -515,6 +517,66 @@ std::optional<std::vector<BlockMove>> BlockGroupAllocator::compact(
     std::sort(moves.begin(), moves.end(),
               [](const BlockMove& a, const BlockMove& b) { return a.src < b.src; });
     return moves;
+}
+
+void BlockGroupAllocator::undo_moves(const std::vector<BlockMove>& moves) {
+    if (per_block_mode())
+        throw std::invalid_argument("undo_moves: compaction is off in per-block mode");
+    // 1. Check every move before changing anything.
+    std::vector<std::pair<BlockId, BlockId>> srcs, dsts;  // (start, length)
+    std::vector<BlockId> first_pos(moves.size(), 0);
+    std::unordered_map<SeqId, std::unordered_map<BlockId, BlockId>> positions;
+    for (std::size_t i = 0; i < moves.size(); ++i) {
+        const BlockMove& m = moves[i];
+        const std::string where = "undo_moves: move " + std::to_string(i) + " ";
+        if (m.length <= 0 || m.src < 0 || m.dst < 0 || m.src > num_blocks_ - m.length ||
+            m.dst > num_blocks_ - m.length)
+            throw std::invalid_argument(where + "is out of range");
+        const Sequence& s = known(m.seq);
+        auto [pos_it, fresh] = positions.try_emplace(m.seq);
+        if (fresh)
+            for (std::size_t p = 0; p < s.table.size(); ++p)
+                pos_it->second.emplace(s.table[p], static_cast<BlockId>(p));
+        const auto& pos = pos_it->second;
+        auto at = pos.find(m.dst);
+        if (at == pos.end())
+            throw std::invalid_argument(where + "names blocks not in the sequence's table");
+        const BlockId p0 = at->second;
+        if (static_cast<std::size_t>(p0 + m.length) > s.table.size())
+            throw std::invalid_argument(where + "names blocks not in the sequence's table");
+        for (BlockId k = 0; k < m.length; ++k)
+            if (s.table[static_cast<std::size_t>(p0 + k)] != m.dst + k)
+                throw std::invalid_argument(where + "names blocks not in the sequence's table");
+        if (s.reserved.length > 0 && static_cast<std::size_t>(p0 + m.length) == s.table.size())
+            throw std::invalid_argument(where + "moves a last block with a reserved tail");
+        auto it = free_by_start_.upper_bound(m.src);
+        if (it == free_by_start_.begin() || std::prev(it)->first + std::prev(it)->second <
+                                                m.src + m.length)
+            throw std::invalid_argument(where + "returns to blocks that are not free");
+        first_pos[i] = p0;
+        srcs.emplace_back(m.src, m.length);
+        dsts.emplace_back(m.dst, m.length);
+    }
+    for (auto* ranges : {&srcs, &dsts}) {
+        std::sort(ranges->begin(), ranges->end());
+        for (std::size_t i = 1; i < ranges->size(); ++i)
+            if ((*ranges)[i - 1].first + (*ranges)[i - 1].second > (*ranges)[i].first)
+                throw std::invalid_argument("undo_moves: moves overlap");
+    }
+    // 2. Apply: take the sources, rewrite the tables, free the destinations.
+    std::vector<SeqId> touched;
+    for (std::size_t i = 0; i < moves.size(); ++i) {
+        const BlockMove& m = moves[i];
+        take_free_range(m.src, m.length);
+        Sequence& s = seqs_.at(m.seq);
+        for (BlockId k = 0; k < m.length; ++k)
+            s.table[static_cast<std::size_t>(first_pos[i] + k)] = m.src + k;
+        touched.push_back(m.seq);
+    }
+    for (const BlockMove& m : moves) insert_free(m.dst, m.length);
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (SeqId t : touched) rebuild_groups(seqs_.at(t));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -265,8 +265,9 @@ class BlockGroupAllocator:
 
         The caller must copy each move's KV (device to device, e.g.
         :meth:`AsyncSwapEngine.migrate` with :meth:`BlockMoves.pairs`) and make every
-        reader of the moved sequences (paged attention) use their new block tables.
-        Not available in per-block mode.
+        reader of the moved sequences (paged attention) use their new block tables; if
+        the copies cannot be issued, :meth:`undo_moves` moves the tables back. Not
+        available in per-block mode.
 
         Args:
             num_blocks: size of the free group wanted, in blocks (int > 0).
@@ -310,6 +311,33 @@ class BlockGroupAllocator:
             sids, src, dst, length = result
             names = {v: k for k, v in ids.items()} if len(sids) else {}
             return BlockMoves(tuple(names[int(s)] for s in sids), src, dst, length)
+
+    def undo_moves(self, moves: BlockMoves) -> None:
+        """Undo a :meth:`compact` whose copies could not be issued: move each move's blocks
+        back from ``dst`` to ``src`` in its sequence's table (same positions) and free the
+        ``dst`` blocks.
+
+        Valid while nothing has taken the ``src`` blocks or changed the moved tables since
+        the compaction (e.g. right after it, under the same lock). Reserved tails the
+        compaction released or split stay free blocks; they are not restored.
+
+        Args:
+            moves: the moves :meth:`compact` returned.
+
+        Raises:
+            ValueError: a ``src`` range is not free (or is a reserved tail), a ``dst`` range
+                is not consecutive blocks of its sequence's table, the moves overlap, a
+                moved last block has a reserved tail behind it, or per-block mode.
+            KeyError: a sequence is unknown. (All: nothing changes.)
+        """
+        with self._lock:
+            ids = self._ids
+            try:
+                sids = [ids[s] for s in moves.seq_ids]
+            except KeyError as e:
+                raise KeyError(f"undo_moves: unknown sequence {e.args[0]!r}") from None
+            self._core.undo_moves(sids, moves.src.tolist(), moves.dst.tolist(),
+                                  moves.length.tolist())
 
     def free_blocks(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
         """Release some blocks of ``seq_id`` and remove them from its block table.

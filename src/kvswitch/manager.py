@@ -33,6 +33,7 @@ paged attention read the new ids (:meth:`SwapManager.take_block_table_changes` o
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -176,10 +177,14 @@ class SwapManager:
             allocator). When the free blocks suffice for a swap-in but its table would
             land in several groups, :meth:`swap_in` moves other sequences' blocks so that
             it lands in one (see there). Turn it on only when the engine's attention reads
-            block tables after :meth:`take_block_table_changes` or the callback.
+            block tables after :meth:`take_block_table_changes` or the callback. On the
+            CUDA backend a swap-in compacts only when given ``after`` (the compute
+            stream): without it a migration could race kernels still writing the moved
+            blocks, so such a swap-in lands in several groups, as without compaction.
         compaction_max_moved: cap on the blocks one compaction may move, as a fraction of
-            the swap-in's blocks (float >= 0); a swap-in needing more falls back to several
-            groups.
+            the free group it makes: the swap-in's blocks plus its ``reserve_blocks`` (at
+            most the pool's free blocks); the product is rounded down (finite float >= 0).
+            A swap-in needing more falls back to several groups.
         on_block_tables_changed: called (under the manager's lock, from :meth:`swap_in`)
             with ``{seq_id: int32 block table}`` of the running sequences a compaction
             moved: their new tables in full. Paged attention must read these ids from then
@@ -188,8 +193,8 @@ class SwapManager:
     Raises:
         TypeError: ``block_size`` or ``window`` not an int. ValueError: non-empty
             allocators, pool sizes that disagree with the engine, a bad policy, block size
-            or window, ``compaction`` with a per-block GPU allocator, a negative
-            ``compaction_max_moved``.
+            or window, ``compaction`` with a per-block GPU allocator, a negative or
+            non-finite ``compaction_max_moved``.
 
     Failures (docs/design.md, "Failures and threads"): every job's handle is checked. A
     blocking swap-out whose copies fail raises :class:`SwapError` and the sequence stays
@@ -236,8 +241,9 @@ class SwapManager:
         if compaction and gpu_allocator.per_block_mode:
             raise ValueError("compaction needs a block-group GPU allocator, not per-block mode")
         compaction_max_moved = float(compaction_max_moved)
-        if not compaction_max_moved >= 0.0:
-            raise ValueError(f"compaction_max_moved must be >= 0, got {compaction_max_moved}")
+        if not 0.0 <= compaction_max_moved < math.inf:
+            raise ValueError(
+                f"compaction_max_moved must be finite and >= 0, got {compaction_max_moved}")
         self.gpu = gpu_allocator
         self.engine = engine
         self.tracker = ReuseTracker(host_allocator, block_size=block_size)
@@ -249,9 +255,12 @@ class SwapManager:
         self.compaction = bool(compaction)
         self.compaction_max_moved = compaction_max_moved
         self.on_block_tables_changed = on_block_tables_changed
-        self._table_changes: dict[Hashable, npt.NDArray[np.int32]] = {}
-        # Migrations not yet seen finished: (handle, the running sequences it moved).
-        self._migrations: list[tuple[SwapHandle, tuple[Hashable, ...]]] = []
+        # Sequences whose block table a compaction changed since take_block_table_changes
+        # (a dict used as an ordered set; the tables are read when taken).
+        self._table_changes: dict[Hashable, None] = {}
+        # Migrations not yet seen finished: (handle, the sequences it moved that still hold
+        # the moved blocks; free() and swap_out() remove theirs).
+        self._migrations: list[tuple[SwapHandle, dict[Hashable, None]]] = []
         self._lock = threading.RLock()
         self._regions = engine.device_layout.num_regions
         self._block_bytes = engine.device_layout.bytes_per_block
@@ -378,7 +387,7 @@ class SwapManager:
                 handle = None
             self.tracker.commit(plan)
             self.gpu.free(seq_id)
-            self._table_changes.pop(seq_id, None)
+            self._forget_moves(seq_id)
             record = _SwappedOut(plan, handle, num_tokens)
             self._swapped[seq_id] = record
             if handle is not None:
@@ -402,17 +411,30 @@ class SwapManager:
         it fails, so does this swap-in.
 
         With ``compaction``: when the GPU pool's free blocks suffice but no free group holds
-        the whole table, it first compacts the pool (at most ``compaction_max_moved`` x
-        its blocks moved; sequences still swapping in or failed never move), queues one
-        :meth:`AsyncSwapEngine.migrate` job for the moves (coalesced extents, with
-        ``after``/``before`` passed on), reports the moved sequences' new block tables (the
-        callback, :meth:`take_block_table_changes`), then allocates one group. Without a
-        ``before`` stream it waits for the migration before returning (``migrate_wait_s``),
-        so the new ids hold the KV on return; with one, the consumer stream waits for it.
-        If the migration fails, the moved sequences become ``"failed"`` (reported by
-        :meth:`take_failed`, ``direction == "migrate"``); jobs the engine ordered after it
-        (this swap-in, a swap-out of a moved sequence) fail with it. Never a silent wrong
-        byte.
+        the whole table, it first compacts the pool to make a free group of its blocks
+        plus ``reserve_blocks`` (at most the free blocks; at most ``compaction_max_moved``
+        x that many blocks moved, rounded down; sequences still swapping in or failed never
+        move), queues one :meth:`AsyncSwapEngine.migrate` job for the moves (coalesced
+        extents, with ``after``/``before`` passed on), reports the moved sequences' new
+        block tables (the callback, :meth:`take_block_table_changes`), then allocates one
+        group. Without a ``before`` stream it waits for the migration before returning
+        (``migrate_wait_s``), so the new ids hold the KV on return; with one, the consumer
+        stream waits for it. If the migration fails, the moved sequences still holding the
+        moved blocks become ``"failed"`` (reported by :meth:`take_failed`,
+        ``direction == "migrate"``); jobs the engine ordered after it (this swap-in, a
+        swap-out of a moved sequence, which reports its own failure) fail with it. If the
+        migration cannot even be queued (the engine closed by another thread, MemoryError),
+        the moves are undone (:meth:`BlockGroupAllocator.undo_moves`: every moved sequence
+        has its old table and KV again; reserved tails the compaction released stay
+        released), nothing is reported, and the exception propagates, this sequence staying
+        swapped out. Only if the undo is refused too does every moved sequence become
+        ``"failed"`` (reported by :meth:`take_failed`, ``direction == "migrate"``,
+        ``job_id`` None). Never a silent wrong byte.
+
+        On the CUDA backend it compacts only when ``after`` is given: a migration must
+        follow the compute kernels that still write running sequences' blocks (the last
+        block of each decoding sequence), and kernels already queued write the old block
+        ids. Without ``after`` the swap-in lands in several groups, as without compaction.
 
         Args:
             seq_id: a swapped-out sequence.
@@ -436,7 +458,15 @@ class SwapManager:
             KeyError: unknown sequence. ValueError: not swapped out, ``before``/``after``
                 the backend cannot take, negative ``reserve_blocks``. TypeError:
                 ``reserve_blocks`` not an int. OutOfBlocksError: the GPU pool lacks the blocks.
-                EngineClosedError: the engine is closed. (All: nothing changes.)
+                EngineClosedError: the engine is closed. Anything
+                ``on_block_tables_changed`` raises. (All: the sequence stays swapped out and
+                holds no GPU blocks. Without a compaction nothing changes. After one, only
+                its effects remain: when the raise came after its migration was queued
+                (the callback, the swap-in's own plan or submit), the moved sequences keep
+                their new tables and the migration, reported by
+                :meth:`take_block_table_changes`; when queueing the migration itself raised,
+                the moves are undone, as above. Reserved tails the compaction released stay
+                released.)
             SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
                 reported yet: this raise reports it, :meth:`take_failed` will not.
                 A failure already reported gives ValueError.
@@ -566,13 +596,14 @@ class SwapManager:
 
     def take_block_table_changes(self) -> dict[Hashable, npt.NDArray[np.int32]]:
         """Block tables that compaction changed since the last call: ``{seq_id: int32
-        table}``, each the sequence's full current GPU block table (sequences freed or
-        swapped out since are left out). Paged attention must read these ids; the old ids
-        of a moved block may already hold another sequence's KV.
+        table}``, each the sequence's full GPU block table as it is now, at this call
+        (blocks allocated since the compaction included; sequences no longer holding GPU
+        blocks, freed or swapped out since, are left out). Paged attention must read these
+        ids; the old ids of a moved block may already hold another sequence's KV.
         """
         with self._lock:
-            changes, self._table_changes = self._table_changes, {}
-            return changes
+            ids, self._table_changes = self._table_changes, {}
+            return self._current_tables(ids)
 
     def estimate_swap_in_s(self, seq_ids: list[Hashable] | None = None) -> float | None:
         """Seconds the pending swap-ins of ``seq_ids`` (default: all) would take at the
@@ -669,7 +700,7 @@ class SwapManager:
             self._outs_in_flight.pop(seq_id, None)
             self._failed.pop(seq_id, None)
             self._unreported.pop(seq_id, None)
-            self._table_changes.pop(seq_id, None)
+            self._forget_moves(seq_id)
             if seq_id in self.gpu:
                 self.gpu.free(seq_id)
             if seq_id in self.tracker:
@@ -803,38 +834,80 @@ class SwapManager:
         gpu = self.gpu
         if num_blocks > gpu.num_free_blocks:
             return  # the allocate raises OutOfBlocksError
-        num_blocks = min(num_blocks + reserve, gpu.num_free_blocks)
+        if after is None and self.engine.backend == "cuda":
+            # Without the compute stream a migration could copy blocks that kernels still
+            # write (a running sequence's last block), and kernels still queued would write
+            # the old ids, given to the swap-in: no compaction.
+            return
+        size = min(num_blocks + reserve, gpu.num_free_blocks)
         streams = {k: v for k, v in (("before", before), ("after", after)) if v is not None}
         self.engine.check_migrate(**streams)
         # Sequences swapping in (their copies write their blocks) and failed ones stay put.
         pinned = [*self._swapping_in, *self._failed]
-        moves = gpu.compact(num_blocks, max_moved=int(self.compaction_max_moved * num_blocks),
-                            pinned=pinned)
+        max_moved = int(min(self.compaction_max_moved * size, INT32_MAX))
+        moves = gpu.compact(size, max_moved=max_moved, pinned=pinned)
         if not moves:  # None (no change) or only reserved tails released
             return
         pairs = moves.pairs()
-        handle = self.engine.migrate(pairs, **streams)
-        moved = tuple(moves.moved_sequences)
+        moved = moves.moved_sequences
+        try:
+            handle = self.engine.migrate(pairs, **streams)
+        except BaseException as exc:
+            # Nothing was queued: the tables name new blocks that hold no KV. The old ones
+            # are still free (the lock is held), so move the tables back. Should that be
+            # refused, fail the moved sequences (reported by take_failed) so that nothing
+            # reads the new ids as theirs. Either way the caller sees the cause.
+            try:
+                gpu.undo_moves(moves)
+            except Exception:
+                self._fail_unmigrated(moved, exc)
+            raise
         n = self._n
         n["migrations"] += 1
         n["migrated_blocks"] += moves.moved_blocks
         n["migrate_extents"] += len(pairs)
         n["migrate_bytes"] += moves.moved_blocks * self._block_bytes
-        changes = {s: gpu.block_table(s) for s in moved}
-        self._table_changes.update(changes)
-        self._migrations.append((handle, moved))
+        self._table_changes.update(dict.fromkeys(moved))
+        self._migrations.append((handle, dict.fromkeys(moved)))
         if before is None:
             t0 = time.perf_counter()
             _quiet_wait(handle)
             self._t["migrate_wait_s"] += time.perf_counter() - t0
             self._reap_migrations()
         if self.on_block_tables_changed is not None:
-            self.on_block_tables_changed(changes)
+            self.on_block_tables_changed(self._current_tables(moved))
+
+    def _fail_unmigrated(self, moved: list[Hashable], cause: BaseException) -> None:
+        """Mark failed the sequences a compaction moved whose migration was never queued and
+        whose moves could not be undone."""
+        for s in moved:
+            error = SwapError(f"migration of sequence {s!r} failed: its blocks were moved "
+                              f"but the migration could not be queued: {cause!r}")
+            error.seq_id = s
+            error.direction = "migrate"
+            error.job_id = None
+            error.root_job_id = None
+            self._n["migrate_failures"] += 1
+            self._mark_failed(s, error)
+
+    def _current_tables(self, seq_ids: Any) -> dict[Hashable, npt.NDArray[np.int32]]:
+        """``{seq_id: its GPU block table now}`` for those still holding GPU blocks."""
+        gpu = self.gpu
+        return {s: gpu.block_table(s) for s in seq_ids if s in gpu}
+
+    def _forget_moves(self, seq_id: Hashable) -> None:
+        """The sequence no longer holds its GPU blocks (freed or swapped out): no pending
+        migration's failure concerns it (a swap-out of it is ordered after the migration and
+        fails with it on its own), and it has no table change to report."""
+        self._table_changes.pop(seq_id, None)
+        for _, moved in self._migrations:
+            moved.pop(seq_id, None)
 
     def _reap_migrations(self) -> None:
-        """Migrations whose job ended: a failed one fails the sequences it moved that are
-        still running on the moved blocks (a swap-out of one since then was ordered after
-        the migration and fails with it, through the swap-out path)."""
+        """Migrations whose job ended: a failed one fails the sequences it moved that still
+        hold the moved blocks (:meth:`_forget_moves` drops those freed or swapped out since;
+        a swap-out of one was ordered after the migration and fails with it, through the
+        swap-out path)."""
         if not self._migrations:
             return
         still = []
@@ -845,7 +918,7 @@ class SwapManager:
             if not handle.error:
                 continue
             for s in moved:
-                if s in self._failed or s in self._swapped or s not in self.gpu:
+                if s in self._failed or s not in self.gpu:
                     continue
                 self._n["migrate_failures"] += 1
                 self._mark_failed(s, self._error(s, "migrate", handle))

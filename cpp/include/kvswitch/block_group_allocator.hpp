@@ -130,6 +130,16 @@ class BlockGroupAllocator {
     /// tails alone made the group.
     std::optional<std::vector<BlockMove>> compact(BlockId num_blocks, BlockId max_moved,
                                                   const std::vector<SeqId>& pinned);
+    /// The inverse of compact()'s moves, for a caller whose copy of them could not be
+    /// issued: moves each move's blocks [dst, dst + length) of seq's table back to
+    /// [src, src + length) (same table positions) and frees the dst blocks. Every src range
+    /// must lie in one free group (not a reserved tail), the src ranges must not overlap,
+    /// and [dst, dst + length) must be consecutive blocks of seq's table, whose last block,
+    /// if moved, has no reserved tail behind it: true right after compact() when nothing
+    /// else changed. Reserved tails compact() released are not restored.
+    /// Throws std::invalid_argument (a move that breaks these rules, per-block mode) and
+    /// UnknownSequence; on a throw nothing changed. O(moved blocks + the moved tables).
+    void undo_moves(const std::vector<BlockMove>& moves);
 
     bool contains(SeqId seq) const { return seqs_.count(seq) != 0; }
     /// Throws UnknownSequence.
