@@ -867,9 +867,9 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
         }
         finished_.push_back(job);
         while (finished_.size() > opts_.max_unpolled) finished_.pop_front();
-    }
-    {
-        std::lock_guard<std::mutex> lock(job->mu);
+        // Still under mu_ (order: mu_ -> job->mu): a synchronize() that no longer finds
+        // the job in in_flight_ must find it finished, with its error and root cause set.
+        std::lock_guard<std::mutex> job_lock(job->mu);
         job->state = error.empty() ? JobState::kDone : JobState::kFailed;
         job->seconds = seconds;
         job->error = std::move(error);

@@ -235,7 +235,7 @@ class AsyncSwapEngine {
     std::unique_ptr<CopyQueue> inline_queue_;
     std::mutex inline_mu_;
     // Serializes submissions (ids, prepare(), queueing); workers never take it. Lock
-    // order: inline_mu_ -> submit_mu_ -> mu_.
+    // order: inline_mu_ -> submit_mu_ -> mu_ -> a job's mu.
     std::mutex submit_mu_;
     std::mutex close_mu_;
     bool closing_ = false;
