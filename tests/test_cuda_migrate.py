@@ -219,6 +219,38 @@ def test_migrate_fails_with_a_failed_swap_in_into_its_sources(fake):
     ''')
 
 
+def test_migration_over_a_failed_swap_ins_blocks_runs_after_it(fake):
+    """Write-after-write does not propagate a failure: a migration into the blocks a failed
+    swap-in was writing runs once it has failed (no copy of it left in flight), and a
+    swap-out reading those blocks afterwards reads the migration's bytes."""
+    run(fake, '''
+        views, layout = vllm(n=16)
+        old = [v.copy() for v in views]
+        pool = K.HostKVPool(layout, 16)
+        lib.fake_set_delay_us(b"copy", 2000)
+        lib.fake_fail(b"cuMemcpyBatchAsync", 0, 1)
+        with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
+            eng._engine._set_paused(True)  # all queued before any is issued
+            bad = eng.swap_in([(0, 0, 4)])
+            over = eng.migrate([(12, 0, 4)])    # writes device 0..3 (WAW): runs
+            out = eng.swap_out([(0, 8, 4)])     # reads device 0..3: the migration's bytes
+            eng._engine._set_paused(False)
+            try:
+                bad.wait(30)
+                raise AssertionError("no error")
+            except K.SwapError:
+                pass
+            assert over.wait(30) and over.root_job_id is None
+            assert out.wait(30) and out.root_job_id is None
+            check(lib.cuCtxSynchronize())
+            for v, o, h in zip(views, old, pool.arrays):
+                assert (v[0:4] == o[12:16]).all()
+                assert (h[8:12] == o[12:16]).all()
+            st = eng.stats()
+            assert st["num_failed"] == 1 and st["num_migrations"] == 1 and st["num_jobs"] == 1
+    ''')
+
+
 def test_migrate_stream_checks_as_swap_in(fake):
     """before= must be a stream; streams capturing a graph and never-recorded events are
     refused by migrate() and check_migrate() alike, with nothing queued."""

@@ -35,11 +35,13 @@ def engine(layout, host, workers=2):
     return AsyncSwapEngine(layout, host, backend="host", num_workers=workers)
 
 
-def test_jobs_ordered_after_a_failed_job_fail_and_name_it(pools):
+def test_jobs_that_read_what_a_failed_job_writes_fail_and_name_it(pools):
     """Finding 5 at the engine: a swap-in that reads host blocks a failed swap-out was to
-    write must not run (it would restore stale bytes); its error names the root cause."""
+    write must not run (it would restore stale bytes); its error names the root cause. A
+    job that only overwrites blocks the failed job read (write-after-read) runs."""
     device, host, layout = pools
     before = [a.copy() for a in device]
+    host_before = [a.copy() for a in host.arrays]
     with engine(layout, host) as e:
         e._engine._set_paused(True)
         e._engine._fail_next_jobs(1, "simulated cudaErrorIllegalAddress")
@@ -52,18 +54,66 @@ def test_jobs_ordered_after_a_failed_job_fail_and_name_it(pools):
         e.synchronize()
         with pytest.raises(SwapError, match="simulated cudaErrorIllegalAddress"):
             out.wait()
-        for h in (back, again, overwrite):
+        for h in (back, again):
             with pytest.raises(SwapError, match=f"swap job {out.id} .*simulated"):
                 h.wait()
             assert h.root_job_id == out.id
         assert out.root_job_id == out.id
-        assert unrelated.wait() and unrelated.root_job_id is None and unrelated.error == ""
+        for h in (overwrite, unrelated):  # write-after-read, and no tie at all
+            assert h.wait() and h.root_job_id is None and h.error == ""
         stats = e.stats()
-    assert stats["num_failed"] == 4 and stats["num_jobs"] == 1
-    # Nothing of the failed chain touched the device pool.
+    assert stats["num_failed"] == 3 and stats["num_jobs"] == 2
+    # Nothing of the failed chain touched the device pool; the overwrite did.
+    for g, (a, b) in enumerate(zip(device, before, strict=True)):
+        np.testing.assert_array_equal(a[0:2], host_before[g][20:22])
+        np.testing.assert_array_equal(a[2:], b[2:])
+        np.testing.assert_array_equal(host.arrays[g][24:28], a[24:28])
+
+
+def test_a_read_after_a_full_overwrite_of_a_failed_jobs_blocks_runs(pools):
+    """Write-after-write does not propagate a failure: the later writer replaces every byte
+    of the blocks, so a job that reads them afterwards reads the later writer's bytes."""
+    device, host, layout = pools
+    with engine(layout, host) as e:
+        e._engine._set_paused(True)
+        e._engine._fail_next_jobs(1, "boom")
+        out = e.swap_out([[0, 0, 4]])    # fails (injected): host [0, 4) never written
+        redo = e.swap_out([[8, 0, 4]])   # writes host [0, 4) again (WAW): runs
+        back = e.swap_in([[0, 16, 4]])   # reads host [0, 4): the bytes are redo's
+        part = e.swap_in([[2, 20, 4]])   # reads host [2, 6): [4, 6) untouched, [2, 4) redo's
+        e._engine._set_paused(False)
+        e.synchronize()
+        with pytest.raises(SwapError, match="boom"):
+            out.wait()
+        for h in (redo, back, part):
+            assert h.wait() and h.root_job_id is None and h.error == ""
+        stats = e.stats()
+    assert stats["num_failed"] == 1 and stats["num_jobs"] == 3
+    for g, a in enumerate(device):
+        np.testing.assert_array_equal(a[16:20], a[8:12])
+        np.testing.assert_array_equal(host.arrays[g][0:4], a[8:12])
+        np.testing.assert_array_equal(a[20:24], host.arrays[g][2:6])
+
+
+def test_a_read_of_blocks_partly_left_by_a_failed_writer_fails(pools):
+    """A reader fails when any block it reads was last written by a failed job, even when a
+    later job overwrote the others."""
+    device, host, layout = pools
+    before = [a.copy() for a in device]
+    with engine(layout, host) as e:
+        e._engine._set_paused(True)
+        e._engine._fail_next_jobs(1, "boom")
+        out = e.swap_out([[0, 0, 4]])    # fails (injected)
+        redo = e.swap_out([[8, 0, 2]])   # rewrites host [0, 2) only
+        back = e.swap_in([[0, 16, 4]])   # host [2, 4) are still out's: fails with it
+        e._engine._set_paused(False)
+        e.synchronize()
+        assert redo.wait()
+        with pytest.raises(SwapError, match=f"swap job {out.id} .*boom"):
+            back.wait()
+        assert back.root_job_id == out.id
     for a, b in zip(device, before, strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(host.arrays[0][24:28], device[0][24:28])
 
 
 def test_a_job_queued_after_the_failed_job_finished_runs(pools):

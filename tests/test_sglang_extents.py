@@ -81,3 +81,59 @@ def test_plugin_import_imports_neither_torch_nor_sglang():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------- LayerTransfer load cache
+def _transfer(layers=2, tokens=32, dim=4):
+    """A CPU LayerTransfer over an MLA-shaped (one component) layer_first host pool."""
+    torch = pytest.importorskip("torch")
+    from kvswitch.adapters.sglang.geometry import build_geometry
+    from kvswitch.adapters.sglang.transfer import LayerTransfer
+
+    gen = torch.Generator().manual_seed(0)
+    device = [(torch.zeros(tokens, 1, dim),) for _ in range(layers)]
+    host = torch.randn(layers, tokens, 1, dim, generator=gen)
+    g = build_geometry(device_buffers=device, kv_buffer=host, layout="layer_first",
+                       page_size=1, components=1)
+    return LayerTransfer(g), device, host
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list", "cpu_tensor_numpy_view"])
+def test_load_reuses_no_stale_extents_after_an_in_place_index_change(kind):
+    """Review finding 5: the load-index cache keyed NumPy arrays by identity, so a buffer
+    rewritten in place between loads got the old extents (KV copied to the wrong slots)."""
+    t, device, host = _transfer()
+    h = np.arange(4, dtype=np.int64)
+    d = np.arange(10, 14, dtype=np.int64)
+    if kind == "cpu_tensor_numpy_view":
+        import torch
+        h_t, d_t = torch.from_numpy(h), torch.from_numpy(d)  # share memory with h, d
+        args = lambda: (h_t, d_t)  # noqa: E731
+    elif kind == "list":
+        args = lambda: (h.tolist(), d.tolist())  # noqa: E731
+    else:
+        args = lambda: (h, d)  # noqa: E731
+    t.load(*args(), layer=0)
+    d[:] = [20, 21, 22, 23]   # the same buffer, new slots (a write torch does not version)
+    h[:] = [4, 5, 6, 7]
+    t.load(*args(), layer=0)
+    t.synchronize()
+    t.close()
+    np.testing.assert_array_equal(device[0][0][20:24].numpy(), host[0][4:8].numpy())
+    np.testing.assert_array_equal(device[0][0][10:14].numpy(), host[0][0:4].numpy())
+    assert t.stats()["load_extents"] == 2
+
+
+def test_load_coalesces_once_per_batch_and_forgets_it_after_the_last_layer():
+    t, device, host = _transfer(layers=3)
+    h = np.array([0, 1, 2, 8], dtype=np.int64)
+    d = np.array([5, 6, 7, 9], dtype=np.int64)
+    for layer in range(3):
+        t.load(h, d, layer)
+        assert (t._load_key is None) == (layer == 2)
+    t.synchronize()
+    t.close()
+    for layer in range(3):
+        np.testing.assert_array_equal(device[layer][0][[5, 6, 7, 9]].numpy(),
+                                      host[layer][[0, 1, 2, 8]].numpy())
+    assert t.stats()["load_extents"] == 3 * 2

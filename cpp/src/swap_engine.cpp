@@ -26,9 +26,19 @@ struct SwapJob {
     // Sorted, merged destination blocks of a migration (its device_spans also hold the
     // source blocks, which it only reads); empty for swaps.
     std::vector<BlockSpan> migrate_writes;
+    // Sorted, merged source blocks of a migration; empty for swaps.
+    std::vector<BlockSpan> migrate_reads;
+    // An earlier conflicting job. `raw`: this job reads blocks (device or host) whose
+    // current bytes that job writes (read-after-write), so its failure fails this job too;
+    // the other orderings (write-after-read, write-after-write, and a read of blocks a
+    // newer in-flight job overwrites) only order this job after it.
+    struct Dep {
+        std::shared_ptr<SwapJob> job;
+        bool raw = false;
+    };
     // Earlier conflicting jobs, kept until this one completes: it completes as failed if
-    // one of them fails, even after its own copies were issued (CUDA).
-    std::vector<std::shared_ptr<SwapJob>> deps;
+    // a `raw` one fails, even after its own copies were issued (CUDA).
+    std::vector<Dep> deps;
     // Set at submission (fail_next_jobs(), or prepare() failed): the worker fails the job
     // with it instead of issuing it.
     std::string fail_before_issue;
@@ -52,6 +62,23 @@ struct SwapJob {
         static const std::vector<BlockSpan> none;
         if (dir == Direction::kIn) return device_spans;
         return dir == Direction::kMigrate ? migrate_writes : none;
+    }
+    /// The device blocks it reads: all it touches for a swap-out, the source blocks of a
+    /// migration, none for a swap-in.
+    const std::vector<BlockSpan>& device_reads() const {
+        static const std::vector<BlockSpan> none;
+        if (dir == Direction::kOut) return device_spans;
+        return dir == Direction::kMigrate ? migrate_reads : none;
+    }
+    /// The host blocks it reads: all it touches for a swap-in, none otherwise.
+    const std::vector<BlockSpan>& host_reads() const {
+        static const std::vector<BlockSpan> none;
+        return dir == Direction::kIn ? host_spans : none;
+    }
+    /// The host blocks it writes: all it touches for a swap-out, none otherwise.
+    const std::vector<BlockSpan>& host_writes() const {
+        static const std::vector<BlockSpan> none;
+        return dir == Direction::kOut ? host_spans : none;
     }
 };
 
@@ -157,6 +184,54 @@ bool conflicts(const SwapJob& a, const SwapJob& b) {
     if (a.writes_device() && overlaps(a.device_writes(), b.device_spans)) return true;
     if (b.writes_device() && overlaps(b.device_writes(), a.device_spans)) return true;
     return (a.writes_host() || b.writes_host()) && overlaps(a.host_spans, b.host_spans);
+}
+
+/// The blocks of `a` (sorted, merged) that are not in `b` (sorted, merged).
+std::vector<BlockSpan> subtract(const std::vector<BlockSpan>& a,
+                                const std::vector<BlockSpan>& b) {
+    std::vector<BlockSpan> out;
+    std::size_t j = 0;
+    for (const BlockSpan& s : a) {
+        std::int64_t start = s.start;
+        const std::int64_t end = s.start + s.length;
+        while (j < b.size() && b[j].start + b[j].length <= start) ++j;
+        std::size_t k = j;  // b's spans sorted and disjoint: walk those inside [start, end)
+        while (start < end && k < b.size() && b[k].start < end) {
+            if (b[k].start > start) out.push_back({start, b[k].start - start});
+            start = std::max(start, b[k].start + b[k].length);
+            ++k;
+        }
+        if (start < end) out.push_back({start, end - start});
+    }
+    return out;
+}
+
+/// Records in job.deps every job of `in_flight` (submission order) that conflicts with it,
+/// in that order. A dep is `raw` when it is the newest in-flight writer of some block the
+/// job reads: the bytes the job reads are then that dep's, so its failure is the job's.
+/// Each job copies whole blocks in every region, so a newer writer of a block replaces
+/// what older writers left there (whether they failed or not): reads are matched newest
+/// first and a matched block is taken out of the set still looked for.
+void add_deps(SwapJob& job, const std::list<std::shared_ptr<SwapJob>>& in_flight) {
+    std::vector<BlockSpan> dev_reads = job.device_reads();
+    std::vector<BlockSpan> host_reads = job.host_reads();
+    for (auto it = in_flight.rbegin(); it != in_flight.rend(); ++it) {
+        const SwapJob& other = **it;
+        if (!conflicts(other, job)) continue;
+        bool raw = false;
+        const auto& dw = other.device_writes();
+        if (!dw.empty() && overlaps(dw, dev_reads)) {
+            raw = true;
+            dev_reads = subtract(dev_reads, dw);
+        }
+        const auto& hw = other.host_writes();
+        if (!hw.empty() && overlaps(hw, host_reads)) {
+            raw = true;
+            host_reads = subtract(host_reads, hw);
+        }
+        job.deps.push_back({*it, raw});
+    }
+    std::reverse(job.deps.begin(), job.deps.end());
 }
 
 int log2_floor(std::uint64_t v) {
@@ -354,16 +429,19 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     hst.reserve(rows.size());
     std::int64_t blocks = 0;
     if (migrate) {
-        std::vector<BlockSpan> writes;
+        std::vector<BlockSpan> reads, writes;
+        reads.reserve(rows.size());
         writes.reserve(rows.size());
         dev.reserve(2 * rows.size());
         for (const Row& r : rows) {
             dev.push_back({r.src, r.len});
             dev.push_back({r.dst, r.len});
+            reads.push_back({r.src, r.len});
             writes.push_back({r.dst, r.len});
             job->rows.push_back({r.src, r.dst, r.len});
             blocks += r.len;
         }
+        job->migrate_reads = merged(std::move(reads));
         job->migrate_writes = merged(std::move(writes));
     } else {
         for (const Row& r : rows) {
@@ -490,8 +568,7 @@ SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std
         std::lock_guard<std::mutex> lock(mu_);
         try {
             if (closing_) throw EngineClosed("AsyncSwapEngine is closed");  // close() raced
-            for (const auto& other : in_flight_)
-                if (conflicts(*other, *job)) job->deps.push_back(other);
+            add_deps(*job, in_flight_);
             queue_.push_back(job);
             try {
                 in_flight_.push_back(job);
@@ -541,30 +618,40 @@ void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
 namespace {
 
 /// Waits until every dependency of `job` has left the queue (issued or finished); returns
-/// the first one that failed, or null. `issued` collects the syncs of those still running.
+/// the first read-after-write one that failed, or null. `issued` collects the syncs of
+/// those still running. A failed job holds no copies in flight (issue() and finish() of a
+/// failing job return only once nothing of it can touch memory), so a failed dep that is
+/// not read-after-write needs no further order.
 const SwapJob* wait_for_deps_issued(const SwapJob& job,
                                     std::vector<std::shared_ptr<JobSync>>& keep,
                                     std::vector<JobSync*>& issued) {
-    for (const auto& dep : job.deps) {
-        std::unique_lock<std::mutex> lock(dep->mu);
-        dep->cv.wait(lock, [&] { return dep->state != JobState::kQueued; });
-        if (dep->state == JobState::kFailed) return dep.get();
-        if (dep->state == JobState::kIssued && dep->sync) {  // still running: order after it
-            keep.push_back(dep->sync);
-            issued.push_back(dep->sync.get());
+    for (const auto& d : job.deps) {
+        SwapJob& dep = *d.job;
+        std::unique_lock<std::mutex> lock(dep.mu);
+        dep.cv.wait(lock, [&] { return dep.state != JobState::kQueued; });
+        if (dep.state == JobState::kFailed) {
+            if (d.raw) return &dep;
+            continue;
+        }
+        if (dep.state == JobState::kIssued && dep.sync) {  // still running: order after it
+            keep.push_back(dep.sync);
+            issued.push_back(dep.sync.get());
         }
     }
     return nullptr;
 }
 
-/// Waits until every dependency of `job` has finished; returns the first that failed.
+/// Waits until every dependency of `job` has finished; returns the first read-after-write
+/// one that failed.
 const SwapJob* wait_for_deps_finished(const SwapJob& job) {
-    for (const auto& dep : job.deps) {
-        std::unique_lock<std::mutex> lock(dep->mu);
-        dep->cv.wait(lock, [&] { return dep->finished_locked(); });
-        if (dep->state == JobState::kFailed) return dep.get();
+    const SwapJob* failed = nullptr;
+    for (const auto& d : job.deps) {
+        SwapJob& dep = *d.job;
+        std::unique_lock<std::mutex> lock(dep.mu);
+        dep.cv.wait(lock, [&] { return dep.finished_locked(); });
+        if (dep.state == JobState::kFailed && d.raw && !failed) failed = &dep;
     }
-    return nullptr;
+    return failed;
 }
 
 }  // namespace
@@ -573,8 +660,9 @@ bool AsyncSwapEngine::issue(CopyQueue& q, const std::shared_ptr<SwapJob>& job,
                             std::vector<CopyOp>& ops) {
     std::vector<std::shared_ptr<JobSync>> keep;
     std::vector<JobSync*> issued_deps;
-    // A job ordered after a failed one is not run: the blocks it reads may never have been
-    // written, or a failed job's copies may still be in flight over the blocks it writes.
+    // A job that reads blocks a failed job was to write (read-after-write) is not run: the
+    // bytes it would read were never written. A job ordered after a failed one for another
+    // reason (it writes blocks that one read or wrote) runs once that one has finished.
     if (const SwapJob* failed = wait_for_deps_issued(*job, keep, issued_deps)) {
         abandon(*job);
         complete_after_failed(job, *failed);
@@ -610,8 +698,9 @@ void AsyncSwapEngine::finish(CopyQueue& q, const std::shared_ptr<SwapJob>& job) 
         complete(job, 0.0, e.what());
         return;
     }
-    // Its copies ran after its dependencies' copies; if one of those failed after this job
-    // was issued (a CUDA error reported at its end), this job's bytes are not trusted.
+    // Its copies ran after its dependencies' copies; if one that wrote what this job read
+    // failed after this job was issued (a CUDA error reported at its end), this job's
+    // bytes are not trusted.
     if (const SwapJob* failed = wait_for_deps_finished(*job)) {
         complete_after_failed(job, *failed);
         return;
@@ -736,7 +825,7 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
                                std::string root_error) {
     std::shared_ptr<JobSync> drop;
     std::vector<SwapJob::Row> rows;
-    std::vector<std::shared_ptr<SwapJob>> deps;
+    std::vector<SwapJob::Dep> deps;
     {
         std::lock_guard<std::mutex> lock(job->mu);
         drop = std::move(job->sync);
@@ -778,9 +867,9 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
         }
         finished_.push_back(job);
         while (finished_.size() > opts_.max_unpolled) finished_.pop_front();
-    }
-    {
-        std::lock_guard<std::mutex> lock(job->mu);
+        // Still under mu_ (order: mu_ -> job->mu): a synchronize() that no longer finds
+        // the job in in_flight_ must find it finished, with its error and root cause set.
+        std::lock_guard<std::mutex> job_lock(job->mu);
         job->state = error.empty() ? JobState::kDone : JobState::kFailed;
         job->seconds = seconds;
         job->error = std::move(error);

@@ -208,8 +208,13 @@ class AsyncSwapEngine:
     Failures: a copy that fails inside a worker (a CUDA error) is reported on its handle:
     ``handle.wait()`` raises :class:`SwapError`, ``handle.error`` holds the text and
     ``handle.root_job_id`` the job that failed first. Every job queued while it was in
-    flight and ordered after it (it touches the same device or host blocks) fails too,
-    without copying anything, and its error names that root job. The engine stays usable.
+    flight that reads device or host blocks it was to write (read-after-write: those bytes
+    were never written) fails too, without copying anything, and its error names that root
+    job; a read is matched against the newest in-flight writer of each block (jobs copy
+    whole blocks, so a later writer replaces what a failed one left). A job ordered after
+    the failed one only because it writes blocks that one read or wrote (write-after-read,
+    write-after-write: a swap-in or migration into the blocks of a failed swap-out) still
+    runs after it, and runs normally. The engine stays usable.
     A call that raises (``swap_out``, ``swap_in``, ``migrate``, ``check_*``) queues nothing.
 
     Thread safety: every method may be called from any thread; jobs from several threads
@@ -394,8 +399,9 @@ class AsyncSwapEngine:
         swap-in into its sources, a swap-out of its destinations), and later jobs that
         touch its destinations, or write its sources, run after it.
         :meth:`wait_blocks` covers both its source and its destination blocks. If an
-        earlier job it is ordered after fails, it fails too without copying (see the
-        class).
+        earlier job that writes its sources fails, it fails too without copying; one
+        that fails while only reading or writing its destinations does not fail it (see
+        the class).
 
         Args:
             pairs: integer array ``[n, 3]`` of ``(src_start, dst_start, length)`` in

@@ -25,11 +25,17 @@
 // write-after-write), whichever workers they land on. Others run concurrently.
 //
 // Failures: a job that fails is reported on its handle (SwapHandle::wait throws SwapError)
-// and counted in stats().num_failed; its copies are never reported done. Every job
-// submitted while it was queued or running that is ordered after it (it touches the same
-// blocks) fails too, without copying, and its error names the root cause: the first
-// failed job of the chain. A call that throws (bad pairs, bad streams, closed engine)
-// queues nothing.
+// and counted in stats().num_failed; its copies are never reported done. A job submitted
+// while it was queued or running that READS blocks (device or host) it was to write
+// (read-after-write: the bytes it would read were never written) fails too, without
+// copying, and its error names the root cause: the first failed job of the chain. What a
+// job reads is matched against the newest in-flight writer of each block: a job copies
+// whole blocks, so a later writer replaces whatever a failed earlier writer left there,
+// and a job that reads the blocks after it reads its bytes. Write-after-read and
+// write-after-write orderings still order a job after a failed one (it runs once that one
+// has finished; a failed job has no copies in flight), but do not fail it: e.g. a swap-in
+// or a migration into the blocks of a failed swap-out runs. A call that throws (bad pairs,
+// bad streams, closed engine) queues nothing.
 //
 // Thread safety: every public member is thread-safe.
 #pragma once
@@ -229,7 +235,7 @@ class AsyncSwapEngine {
     std::unique_ptr<CopyQueue> inline_queue_;
     std::mutex inline_mu_;
     // Serializes submissions (ids, prepare(), queueing); workers never take it. Lock
-    // order: inline_mu_ -> submit_mu_ -> mu_.
+    // order: inline_mu_ -> submit_mu_ -> mu_ -> a job's mu.
     std::mutex submit_mu_;
     std::mutex close_mu_;
     bool closing_ = false;

@@ -171,6 +171,11 @@ class KvswitchMLATokenToKVPoolHost(_KvswitchCopies, MLATokenToKVPoolHost):
                              "KV to copy; use SGLang's MLATokenToKVPoolHost")
         by_host = sorted((host, self._buffer_index_by_layer[layer])
                          for layer, host in self._host_layer_by_controller.items())
+        # load() passes the host layer index as LayerTransfer's position in this list.
+        hosts = [host for host, _ in by_host]
+        if hosts != list(range(len(hosts))):
+            raise ValueError("kvswitch MLA host pool: host layer indices must be exactly "
+                             f"0..{len(hosts) - 1}, got {hosts}")
         self._init_kvswitch([(self.device_kv_buffers[i],) for _, i in by_host],
                             components=1)
 

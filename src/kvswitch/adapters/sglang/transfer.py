@@ -61,7 +61,9 @@ class LayerTransfer:
             AsyncSwapEngine(d, h, **kw)
             for d, h in zip(geometry.device_layers, geometry.host_layers, strict=True))
         self._pending: list[SwapHandle] = []
-        self._load_key: tuple[Any, ...] | None = None
+        # Load-index cache (see _pairs_for_load): one key per index argument, and the
+        # extents coalesced from them.
+        self._load_key: tuple[Any, Any] | None = None
         self._load_pairs = np.zeros((0, 3), dtype=np.int64)
         #: Handle of the latest load job per layer (None before the first load).
         self.layer_handles: list[SwapHandle | None] = [None] * len(self._load_engines)
@@ -121,8 +123,11 @@ class LayerTransfer:
 
         Args:
             host_indices: host token slots ``[n]``.
-            device_indices: device token slots ``[n]``; the same pair of tensors for every
-                layer of one load is coalesced once.
+            device_indices: device token slots ``[n]``; the same slots for every layer
+                of one load are coalesced once (NumPy arrays, lists and CPU tensors are
+                compared by content, so a buffer rewritten in place is coalesced again;
+                a CUDA tensor is matched by identity and ``_version`` until the last
+                layer's load, which drops the cache).
             layer: layer index in ``[0, num_layers)``.
             stream: CUDA only: SGLang's load stream (current stream of the call).
 
@@ -137,6 +142,10 @@ class LayerTransfer:
             raise ValueError(f"layer {layer} is outside [0, {len(self._load_engines)})")
         self.raise_failed()
         pairs = self._pairs_for_load(host_indices, device_indices)
+        if layer == len(self._load_engines) - 1:
+            # The last layer ends a load batch: forget its indices (and stop keeping
+            # SGLang's index tensors alive).
+            self._load_key = None
         handle = self._load_engines[layer].swap_in(pairs, after=stream, before=stream)
         self.layer_handles[layer] = handle
         c = self.counters
@@ -151,15 +160,24 @@ class LayerTransfer:
         return handle
 
     def _pairs_for_load(self, host_indices: Any, device_indices: Any) -> np.ndarray:
-        key = (host_indices, device_indices, getattr(host_indices, "_version", None),
-               getattr(device_indices, "_version", None))
+        """The extents of one layer's load, coalesced once per load batch.
+
+        Each index argument is keyed on its content (a copy of its int64 slots), except a
+        CUDA tensor, keyed on identity and ``_version`` (reading its content would cost a
+        device-to-host copy per layer, which the cache exists to avoid); :meth:`load`
+        drops the cache after the last layer, so such a key never outlives one batch.
+        """
+        keys = (_index_key(host_indices, "host_indices"),
+                _index_key(device_indices, "device_indices"))
         last = self._load_key
-        if (last is not None and last[0] is key[0] and last[1] is key[1]
-                and last[2:] == key[2:]):
+        if last is not None and all(map(_same_key, last, keys)):
             return self._load_pairs
-        pairs = coalesce(as_index_array(host_indices, "host_indices"),
-                         as_index_array(device_indices, "device_indices"), self.block_tokens)
-        self._load_key, self._load_pairs = key, pairs
+        arrays = [k if isinstance(k, np.ndarray) else as_index_array(k[0], what)
+                  for k, what in zip(keys, ("host_indices", "device_indices"), strict=True)]
+        pairs = coalesce(arrays[0], arrays[1], self.block_tokens)
+        # Copies: the caller may rewrite its arrays in place before the next call.
+        self._load_key = tuple(k.copy() if isinstance(k, np.ndarray) else k for k in keys)
+        self._load_pairs = pairs
         return pairs
 
     # ------------------------------------------------------------------ failures
@@ -196,3 +214,20 @@ class LayerTransfer:
         return {**self.counters, "block_tokens": self.block_tokens, "backend": self.backend}
 
 
+def _index_key(indices: Any, what: str) -> Any:
+    """Cache key of one load index argument: ``(tensor, _version)`` for a CUDA tensor, else
+    its slots as an int64 array (a view of the caller's memory where no conversion is
+    needed; the cache stores a copy)."""
+    device = getattr(indices, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu" and hasattr(
+            indices, "_version"):
+        return (indices, indices._version)
+    return as_index_array(indices, what)
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    """Whether two :func:`_index_key` results name the same slots."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and a.shape == b.shape and bool(np.array_equal(a, b)))
+    return a[0] is b[0] and a[1] == b[1]
