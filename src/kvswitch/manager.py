@@ -19,8 +19,8 @@ the host-pool allocator, and issues every copy through an
 * ``"swapped_out"``: the CPU copy is the only copy (its copies may still be in flight).
 * ``"failed"``: a copy of its KV failed, so its KV is lost; its blocks stay held until
   :meth:`SwapManager.free`. Other sequences are not affected, except those whose own
-  copies were ordered after the failed one (they share blocks): they fail too, and their
-  errors name the root cause.
+  copies read blocks the failed copy was writing: they fail too, and their errors name the
+  root cause.
 
 GPU-pool compaction (``compaction=True``, beyond the paper): a swap-in whose table would
 land in several block groups first moves other running sequences' blocks device to device
@@ -421,8 +421,9 @@ class SwapManager:
         (``migrate_wait_s``), so the new ids hold the KV on return; with one, the consumer
         stream waits for it. If the migration fails, the moved sequences still holding the
         moved blocks become ``"failed"`` (reported by :meth:`take_failed`,
-        ``direction == "migrate"``); jobs the engine ordered after it (this swap-in, a
-        swap-out of a moved sequence, which reports its own failure) fail with it. If the
+        ``direction == "migrate"``); jobs that read what it was writing (a swap-out of
+        a moved sequence, which reports its own failure) fail with it; this swap-in only
+        writes the blocks the migration vacated, so it does not. If the
         migration cannot even be queued (the engine closed by another thread, MemoryError),
         the moves are undone (:meth:`BlockGroupAllocator.undo_moves`: every moved sequence
         has its old table and KV again; reserved tails the compaction released stay
