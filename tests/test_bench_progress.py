@@ -234,7 +234,7 @@ def test_aggregate_and_table_with_nan():
          "priority_preemptions", "pool_full_preemptions", "recomputed_tokens", "conflicts",
          "sync_swap_in_decisions", "async_swap_in_decisions", "wall_s",
          "gran_swap_out_blocks_per_copy", "gran_swap_in_blocks_per_copy", "gran_migrations",
-         "gran_migrated_blocks"], 1.0)
+         "gran_migrated_blocks", "gran_migrate_s_modelled"], 1.0)
         for n in CONFIGURATIONS}
     figures["full"]["tbt_p999_s"] = float("nan")
     spreads = {n: {k: [0.5, 2.0] for k in f} for n, f in figures.items()}

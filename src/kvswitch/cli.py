@@ -248,6 +248,7 @@ ROWS = [
     ("  swap-out / swap-in", "gran_swap_out_blocks_per_copy", "bpc"),
     ("migrations (GPU-pool compaction)", "gran_migrations", "{:,.0f}"),
     ("  blocks moved device to device", "gran_migrated_blocks", "{:,.0f}"),
+    ("  their HBM time (s, modelled; on the clock)", "gran_migrate_s_modelled", "{:,.2f}"),
     ("KV moved, preset bytes (GiB)", "preset_bytes_moved", "gib"),
     ("swap job time (s, measured)", "swap_job_s_measured", "{:,.2f}"),
     ("  per copy (us, measured)", "us_per_copy_measured", "{:,.2f}"),
@@ -528,7 +529,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(
         f"Copies are real ({copies}); model compute is "
         f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
-        f"compute + measured stalls x {time_scale:g}). See docs/benchmarks.md.")
+        f"compute + measured swap stalls x {time_scale:g} + modelled HBM time of "
+        f"migrations). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
             doc = {"config": asdict(config), "trace": args.trace or "bundled",

@@ -782,9 +782,11 @@ class SwapManager:
 
     @property
     def stall_s(self) -> float:
-        """Seconds the caller has been blocked on swaps so far (``stats().stall_s``)."""
+        """Seconds the caller has been blocked on swaps and migrations so far
+        (``stats().stall_s``)."""
         t = self._t
-        return t["conflict_wait_s"] + t["swap_out_wait_s"] + t["swap_in_wait_s"]
+        return (t["conflict_wait_s"] + t["swap_out_wait_s"] + t["swap_in_wait_s"]
+                + t["migrate_wait_s"])
 
     def close(self) -> None:
         """Finish queued copies and close the engine."""
