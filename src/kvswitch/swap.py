@@ -66,6 +66,8 @@ EngineClosedError = _core.EngineClosedError
 SwapHandle = _core.SwapHandle
 
 _NONE, _STREAM, _EVENT = 0, 1, 2
+# Job directions as the C++ engine numbers them (Direction in swap_engine.hpp).
+_OUT, _IN, _MIGRATE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ def _stream_ref(obj: Any, what: str) -> tuple[int, int]:
         f"{what} must be a CUDA stream (object with __cuda_stream__ or .cuda_stream, or an "
         f"int handle) or an event (torch.cuda.Event, cupy Event, kvswitch.CudaEvent), got "
         f"{type(obj).__name__}")
+
+
+def _stream_args(after: Any, before: Any) -> tuple[int, int, int, int]:
+    """(after kind, after handle, before kind, before handle) as the engine's submit() and
+    check() take them; ``before`` is checked first."""
+    b_kind, b_handle = _stream_ref(before, "before")
+    return (*_stream_ref(after, "after"), b_kind, b_handle)
 
 
 def _as_int64(values: Any, what: str) -> np.ndarray:
@@ -336,9 +345,9 @@ class AsyncSwapEngine:
         queued as failed and its handle reports it, like a failed copy.
         """
         if after is None:  # fast path: no stream to order after
-            return self._engine.submit(0, _as_pairs(pairs), _NONE, 0, 0, 0)
-        kind, handle = _stream_ref(after, "after")
-        return self._engine.submit(0, _as_pairs(pairs), kind, handle, 0, 0)
+            return self._engine.submit(_OUT, _as_pairs(pairs), _NONE, 0, _NONE, 0)
+        streams = _stream_args(after, None)
+        return self._engine.submit(_OUT, _as_pairs(pairs), *streams)
 
     def check_swap_out(self, *, after: Any = None) -> None:
         """Raise what :meth:`swap_out` would raise for ``after`` or a closed engine, without
@@ -348,8 +357,7 @@ class AsyncSwapEngine:
             TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
             backend. EngineClosedError: the engine is closed.
         """
-        kind, handle = _stream_ref(after, "after")
-        self._engine.check(0, kind, handle, 0, 0)
+        self._engine.check(_OUT, *_stream_args(after, None))
 
     def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
@@ -376,17 +384,14 @@ class AsyncSwapEngine:
         and not one capturing a CUDA graph).
         """
         if before is None and after is None:  # fast path: no streams
-            return self._engine.submit(1, _as_pairs(pairs), _NONE, 0, _NONE, 0)
-        b_kind, b_handle = _stream_ref(before, "before")
-        a_kind, a_handle = _stream_ref(after, "after")
-        return self._engine.submit(1, _as_pairs(pairs), a_kind, a_handle, b_kind, b_handle)
+            return self._engine.submit(_IN, _as_pairs(pairs), _NONE, 0, _NONE, 0)
+        streams = _stream_args(after, before)  # checked before the pairs
+        return self._engine.submit(_IN, _as_pairs(pairs), *streams)
 
     def check_swap_in(self, *, before: Any = None, after: Any = None) -> None:
         """Raise what :meth:`swap_in` would raise for ``before``/``after`` or a closed
         engine, without queueing anything. Raises: as :meth:`check_swap_out`."""
-        b_kind, b_handle = _stream_ref(before, "before")
-        a_kind, a_handle = _stream_ref(after, "after")
-        self._engine.check(1, a_kind, a_handle, b_kind, b_handle)
+        self._engine.check(_IN, *_stream_args(after, before))
 
     def migrate(self, pairs: Any, *, after: Any = None, before: Any = None) -> SwapHandle:
         """Queue a device -> device copy of block extents within the device layout.
@@ -434,16 +439,13 @@ class AsyncSwapEngine:
                 a stream capturing a CUDA graph. Nothing is queued and no pool changes.
             EngineClosedError: the engine is closed.
         """
-        b_kind, b_handle = _stream_ref(before, "before")
-        a_kind, a_handle = _stream_ref(after, "after")
-        return self._engine.submit(2, _as_pairs(pairs), a_kind, a_handle, b_kind, b_handle)
+        streams = _stream_args(after, before)  # checked before the pairs
+        return self._engine.submit(_MIGRATE, _as_pairs(pairs), *streams)
 
     def check_migrate(self, *, after: Any = None, before: Any = None) -> None:
         """Raise what :meth:`migrate` would raise for ``after``/``before`` or a closed
         engine, without queueing anything. Raises: as :meth:`check_swap_in`."""
-        b_kind, b_handle = _stream_ref(before, "before")
-        a_kind, a_handle = _stream_ref(after, "after")
-        self._engine.check(2, a_kind, a_handle, b_kind, b_handle)
+        self._engine.check(_MIGRATE, *_stream_args(after, before))
 
     def poll(self) -> list[SwapHandle]:
         """Handles of jobs finished (successfully or not) since the previous poll, in

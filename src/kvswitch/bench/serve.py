@@ -633,15 +633,16 @@ class _Server:
             # A migration (compaction) copies device to device: on a GPU at HBM bandwidth,
             # not at the link's, so its host memcpy here is no stand-in for it as a swap's
             # is. The modelled clock charges the modelled HBM time of its bytes instead.
-            migrated = m.stats()
-            mig_wait = migrated.migrate_wait_s - self.migrate_wait_s
-            mig_blocks = migrated.migrated_blocks - self.migrated_blocks
-            self.migrate_wait_s, self.migrated_blocks = (migrated.migrate_wait_s,
-                                                         migrated.migrated_blocks)
-            stall = m.stall_s - stall0 - mig_wait
+            stall, migrate_s = m.stall_s - stall0, 0.0
+            if self.mech.compaction:  # stats() only where migrations can happen
+                migrated = m.stats()
+                stall -= migrated.migrate_wait_s - self.migrate_wait_s
+                migrate_s = self.cost.migrate_s(
+                    (migrated.migrated_blocks - self.migrated_blocks) * r.preset_block_bytes)
+                self.migrate_wait_s, self.migrated_blocks = (migrated.migrate_wait_s,
+                                                             migrated.migrated_blocks)
             r.stall_measured_s += stall
-            self.now += (stall * S + step
-                         + self.cost.migrate_s(mig_blocks * r.preset_block_bytes))
+            self.now += stall * S + step + migrate_s
             self.prio.served(c.idx for c in ready)
             self._emit(ready, prefills)
             iteration += 1
