@@ -19,6 +19,13 @@ std::string seq_name(SeqId seq) { return "sequence " + std::to_string(seq); }
 // scattered blocks (paper 3.1: the size adapts to "the current availability of free KV").
 constexpr BlockId kFreeShareDivisor = 8;
 
+// A new group holds at least this fraction of initial_group_blocks (its *growth quantum*)
+// where the pool has it, taking it from the largest reserved tail (at most half of it) under
+// pressure. Without it a sequence growing past its tail under pressure got one block per
+// new group, so decode growth made one copy per block at the next swap-out (issue 14:
+// 43% of one-block growth allocations started a new extent at bench defaults).
+constexpr BlockId kGrowthQuantumDivisor = 4;
+
 }  // namespace
 
 BlockGroupAllocator::BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks)
@@ -221,9 +228,18 @@ void BlockGroupAllocator::allocate_groups(SeqId seq, Sequence& s, BlockId n, Blo
     }
 
     // 3. New groups: best fit over free groups, splitting reserved tails off under pressure.
+    const BlockId quantum = std::max<BlockId>(1, initial_group_blocks_ / kGrowthQuantumDivisor);
     while (remaining > 0) {
-        if (free_in_groups_ < remaining) reclaim_reservations(remaining - free_in_groups_);
-        const BlockId expected = expected_group_blocks(s, remaining);
+        if (free_in_groups_ < remaining) {
+            BlockId deficit = remaining - free_in_groups_;
+            if (!reserved_by_length_.empty())  // a run to grow into, not one block per group
+                deficit = std::max(deficit,
+                                   std::min(reserved_by_length_.rbegin()->first / 2, quantum));
+            reclaim_reservations(deficit);
+        }
+        BlockId expected = expected_group_blocks(s, remaining);
+        if (!free_by_length_.empty())
+            expected = std::max(expected, std::min(quantum, free_by_length_.rbegin()->first));
         auto fit = free_by_length_.lower_bound({expected, 0});
         if (fit == free_by_length_.end()) fit = std::prev(free_by_length_.end());  // largest
         const BlockId take = std::min(fit->first, expected);

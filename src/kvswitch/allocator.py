@@ -125,10 +125,15 @@ class BlockGroupAllocator:
       at most an eighth of the blocks in free groups, so reservations shrink as the pool
       fills. The group is cut by best fit from the free groups (the smallest free group that
       holds the expected size, split at its start); when none is that large, the largest
-      free group is taken.
+      free group is taken. A new group is never smaller than the *growth quantum*
+      (``initial_group_blocks // 4`` blocks, at least 1) where a free group that large
+      exists; the blocks beyond the request become the sequence's reserved tail.
     * Reserved tails of other sequences count as free: when the free groups hold fewer
-      blocks than needed, tails are split off, largest first. ``allocate`` therefore fails
-      only when fewer blocks than requested lie outside all block tables.
+      blocks than needed, tails are split off, largest first, from their far end. The split
+      takes at least the blocks missing and up to the growth quantum (at most half of the
+      tail), so a sequence that grows past its own tail under pressure gets a run to grow
+      into, not one new group per block (issue 14). ``allocate`` therefore fails only when
+      fewer blocks than requested lie outside all block tables.
     * Freed blocks merge with adjacent free groups at once.
 
     * :meth:`compact` (opt-in, beyond the paper) moves table blocks to merge free space

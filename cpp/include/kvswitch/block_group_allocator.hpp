@@ -9,8 +9,8 @@
 //   * the reserved tail of a sequence's active group (held for contiguity, in no table),
 //   * a free group (maximal run of free blocks; adjacent free groups are merged at once).
 // Reserved tails count as free: when the free groups alone cannot serve a request, tails
-// are split off (largest first), so allocation never fails while enough blocks lie outside
-// all block tables.
+// are split off (largest first, a run of up to the growth quantum at a time), so
+// allocation never fails while enough blocks lie outside all block tables.
 //
 // Thread safety: none; the owner serialises calls (the Python binding holds the GIL).
 #pragma once
