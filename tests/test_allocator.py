@@ -87,21 +87,35 @@ def test_reserved_tail_is_split_from_its_far_end():
     a.check_invariants()
 
 
-def test_growth_past_a_split_tail_stays_contiguous():
+@pytest.mark.parametrize(("quantum", "groups"), [(None, 1), (5, 2), (1, 10)])
+def test_growth_past_a_split_tail(quantum, groups):
     # Under pressure a sequence that grows one block at a time past its own tail gets its
-    # next blocks from one run of another's tail, not one new group per block (issue 14).
-    a = BlockGroupAllocator(200, initial_group_blocks=40)
+    # next blocks as runs of the growth quantum from another's tail (issue 14). With a
+    # quantum of 1 (the bare policy) it takes that tail's far end block by block, in falling
+    # order: one new group per block, one copy per block at its next swap-out.
+    a = BlockGroupAllocator(200, initial_group_blocks=40, growth_quantum_blocks=quantum)
+    assert a.growth_quantum_blocks == (10 if quantum is None else quantum)
     a.allocate("big", 1)
     a.reserve("big", 199)  # every block outside big's table is its tail
     assert a.num_free_blocks == 199 and a.free_groups() == []
     for _ in range(10):
         a.allocate("g", 1)
-    assert len(a.groups("g")) == 1  # 10 blocks in one group: one copy at swap-out
+    assert len(a.groups("g")) == groups
+    assert a.num_free_blocks == 189  # the quantum is reserved, never lost
     a.check_invariants()
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_growth_quantum_must_be_positive(bad):
+    with pytest.raises(ValueError, match="growth_quantum_blocks"):
+        BlockGroupAllocator(10, growth_quantum_blocks=bad)
+    with pytest.raises(TypeError):
+        BlockGroupAllocator(10, growth_quantum_blocks=True)
 
 
 def test_per_block_mode_has_no_growth_quantum():
     a = BlockGroupAllocator(20, initial_group_blocks=1)
+    assert a.growth_quantum_blocks == 1
     a.allocate("a", 3)
     assert a.reservation("a")[1] == 0
 

@@ -349,7 +349,26 @@ def test_nocompact_ablation_runs_beside_its_configuration_and_never_migrates(tmp
     assert figures["full-nocompact"]["tokens"] == figures["full"]["tokens"]
 
 
+def test_noquantum_ablation_keeps_compaction_and_serves_every_token(tmp_path, capsys):
+    from kvswitch.bench.serve import ABLATIONS, CONFIGURATIONS
+
+    for name in ("groups", "groups+async", "full"):
+        m = ABLATIONS[f"{name}-noquantum"]
+        assert not m.growth_quantum and CONFIGURATIONS[name].growth_quantum
+        assert (m.block_groups, m.async_swaps, m.reuse, m.compaction) == (
+            CONFIGURATIONS[name].block_groups, CONFIGURATIONS[name].async_swaps,
+            CONFIGURATIONS[name].reuse, CONFIGURATIONS[name].compaction)
+    out_json = tmp_path / "out.json"
+    rc, out, err = run(capsys, *FAST, "--conversations", "40",
+                       "--configs", "groups-noquantum,groups", "--json", str(out_json))
+    assert rc == 0, err
+    figures = json.loads(out_json.read_text())["configurations"]
+    assert list(figures) == ["groups-noquantum", "groups"]
+    assert figures["groups-noquantum"]["tokens"] == figures["groups"]["tokens"]
+
+
 def test_ablations_are_named_in_the_unknown_configuration_message(capsys, no_serve):
     rc, out, err = run(capsys, "--configs", "fast", "--no-progress")
     assert rc == 2
     assert "full-nocompact" in err and "groups+async-nocompact" in err
+    assert "full-noquantum" in err

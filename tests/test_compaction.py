@@ -163,15 +163,18 @@ def test_pairs_coalesce_moves_of_neighbouring_sequences() -> None:
 @given(
     num_blocks=st.integers(8, 200),
     initial=st.sampled_from([2, 4, 16, 60]),
+    quantum=st.sampled_from([None, 1, 7]),
     ops=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 12), st.booleans()),
                  max_size=40),
     want=st.floats(0.0, 1.0),
     pin=st.lists(st.integers(0, 5), max_size=2),
     undo=st.booleans(),
 )
-def test_compaction_against_a_model(num_blocks: int, initial: int, ops: list,
-                                    want: float, pin: list[int], undo: bool) -> None:
-    a = BlockGroupAllocator(num_blocks, initial_group_blocks=initial)
+def test_compaction_against_a_model(num_blocks: int, initial: int, quantum: int | None,
+                                    ops: list, want: float, pin: list[int],
+                                    undo: bool) -> None:
+    a = BlockGroupAllocator(num_blocks, initial_group_blocks=initial,
+                            growth_quantum_blocks=quantum)
     for seq, n, drop in ops:
         if drop and seq in a:
             table = a.block_table(seq)

@@ -62,7 +62,8 @@ void bind_allocator(nb::module_& m) {
     });
 
     nb::class_<BlockGroupAllocator>(m, "BlockGroupAllocator")
-        .def(nb::init<BlockId, BlockId>(), "num_blocks"_a, "initial_group_blocks"_a = 60)
+        .def(nb::init<BlockId, BlockId, BlockId>(), "num_blocks"_a,
+             "initial_group_blocks"_a = 60, "growth_quantum_blocks"_a = 0)
         .def(
             "allocate",
             [](BlockGroupAllocator& a, SeqId seq, BlockId n) {
@@ -140,6 +141,7 @@ void bind_allocator(nb::module_& m) {
         .def("sequences", &BlockGroupAllocator::sequences)
         .def_prop_ro("num_blocks", &BlockGroupAllocator::num_blocks)
         .def_prop_ro("initial_group_blocks", &BlockGroupAllocator::initial_group_blocks)
+        .def_prop_ro("growth_quantum_blocks", &BlockGroupAllocator::growth_quantum_blocks)
         .def_prop_ro("per_block_mode", &BlockGroupAllocator::per_block_mode)
         .def_prop_ro("num_free_blocks", &BlockGroupAllocator::num_free_blocks)
         .def_prop_ro("num_reserved_blocks", &BlockGroupAllocator::num_reserved_blocks)

@@ -19,23 +19,31 @@ std::string seq_name(SeqId seq) { return "sequence " + std::to_string(seq); }
 // scattered blocks (paper 3.1: the size adapts to "the current availability of free KV").
 constexpr BlockId kFreeShareDivisor = 8;
 
-// A new group holds at least this fraction of initial_group_blocks (its *growth quantum*)
-// where the pool has it, taking it from the largest reserved tail (at most half of it) under
-// pressure. Without it a sequence growing past its tail under pressure got one block per
+// The default growth quantum is this fraction of initial_group_blocks. A new group holds at
+// least the quantum where the pool has it, taking it from the largest reserved tail (at most
+// half of it) under pressure. Without it a sequence growing past its tail under pressure got one block per
 // new group, so decode growth made one copy per block at the next swap-out (issue 14:
 // 43% of one-block growth allocations started a new extent at bench defaults).
 constexpr BlockId kGrowthQuantumDivisor = 4;
 
 }  // namespace
 
-BlockGroupAllocator::BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks)
-    : num_blocks_(num_blocks), initial_group_blocks_(initial_group_blocks) {
+BlockGroupAllocator::BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks,
+                                         BlockId growth_quantum_blocks)
+    : num_blocks_(num_blocks),
+      initial_group_blocks_(initial_group_blocks),
+      growth_quantum_(growth_quantum_blocks > 0
+                          ? growth_quantum_blocks
+                          : std::max<BlockId>(1, initial_group_blocks / kGrowthQuantumDivisor)) {
     if (num_blocks <= 0)
         throw std::invalid_argument("num_blocks must be positive, got " +
                                     std::to_string(num_blocks));
     if (initial_group_blocks <= 0)
         throw std::invalid_argument("initial_group_blocks must be positive, got " +
                                     std::to_string(initial_group_blocks));
+    if (growth_quantum_blocks < 0)
+        throw std::invalid_argument("growth_quantum_blocks must not be negative, got " +
+                                    std::to_string(growth_quantum_blocks));
     insert_free(0, num_blocks);
     if (per_block_mode())
         for (BlockId b = 0; b < num_blocks; ++b) free_list_.push_back(b);
@@ -228,7 +236,7 @@ void BlockGroupAllocator::allocate_groups(SeqId seq, Sequence& s, BlockId n, Blo
     }
 
     // 3. New groups: best fit over free groups, splitting reserved tails off under pressure.
-    const BlockId quantum = std::max<BlockId>(1, initial_group_blocks_ / kGrowthQuantumDivisor);
+    const BlockId quantum = growth_quantum_;
     while (remaining > 0) {
         if (free_in_groups_ < remaining) {
             BlockId deficit = remaining - free_in_groups_;

@@ -126,8 +126,9 @@ class BlockGroupAllocator:
       fills. The group is cut by best fit from the free groups (the smallest free group that
       holds the expected size, split at its start); when none is that large, the largest
       free group is taken. A new group is never smaller than the *growth quantum*
-      (``initial_group_blocks // 4`` blocks, at least 1) where a free group that large
-      exists; the blocks beyond the request become the sequence's reserved tail.
+      (``growth_quantum_blocks``, by default ``initial_group_blocks // 4``, at least 1) where
+      a free group that large exists; the blocks beyond the request become the sequence's
+      reserved tail.
     * Reserved tails of other sequences count as free: when the free groups hold fewer
       blocks than needed, tails are split off, largest first, from their far end. The split
       takes at least the blocks missing and up to the growth quantum (at most half of the
@@ -153,19 +154,34 @@ class BlockGroupAllocator:
     Args:
         num_blocks: blocks in the pool (> 0).
         initial_group_blocks: expected size of a sequence's first group, in blocks (> 0).
+        growth_quantum_blocks: least size of a new group, and of the run a reserved-tail
+            split takes under pressure, in blocks (> 0); None: ``max(1,
+            initial_group_blocks // 4)``, 15 at the default 60. 1 gives the bare policy (a
+            split takes only the blocks missing). Ignored in per-block mode. Chosen by
+            ``kvswitch bench`` ablation (docs/benchmarks.md, issue 14): at >= 10 blocks a
+            Llama-3-8B copy reaches the ~320 KiB where PCIe nears its bandwidth (FastSwitch,
+            Challenge 1).
 
     Raises:
         ValueError: a non-positive size.
+        TypeError: a size that is not an integer.
     """
 
     __slots__ = ("_core", "_ids", "_lock", "_next_id")
 
     def __init__(
-        self, num_blocks: int, *, initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS
+        self,
+        num_blocks: int,
+        *,
+        initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS,
+        growth_quantum_blocks: int | None = None,
     ) -> None:
+        quantum = (0 if growth_quantum_blocks is None else
+                   as_count(growth_quantum_blocks, "growth_quantum_blocks", maximum=INT32_MAX))
         self._core = _core.BlockGroupAllocator(
             as_count(num_blocks, "num_blocks", maximum=INT32_MAX),
             as_count(initial_group_blocks, "initial_group_blocks", maximum=INT32_MAX),
+            quantum,
         )
         # Sequence ids are mapped to dense ints for the C++ core.
         self._ids: dict[Hashable, int] = {}
@@ -442,6 +458,11 @@ class BlockGroupAllocator:
     def initial_group_blocks(self) -> int:
         """Expected size of a sequence's first group, in blocks (1 in per-block mode)."""
         return self._core.initial_group_blocks
+
+    @property
+    def growth_quantum_blocks(self) -> int:
+        """Least size of a new group, and of a tail split under pressure, in blocks."""
+        return self._core.growth_quantum_blocks
 
     @property
     def per_block_mode(self) -> bool:

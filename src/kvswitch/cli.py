@@ -619,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),
                    help="comma-separated configurations to compare (default: all four); "
                         "also groups-nocompact, groups+async-nocompact, full-nocompact: the "
-                        "same without GPU-pool compaction")
+                        "same without GPU-pool compaction; groups-noquantum, "
+                        "groups+async-noquantum, full-noquantum: the same with a growth "
+                        "quantum of 1 block")
     b.add_argument("--json", type=_output_path, default=None,
                    help="also write the figures to this JSON file (its directory must exist "
                         "and be writable; checked before the run)")

@@ -87,8 +87,13 @@ class BlockGroupAllocator {
     ///   The paper uses 60 blocks (about 1,000 tokens at block size 16). A value of 1
     ///   selects per-block mode: no groups are planned, no blocks are reserved, and blocks
     ///   come from a FIFO free list like vLLM's block pool (the benchmark's baseline).
-    /// Throws std::invalid_argument on non-positive sizes.
-    explicit BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks = 60);
+    /// growth_quantum_blocks: least size of a new group where a free group that large
+    ///   exists, and the run a tail split takes under pressure (>= 0; 0 derives it as
+    ///   max(1, initial_group_blocks / 4)). 1 gives the bare policy: a split takes only the
+    ///   blocks missing. Ignored in per-block mode.
+    /// Throws std::invalid_argument on non-positive sizes or a negative quantum.
+    explicit BlockGroupAllocator(BlockId num_blocks, BlockId initial_group_blocks = 60,
+                                 BlockId growth_quantum_blocks = 0);
 
     /// Appends n blocks to seq's block table (creating the sequence if new) and writes
     /// their ids, in table order, to out[0..n). Throws std::invalid_argument if n <= 0 and
@@ -154,6 +159,7 @@ class BlockGroupAllocator {
 
     BlockId num_blocks() const { return num_blocks_; }
     BlockId initial_group_blocks() const { return initial_group_blocks_; }
+    BlockId growth_quantum_blocks() const { return growth_quantum_; }
     bool per_block_mode() const { return initial_group_blocks_ == 1; }
     /// Blocks in no block table: free groups plus reserved tails.
     BlockId num_free_blocks() const { return free_in_groups_ + num_reserved_; }
@@ -199,6 +205,7 @@ class BlockGroupAllocator {
 
     BlockId num_blocks_;
     BlockId initial_group_blocks_;
+    BlockId growth_quantum_;
     std::unordered_map<SeqId, Sequence> seqs_;
 
     std::map<BlockId, BlockId> free_by_start_;                // start -> length

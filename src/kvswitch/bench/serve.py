@@ -73,6 +73,9 @@ class Mechanisms:
     reuse: bool  #: CPU copies reused across swap-outs
     #: GPU-pool compaction on swap-in (SwapManager(compaction=True); beyond the paper)
     compaction: bool = False
+    #: the GPU allocator's default growth quantum (else 1: a tail split under pressure
+    #: takes only the blocks missing); block groups only
+    growth_quantum: bool = True
 
 
 CONFIGURATIONS: dict[str, Mechanisms] = {
@@ -83,10 +86,14 @@ CONFIGURATIONS: dict[str, Mechanisms] = {
 }
 
 #: Configurations run only when named in ``--configs``: each default configuration with
-#: compaction off, so that its effect is measured side by side in one run (issue 14).
+#: compaction off, or with a growth quantum of 1 block, so that each one's effect is
+#: measured side by side in one run (issue 14).
 ABLATIONS: dict[str, Mechanisms] = {
-    f"{name}-nocompact": Mechanisms(m.block_groups, m.async_swaps, m.reuse)
-    for name, m in CONFIGURATIONS.items() if m.compaction
+    **{f"{name}-nocompact": Mechanisms(m.block_groups, m.async_swaps, m.reuse)
+       for name, m in CONFIGURATIONS.items() if m.compaction},
+    **{f"{name}-noquantum": Mechanisms(m.block_groups, m.async_swaps, m.reuse,
+                                       compaction=m.compaction, growth_quantum=False)
+       for name, m in CONFIGURATIONS.items() if m.block_groups},
 }
 
 
@@ -182,8 +189,10 @@ class _ProbedAllocator(BlockGroupAllocator):
     to the table's extents and whether it split other sequences' reserved tails. The
     allocation itself is the base class's, unchanged."""
 
-    def __init__(self, num_blocks: int, *, initial_group_blocks: int) -> None:
-        super().__init__(num_blocks, initial_group_blocks=initial_group_blocks)
+    def __init__(self, num_blocks: int, *, initial_group_blocks: int,
+                 growth_quantum_blocks: int | None = None) -> None:
+        super().__init__(num_blocks, initial_group_blocks=initial_group_blocks,
+                         growth_quantum_blocks=growth_quantum_blocks)
         self.context = "admit"  # which serving-loop step is allocating
         self.calls: dict[str, dict[str, int]] = {}
         self.swap_in_need_gt_largest_free = 0  # swap-ins whose need exceeded the largest
@@ -397,8 +406,10 @@ class _Server:
         engine = AsyncSwapEngine(device, host, backend=cfg.backend,
                                  num_workers=cfg.num_workers)
         # Probed: read-only counters around allocate (issue 14); the allocation is unchanged.
-        gpu = _ProbedAllocator(cfg.gpu_blocks, initial_group_blocks=(
-            cfg.initial_group_blocks if mech.block_groups else 1))
+        gpu = _ProbedAllocator(
+            cfg.gpu_blocks,
+            initial_group_blocks=cfg.initial_group_blocks if mech.block_groups else 1,
+            growth_quantum_blocks=None if mech.growth_quantum else 1)
         self.m = SwapManager(
             gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,
             async_swap_out=mech.async_swaps, swap_in="adaptive" if mech.async_swaps else "sync",

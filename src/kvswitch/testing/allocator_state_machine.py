@@ -63,17 +63,23 @@ class AllocatorStateMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.allocator: Any = None
+        self.growth_quantum_blocks: int | None = None
         self.tables: dict[Any, list[int]] = {}  # the reference model
 
     def make_allocator(self, num_blocks: int, initial_group_blocks: int) -> Any:
-        """Build the allocator under test; override to test another configuration."""
-        return BlockGroupAllocator(num_blocks, initial_group_blocks=initial_group_blocks)
+        """Build the allocator under test; override to test another configuration. The
+        drawn growth quantum (None: the default) is ``self.growth_quantum_blocks``."""
+        return BlockGroupAllocator(num_blocks, initial_group_blocks=initial_group_blocks,
+                                   growth_quantum_blocks=self.growth_quantum_blocks)
 
     @initialize(
         num_blocks=st.integers(1, 256),
         initial_group_blocks=st.sampled_from([1, 2, 5, 16, 60]),
+        growth_quantum_blocks=st.sampled_from([None, 1, 3, 40]),
     )
-    def create(self, num_blocks: int, initial_group_blocks: int) -> None:
+    def create(self, num_blocks: int, initial_group_blocks: int,
+               growth_quantum_blocks: int | None) -> None:
+        self.growth_quantum_blocks = growth_quantum_blocks
         self.allocator = self.make_allocator(num_blocks, initial_group_blocks)
         self.tables = {}
 
