@@ -65,18 +65,21 @@ RUNNING, SWAPPING_IN, SWAPPED_OUT, FAILED = "running", "swapping_in", "swapped_o
 
 def default_manager(*, block_size: int = 4, gpu_blocks: int = 40, host_blocks: int = 48,
                     regions: int = 2, token_bytes: int = 8, num_workers: int = 2,
-                    per_block: bool = False,
+                    per_block: bool = False, growth_quantum_blocks: int | None = None,
                     **manager_kw: Any) -> tuple[SwapManager, list[np.ndarray]]:
     """A host-backend SwapManager over ``regions`` uint8 arrays
     ``[gpu_blocks, block_size, token_bytes]``; ``per_block`` gives the GPU pool vLLM's
-    free-list allocator. The host pool is a little larger than the GPU pool, so a busy
-    history runs it short and backups get contaminated. ``manager_kw`` go to SwapManager."""
+    free-list allocator, else groups of 4 with ``growth_quantum_blocks`` (None: the
+    allocator's default, 1 at groups of 4). The host pool is a little larger than the GPU
+    pool, so a busy history runs it short and backups get contaminated. ``manager_kw`` go
+    to SwapManager."""
     kv = [np.zeros((gpu_blocks, block_size, token_bytes), np.uint8) for _ in range(regions)]
     layout = KVLayout.from_tensors(kv)
     engine = AsyncSwapEngine(layout, HostKVPool(layout, host_blocks, pin=False),
                              backend="host", num_workers=num_workers)
     gpu = (BlockGroupAllocator.per_block(gpu_blocks) if per_block
-           else BlockGroupAllocator(gpu_blocks, initial_group_blocks=4))
+           else BlockGroupAllocator(gpu_blocks, initial_group_blocks=4,
+                                    growth_quantum_blocks=growth_quantum_blocks))
     manager = SwapManager(gpu, engine, BlockGroupAllocator(host_blocks, initial_group_blocks=4),
                           block_size=block_size, **manager_kw)
     return manager, kv
@@ -397,7 +400,9 @@ class CompactingSwapManagerStateMachine(SwapManagerStateMachine):
     that swap-ins need compaction often."""
 
     def make_manager(self) -> tuple[SwapManager, list[np.ndarray]]:
-        return default_manager(compaction=True, compaction_max_moved=8.0, gpu_blocks=24)
+        # A growth quantum of 3 (1 by default at groups of 4): tail splits take runs.
+        return default_manager(compaction=True, compaction_max_moved=8.0, gpu_blocks=24,
+                               growth_quantum_blocks=3)
 
     @precondition(lambda self: self.seqs(SWAPPED_OUT) and len(self.state) < 12)
     @rule(data=st.data(), keep_every=st.integers(2, 3), fail=st.booleans())
