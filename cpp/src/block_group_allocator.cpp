@@ -21,9 +21,10 @@ constexpr BlockId kFreeShareDivisor = 8;
 
 // The default growth quantum is this fraction of initial_group_blocks. A new group holds at
 // least the quantum where the pool has it, taking it from the largest reserved tail (at most
-// half of it) under pressure. Without it a sequence growing past its tail under pressure got one block per
-// new group, so decode growth made one copy per block at the next swap-out (issue 14:
-// 43% of one-block growth allocations started a new extent at bench defaults).
+// half of it) under pressure. Without it a sequence growing past its tail under pressure
+// got one block per new group, so decode growth made one copy per block at the next
+// swap-out (issue 14: 48% of one-block growth allocations started a new extent at bench
+// defaults; docs/benchmarks.md).
 constexpr BlockId kGrowthQuantumDivisor = 4;
 
 }  // namespace
@@ -236,18 +237,19 @@ void BlockGroupAllocator::allocate_groups(SeqId seq, Sequence& s, BlockId n, Blo
     }
 
     // 3. New groups: best fit over free groups, splitting reserved tails off under pressure.
-    const BlockId quantum = growth_quantum_;
     while (remaining > 0) {
         if (free_in_groups_ < remaining) {
             BlockId deficit = remaining - free_in_groups_;
-            if (!reserved_by_length_.empty())  // a run to grow into, not one block per group
-                deficit = std::max(deficit,
-                                   std::min(reserved_by_length_.rbegin()->first / 2, quantum));
+            if (!reserved_by_length_.empty()) {  // a run to grow into, not one block per group
+                const BlockId half_largest = reserved_by_length_.rbegin()->first / 2;
+                deficit = std::max(deficit, std::min(half_largest, growth_quantum_));
+            }
             reclaim_reservations(deficit);
         }
         BlockId expected = expected_group_blocks(s, remaining);
         if (!free_by_length_.empty())
-            expected = std::max(expected, std::min(quantum, free_by_length_.rbegin()->first));
+            expected = std::max(expected,
+                                std::min(growth_quantum_, free_by_length_.rbegin()->first));
         auto fit = free_by_length_.lower_bound({expected, 0});
         if (fit == free_by_length_.end()) fit = std::prev(free_by_length_.end());  // largest
         const BlockId take = std::min(fit->first, expected);
