@@ -334,3 +334,38 @@ def test_free_blocks_bad_ids_change_nothing(busy, ids, error, match):
         busy.free_blocks("a", ids)
     assert state(busy) == before
     busy.check_invariants()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_blocks=st.integers(8, 200),
+    initial=st.sampled_from([2, 8, 20, 60]),
+    quantum=st.sampled_from([None, 1, 4, 16]),
+    ops=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 30), st.booleans()),
+                 max_size=40),
+)
+def test_a_new_group_holds_the_growth_quantum_where_the_pool_has_it(
+        num_blocks, initial, quantum, ops):
+    # Invariant of the growth quantum Q (issue 14): a sequence that starts a group for one
+    # block holds (in its table and tail) at least min(Q, largest free group) blocks when a
+    # free group exists, and at least min(half the largest reserved tail, Q) when every
+    # block outside the tables is in reserved tails.
+    a = BlockGroupAllocator(num_blocks, initial_group_blocks=initial,
+                            growth_quantum_blocks=quantum)
+    q = a.growth_quantum_blocks
+    for seq, n, drop in ops:
+        if drop and seq in a:
+            a.free_blocks(seq, a.block_table(seq)[::2])
+        elif n <= a.num_free_blocks:
+            a.allocate(seq, n)
+    if a.num_free_blocks == 0:
+        return
+    largest_free = max((n for _, n in a.free_groups()), default=0)
+    largest_tail = max((a.reservation(s)[1] for s in a.sequences()), default=0)
+    a.allocate("new", 1)
+    held = 1 + a.reservation("new")[1]
+    if largest_free:
+        assert held >= min(q, largest_free)
+    else:
+        assert held >= max(1, min(largest_tail // 2, q))
+    a.check_invariants()
