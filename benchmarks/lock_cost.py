@@ -25,13 +25,12 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
+from _manager_rounds import clock, machine, manager_bursts, tracker_plans
 
 from kvswitch import (
     AsyncSwapEngine,
@@ -43,17 +42,6 @@ from kvswitch import (
 )
 
 NO_LOCK = contextlib.nullcontext()
-clock = time.perf_counter_ns
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def unlock(*objs: object) -> None:
@@ -78,14 +66,7 @@ def tracker_round(locked: bool, sequences: int = 300) -> dict[str, list[int]]:
     t = ReuseTracker(host, block_size=16)
     if not locked:
         unlock(t, host)
-    table = np.arange(30, dtype=np.int32)
-    out = []
-    for s in range(sequences):
-        t0 = clock()
-        plan = t.plan_swap_out(s, table, 30 * 16)
-        t.commit(plan)
-        out.append(clock() - t0)
-    return {"plan_swap_out + commit (30 blocks)": out}
+    return {"plan_swap_out + commit (30 blocks)": tracker_plans(t, sequences)}
 
 
 def manager_round(locked: bool, sequences: int = 64, regions: int = 64) -> dict[str, list[int]]:
@@ -98,31 +79,7 @@ def manager_round(locked: bool, sequences: int = 64, regions: int = 64) -> dict[
                     block_size=16, swap_in="async")
     if not locked:
         unlock(m, m.tracker, m.gpu, m.tracker.host)
-    outs: list[int] = []
-    ins: list[int] = []
-    for s in range(sequences):
-        m.allocate(s, 30)
-    m.synchronize()
-    pause = engine._engine._set_paused  # workers copy only between the timed bursts
-    for _ in range(3):
-        pause(True)
-        for s in range(sequences):
-            t0 = clock()
-            m.swap_out(s, 30 * 16)
-            outs.append(clock() - t0)
-        pause(False)
-        m.synchronize()
-        pause(True)
-        for s in range(sequences):
-            t0 = clock()
-            m.swap_in(s)
-            ins.append(clock() - t0)
-        pause(False)
-        m.synchronize()
-        m.poll()
-        for s in range(sequences):  # drop the backups: every swap-out copies again
-            m.drop_cpu_copy(s)
-    m.close()
+    outs, ins = manager_bursts(m, sequences)
     return {"SwapManager.swap_out (30 blocks)": outs, "SwapManager.swap_in (30 blocks)": ins}
 
 

@@ -27,37 +27,24 @@ Run: ``python benchmarks/manager_call_cost.py [--rounds 10] [--before main] [--b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _manager_rounds import clock, machine, manager_bursts, tracker_plans
 
 import kvswitch.manager
 import kvswitch.reuse
 import kvswitch.swap
 from kvswitch import BlockGroupAllocator, HostKVPool, KVLayout
 
-clock = time.perf_counter_ns
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def load_revision(ref: str) -> types.SimpleNamespace:
@@ -80,14 +67,7 @@ def load_revision(ref: str) -> types.SimpleNamespace:
 
 def tracker_round(api: types.SimpleNamespace, sequences: int = 300) -> dict[str, list[int]]:
     t = api.ReuseTracker(BlockGroupAllocator(sequences * 30), block_size=16)
-    table = np.arange(30, dtype=np.int32)
-    out = []
-    for s in range(sequences):
-        t0 = clock()
-        plan = t.plan_swap_out(s, table, 30 * 16)
-        t.commit(plan)
-        out.append(clock() - t0)
-    return {"plan_swap_out + commit": out}
+    return {"plan_swap_out + commit": tracker_plans(t, sequences)}
 
 
 def timed(obj: object, name: str, label: str, into: dict[str, list[int]]) -> None:
@@ -117,31 +97,7 @@ def manager_round(api: types.SimpleNamespace, sequences: int = 64, regions: int 
         for obj, name in ((engine, "swap_out"), (engine, "swap_in"), (m.tracker, "plan_swap_out"),
                           (m.tracker, "plan_swap_in"), (m.tracker, "commit")):
             timed(obj, name, f"  {type(obj).__name__}.{name}", parts)
-    outs: list[int] = []
-    ins: list[int] = []
-    for s in range(sequences):
-        m.allocate(s, 30)
-    m.synchronize()
-    pause = engine._engine._set_paused  # workers copy only between the timed bursts
-    for _ in range(3):
-        pause(True)
-        for s in range(sequences):
-            t0 = clock()
-            m.swap_out(s, 30 * 16)
-            outs.append(clock() - t0)
-        pause(False)
-        m.synchronize()
-        pause(True)
-        for s in range(sequences):
-            t0 = clock()
-            m.swap_in(s)
-            ins.append(clock() - t0)
-        pause(False)
-        m.synchronize()
-        m.poll()
-        for s in range(sequences):  # drop the backups: every swap-out copies again
-            m.drop_cpu_copy(s)
-    m.close()
+    outs, ins = manager_bursts(m, sequences)
     return {"SwapManager.swap_out": outs, "SwapManager.swap_in": ins}
 
 

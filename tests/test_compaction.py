@@ -8,16 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvswitch.allocator import BlockGroupAllocator, BlockMoves, OutOfBlocksError
-
-
-def _state(a: BlockGroupAllocator) -> tuple:
-    return (
-        {s: a.block_table(s).tolist() for s in a.sequences()},
-        {s: a.reservation(s) for s in a.sequences()},
-        a.free_groups(),
-        a.num_free_blocks,
-        a.num_reserved_blocks,
-    )
+from kvswitch.testing.allocator_state_machine import allocator_state as _state
 
 
 def _striped() -> BlockGroupAllocator:

@@ -50,7 +50,19 @@ from hypothesis.stateful import (
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 
-__all__ = ["AllocatorStateMachine"]
+__all__ = ["AllocatorStateMachine", "allocator_state"]
+
+def allocator_state(a: Any) -> tuple:
+    """Everything observable of an allocator (block tables, reserved tails, free groups,
+    counters), to compare before and after a call that must change nothing."""
+    return (
+        {s: a.block_table(s).tolist() for s in a.sequences()},
+        {s: a.reservation(s) for s in a.sequences()},
+        a.free_groups(),
+        a.num_free_blocks,
+        a.num_reserved_blocks,
+    )
+
 
 # A small id space so that rules often hit existing sequences (and sometimes unknown ones).
 SEQUENCE_IDS = st.sampled_from(["a", "b", "c", "d", 0, 1, 2, (3, "x")])
@@ -86,14 +98,7 @@ class AllocatorStateMachine(RuleBasedStateMachine):
     # -- helpers -----------------------------------------------------------------------
 
     def snapshot(self) -> tuple:
-        a = self.allocator
-        return (
-            {s: a.block_table(s).tolist() for s in a.sequences()},
-            {s: a.reservation(s) for s in a.sequences()},
-            a.free_groups(),
-            a.num_free_blocks,
-            a.num_reserved_blocks,
-        )
+        return allocator_state(self.allocator)
 
     def used_blocks(self) -> int:
         return sum(len(t) for t in self.tables.values())
