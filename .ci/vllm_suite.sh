@@ -9,9 +9,10 @@
 #     CUDA torch; their native ops fail to load with CI's CPU torch 2.13.0 and transformers
 #     then fails at import, so they are uninstalled (nothing tested here uses them). tblib:
 #     vLLM's tests/conftest.py imports it.
-#  2. vLLM 0.32.0's source distribution from PyPI's simple index, sha256-checked, for its
-#     tests/ (tests/vllm_support/fetch_sdist.py; pip download --no-binary would build vLLM's build
-#     requirements from source).
+#  2. vLLM 0.32.0's source distribution, sha256-checked, for its tests/, from the indexes
+#     pip is configured with (pip's own default when none is): tests/vllm_support/
+#     fetch_sdist.py (pip download --no-binary would build vLLM's build requirements from
+#     source).
 #  3. kvswitch's vLLM tests (tests/test_vllm_*.py).
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
@@ -44,7 +45,7 @@ install() {
   # Its own CMake build folder: .ci/run may build the main wheel from this tree meanwhile.
   "$PY" -m pip install --quiet -c .ci/constraints.txt -C build-dir="$DIR/cmake" \
     ".[test,vllm]" tblib
-  "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
   "$PY" -c "import torch, vllm, kvswitch.adapters.vllm; print('torch', torch.__version__, '| vllm', vllm.__version__)"
 }
 
@@ -53,8 +54,10 @@ fetch_sdist() {
   "$PY" tests/vllm_support/fetch_sdist.py "$VLLM_VERSION" "$DIR"
 }
 
+# KVSWITCH_NO_IMPORT_SKIPS (tests/conftest.py): vLLM is installed here, so a test module
+# skipped because an import failed fails the run.
 kvswitch_tests() {
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_adapter.py
+  KVSWITCH_NO_IMPORT_SKIPS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_adapter.py
 }
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.
