@@ -113,7 +113,7 @@ class CostModel:
     def migrate_s(self, nbytes: float) -> float:
         """Modelled seconds of a device-to-device move of ``nbytes`` bytes of KV (GPU-pool
         compaction): each byte is read and written once in HBM, at ``efficiency`` of
-        peak. An assumption, not a measurement (see :meth:`step_s`)."""
+        peak. An assumption, not a measurement (see [`step_s`][])."""
         return 2.0 * nbytes / (self.gpu.hbm_bytes_per_s * self.efficiency)
 
     def step_s(self, decode_context_tokens: int, num_decodes: int,

@@ -2,11 +2,11 @@
 
 What is real and what is modelled:
 
-* **Real**: every swap is a real copy through :class:`~kvswitch.AsyncSwapEngine` between two
+* **Real**: every swap is a real copy through [`AsyncSwapEngine`][] between two
   KV pools with the model preset's region count (host backend: both pools in host memory),
-  issued by the :class:`~kvswitch.SwapManager`; the time the loop is blocked on swaps
+  issued by the [`SwapManager`][]; the time the loop is blocked on swaps
   (synchronous swaps, conflicts, synchronous swap-in decisions) is measured.
-* **Modelled**: the model step's duration (:class:`~kvswitch.bench.cost_model.CostModel`).
+* **Modelled**: the model step's duration ([`CostModel`][]).
   It is spent as real elapsed time (the loop sleeps while the swap workers copy), so
   asynchronous swaps overlap with it for real.
 * **Time scale** ``S``: the run is ``S`` times faster than the system it models, so 1,000
@@ -99,7 +99,7 @@ ABLATIONS: dict[str, Mechanisms] = {
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Parameters of :func:`serve` (seconds are modelled seconds)."""
+    """Parameters of [`serve`][] (seconds are modelled seconds)."""
 
     model: str = "llama-3-8b"  #: key of MODEL_PRESETS
     gpu: str = "a100"  #: key of GPU_PRESETS
@@ -185,7 +185,7 @@ def _pcts(values: list[float]) -> dict[str, float]:
 
 
 class _ProbedAllocator(BlockGroupAllocator):
-    """The GPU allocator with read-only probes around :meth:`allocate`: what each call adds
+    """The GPU allocator with read-only probes around [`allocate`][]: what each call adds
     to the table's extents and whether it split other sequences' reserved tails. The
     allocation itself is the base class's, unchanged."""
 
@@ -717,20 +717,20 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
     """Replay ``conversations`` through a SwapManager with the given mechanisms.
 
     Args:
-        conversations: the trace (e.g. :func:`kvswitch.trace.sample` of the bundled one).
+        conversations: the trace (e.g. [`kvswitch.trace.sample`][] of the bundled one).
         config: pools, presets, arrival process, priority pattern, time scale.
-        mechanisms: which FastSwitch mechanisms to use (see :data:`CONFIGURATIONS`).
+        mechanisms: which FastSwitch mechanisms to use (see [`CONFIGURATIONS`][]).
         on_conversation_done: called once per finished conversation (progress bars).
         on_progress: called after every iteration with the modelled seconds elapsed since
             the first arrival (the modelled clock, which ends at ``makespan_s``).
 
     Returns:
-        A :class:`ServeResult`.
+        A [`ServeResult`][].
 
     Raises:
         KeyError: unknown model or GPU preset.
         ValueError: a conversation whose KV cannot fit the GPU pool (see
-            :func:`min_gpu_blocks`), bad sizes, an unknown backend, or the cuda backend
+            [`min_gpu_blocks`][]), bad sizes, an unknown backend, or the cuda backend
             with a time scale other than 1.
         RuntimeError: the cuda backend without a usable GPU (the engine says why) or
             without pinned host memory.
@@ -758,7 +758,7 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """What :func:`estimate_run` expects of one :func:`serve` run."""
+    """What [`estimate_run`][] expects of one [`serve`][] run."""
 
     makespan_s: float  #: modelled seconds
     iterations: int
@@ -773,7 +773,7 @@ SETUP_BYTES_PER_S = 1e9
 
 
 def estimate_run(conversations: list[Conversation], config: ServeConfig) -> RunEstimate:
-    """A rough estimate of one :func:`serve` run, for saying how long a run will take before
+    """A rough estimate of one [`serve`][] run, for saying how long a run will take before
     it starts. No swap costs: stalls and contention are ignored.
 
     The modelled makespan is the larger of two bounds: arrivals (the last turn of each
@@ -822,7 +822,7 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig) -> RunE
 
 
 def min_gpu_blocks(tokens: int, config: ServeConfig) -> int:
-    """The smallest ``gpu_blocks`` with which :func:`serve` admits a conversation of
+    """The smallest ``gpu_blocks`` with which [`serve`][] admits a conversation of
     ``tokens`` tokens of KV (all its turns): its blocks of ``config.block_size`` tokens, one
     block of headroom and the ``config.watermark`` fraction of the pool kept free.
 

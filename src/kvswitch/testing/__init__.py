@@ -1,7 +1,7 @@
 """Reusable test tools for engine developers (needs ``hypothesis``: ``kvswitch[test]``).
 
-* :class:`AllocatorStateMachine`: the allocator's invariants against a reference model.
-* :class:`SwapManagerStateMachine`: serving histories over a SwapManager with real bytes,
+* [`AllocatorStateMachine`][]: the allocator's invariants against a reference model.
+* [`SwapManagerStateMachine`][]: serving histories over a SwapManager with real bytes,
   rollbacks, host-pool pressure, injected copy failures and concurrent callers.
 """
 

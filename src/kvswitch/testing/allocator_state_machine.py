@@ -1,4 +1,4 @@
-"""A hypothesis state machine that checks a :class:`~kvswitch.BlockGroupAllocator` against a
+"""A hypothesis state machine that checks a [`BlockGroupAllocator`][] against a
 simple reference model after every step.
 
 Engine developers can reuse it to check an allocator they configure, or a subclass with
@@ -21,7 +21,7 @@ never adjacent; a sequence's groups cover its table exactly; counters agree; and
 ``allocate`` raised ``OutOfBlocksError`` exactly when fewer blocks were free than requested.
 A call that raised must have left everything unchanged.
 
-Compaction (:meth:`~kvswitch.BlockGroupAllocator.compact`) is a rule too: the model applies
+Compaction ([`compact`][kvswitch.BlockGroupAllocator.compact]) is a rule too: the model applies
 the returned moves to its tables (a moved block keeps its table position and takes its new
 id), and the machine checks that pinned sequences did not move, that no more than
 ``max_moved`` blocks moved, that a compaction which changed something left a free group of

@@ -1,14 +1,14 @@
-"""A hypothesis state machine that drives a :class:`~kvswitch.SwapManager` (with its
-:class:`~kvswitch.ReuseTracker` and :class:`~kvswitch.AsyncSwapEngine`) through random
+"""A hypothesis state machine that drives a [`SwapManager`][] (with its
+[`ReuseTracker`][] and [`AsyncSwapEngine`][]) through random
 serving histories with real bytes, and checks after every step that no KV was lost or
 corrupted and that every failure surfaced exactly once.
 
-Rules: new sequences, growth, rollback (:meth:`~kvswitch.SwapManager.truncate`), swap-outs
+Rules: new sequences, growth, rollback ([`truncate`][kvswitch.SwapManager.truncate]), swap-outs
 (full, ending mid-block, or shorter than the CPU copy), swap-ins to new blocks, Algorithm 1
 iterations (``poll`` + ``decide``), frees, dropped CPU copies, priorities that steer which
 backups are reclaimed when the host pool runs short (contamination), injected copy
 failures (the engine's ``_fail_next_jobs`` test hook), and two callers on two threads at
-once. With ``compaction=True`` (see :class:`CompactingSwapManagerStateMachine`) swap-ins
+once. With ``compaction=True`` (see [`CompactingSwapManagerStateMachine`][]) swap-ins
 also compact the GPU pool: other running sequences' blocks move device to device, their
 new block tables must be reported (checked against the manager's tables), their KV must
 read back intact through the new tables, and an injected failure that hits the migration
@@ -19,7 +19,7 @@ version, so a swap-in that restores old KV, a reused stale block, or a write int
 an in-flight swap-out still reads shows up as a byte mismatch.
 
 Engine developers can run it against their own configuration by overriding
-:meth:`SwapManagerStateMachine.make_manager` (block size, pool sizes, policies, worker
+[`SwapManagerStateMachine.make_manager`][] (block size, pool sizes, policies, worker
 count)::
 
     from hypothesis import settings
@@ -34,7 +34,7 @@ count)::
                                      deadline=None)
 
 The GPU pool must be host memory the machine can read and write (NumPy arrays, one per
-region, ``[num_blocks, block_size, ...]``, as :meth:`kvswitch.KVLayout.from_tensors` takes
+region, ``[num_blocks, block_size, ...]``, as [`kvswitch.KVLayout.from_tensors`][] takes
 them), i.e. the host backend. Determinism: rules draw only from the machine's own model of
 the sequences, never from what worker threads have done so far, and every wait happens
 inside a rule, so hypothesis replays a failing history exactly.
@@ -87,7 +87,7 @@ def default_manager(*, block_size: int = 4, gpu_blocks: int = 40, host_blocks: i
 
 class SwapManagerStateMachine(RuleBasedStateMachine):
     """Random serving histories over a SwapManager, checked byte by byte (see the module
-    docstring). Override :meth:`make_manager` to test another configuration."""
+    docstring). Override [`make_manager`][] to test another configuration."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """The copies of a kvswitch host pool: backups of every layer and per-layer loads.
 
-One :class:`~kvswitch.AsyncSwapEngine` copies all layers (device -> host backups) and one
+One [`AsyncSwapEngine`][] copies all layers (device -> host backups) and one
 per layer copies that layer's regions (host -> device loads), so a load of layer ``i`` is
 its own job with its own handle and its own end event: on CUDA the load stream waits for
 exactly that job before SGLang records layer ``i``'s event, and the forward pass starts
@@ -27,7 +27,8 @@ class LayerTransfer:
     """Backups and per-layer loads between SGLang's device pool and host ``kv_buffer``.
 
     Args:
-        geometry: the layouts (:func:`~kvswitch.adapters.sglang.geometry.build_geometry`).
+        geometry: the layouts
+            ([`build_geometry`][kvswitch.adapters.sglang.geometry.build_geometry]).
         num_workers: worker threads per engine; None picks 0 on the host backend (each
             copy runs inline and is done when the call returns: SGLang's CPU events are
             no-ops, so nothing could wait for it later) and 1 on CUDA.
@@ -37,10 +38,10 @@ class LayerTransfer:
     SGLang's ``cudaHostRegister`` when ``pin_memory=True``); kvswitch does not register it
     again.
 
-    Failures: a copy that fails raises :class:`~kvswitch.SwapError` from the call that
+    Failures: a copy that fails raises [`SwapError`][] from the call that
     waits for it: the backup itself, a load on the host backend, or, for a CUDA load
     (which returns once the copy is queued and ordered before the load stream's next
-    work), the next :meth:`backup`, :meth:`load` or :meth:`synchronize` after it finished.
+    work), the next [`backup`][], [`load`][] or [`synchronize`][] after it finished.
     Bad indices raise ValueError/TypeError before anything is queued.
 
     Thread safety: one SGLang cache controller drives a host pool; calls from several
@@ -92,11 +93,13 @@ class LayerTransfer:
                 start after; SGLang's current (write) stream.
 
         Returns:
-            The finished :class:`~kvswitch.SwapHandle`.
+            The finished [`SwapHandle`][].
 
         Raises:
-            SwapError: the copy failed (or an earlier load did). ValueError/TypeError: bad
-                indices (lengths differ, not page-aligned, out of range); nothing copied.
+            SwapError: the copy failed (or an earlier load did).
+            ValueError: bad indices (lengths differ, not page-aligned, out of range); nothing
+                copied.
+            TypeError: bad indices (lengths differ, not page-aligned, out of range); nothing copied.
         """
         self.raise_failed()
         pairs = coalesce(as_index_array(device_indices, "device_indices"),
@@ -132,11 +135,11 @@ class LayerTransfer:
             stream: CUDA only: SGLang's load stream (current stream of the call).
 
         Returns:
-            The job's :class:`~kvswitch.SwapHandle` (also in :attr:`layer_handles`).
+            The job's [`SwapHandle`][] (also in [`layer_handles`][]).
 
         Raises:
-            SwapError: this (host backend) or an earlier copy failed. ValueError: layer
-                out of range or bad indices; nothing queued.
+            SwapError: this (host backend) or an earlier copy failed.
+            ValueError: layer out of range or bad indices; nothing queued.
         """
         if not 0 <= layer < len(self._load_engines):
             raise ValueError(f"layer {layer} is outside [0, {len(self._load_engines)})")
@@ -164,7 +167,7 @@ class LayerTransfer:
 
         Each index argument is keyed on its content (a copy of its int64 slots), except a
         CUDA tensor, keyed on identity and ``_version`` (reading its content would cost a
-        device-to-host copy per layer, which the cache exists to avoid); :meth:`load`
+        device-to-host copy per layer, which the cache exists to avoid); [`load`][]
         drops the cache after the last layer, so such a key never outlives one batch.
         """
         keys = (_index_key(host_indices, "host_indices"),
@@ -182,7 +185,7 @@ class LayerTransfer:
 
     # ------------------------------------------------------------------ failures
     def raise_failed(self) -> None:
-        """Raise :class:`~kvswitch.SwapError` for a finished CUDA load that failed (each
+        """Raise [`SwapError`][] for a finished CUDA load that failed (each
         failure once); forget finished successful ones."""
         if not self._pending:
             return
@@ -198,7 +201,7 @@ class LayerTransfer:
                             "invalid: " + "; ".join(h.error for h in failed))
 
     def synchronize(self) -> None:
-        """Wait for every queued copy; raise :class:`~kvswitch.SwapError` if one failed."""
+        """Wait for every queued copy; raise [`SwapError`][] if one failed."""
         for engine in self.engines:
             engine.synchronize()
         self.raise_failed()
@@ -226,7 +229,7 @@ def _index_key(indices: Any, what: str) -> Any:
 
 
 def _same_key(a: Any, b: Any) -> bool:
-    """Whether two :func:`_index_key` results name the same slots."""
+    """Whether two [`_index_key`][] results name the same slots."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
                 and a.shape == b.shape and bool(np.array_equal(a, b)))

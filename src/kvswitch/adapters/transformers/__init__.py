@@ -5,14 +5,14 @@ package imports them, ``import kvswitch`` does not.
 
 Parts:
 
-* :class:`PagedKVCache`: per-layer K/V pool tensors
-  ``[num_blocks, block_size, num_kv_heads, head_dim]`` and their :class:`~kvswitch.KVLayout`
-  (for an :class:`~kvswitch.AsyncSwapEngine` and a :class:`~kvswitch.HostKVPool`).
-* :func:`paged_attention_forward`, registered in transformers' ``AttentionInterface`` as
+* [`PagedKVCache`][]: per-layer K/V pool tensors
+  ``[num_blocks, block_size, num_kv_heads, head_dim]`` and their [`KVLayout`][]
+  (for an [`AsyncSwapEngine`][] and a [`HostKVPool`][]).
+* [`paged_attention_forward`][], registered in transformers' ``AttentionInterface`` as
   ``"kvswitch_paged"``: reads and writes the pool through each sequence's block table.
-* :class:`PagedModelRunner`: one batched forward pass (prefill and decode mixed) given each
+* [`PagedModelRunner`][]: one batched forward pass (prefill and decode mixed) given each
   sequence's new tokens, block table and cached length; returns last-token logits.
-* :func:`model_spec` / :class:`UnsupportedModelError`: which models are supported.
+* [`model_spec`][] / [`UnsupportedModelError`][]: which models are supported.
 
 Example (see ``examples/custom_loop.py`` for continuous batching with swaps)::
 

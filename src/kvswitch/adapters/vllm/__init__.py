@@ -18,13 +18,13 @@ Enable it in vLLM with the ``OffloadingConnector``::
 
 Parts (one concept per module):
 
-* :class:`KVSwitchOffloadingSpec` (``spec``): the ``OffloadingSpec`` vLLM loads.
-* :class:`KVSwitchOffloadingManager` (``manager``): vLLM's CPU offloading manager (LRU and
+* [`KVSwitchOffloadingSpec`][] (``spec``): the ``OffloadingSpec`` vLLM loads.
+* [`KVSwitchOffloadingManager`][] (``manager``): vLLM's CPU offloading manager (LRU and
   ARC eviction, reference counts, events) whose CPU chunks come from a
-  :class:`~kvswitch.BlockGroupAllocator`, so one request's chunks sit in contiguous CPU
+  [`BlockGroupAllocator`][], so one request's chunks sit in contiguous CPU
   extents.
-* :class:`KVSwitchOffloadingWorker` (``worker``): the transfers, one
-  :class:`~kvswitch.AsyncSwapEngine` per KV-cache group, each job's (GPU block, CPU block)
+* [`KVSwitchOffloadingWorker`][] (``worker``): the transfers, one
+  [`AsyncSwapEngine`][] per KV-cache group, each job's (GPU block, CPU block)
   pairs coalesced into extents.
 """
 

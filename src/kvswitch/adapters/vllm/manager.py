@@ -2,9 +2,9 @@
 
 vLLM 0.32's ``CPUOffloadingManager`` (``vllm/v1/kv_offload/cpu/manager.py``) keeps the
 cache state (keys, reference counts, LRU/ARC policies, events, metrics) and hands out CPU
-chunk ids from a counter and a LIFO free list. :class:`KVSwitchOffloadingManager` keeps
+chunk ids from a counter and a LIFO free list. [`KVSwitchOffloadingManager`][] keeps
 all of that and replaces only the chunk pool: chunks come from a
-:class:`~kvswitch.BlockGroupAllocator` in which every request is a sequence, so the chunks
+[`BlockGroupAllocator`][] in which every request is a sequence, so the chunks
 one request stores over its lifetime (prefill, decode, a preemption flush) extend one
 block group and sit in contiguous CPU extents; the worker then moves them in few copies.
 """
@@ -56,7 +56,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         enable_events: collect ``OffloadingEvent`` objects for ``take_events``.
         store_threshold: offers a key needs before it is stored (< 2: no filter).
         max_tracker_size: entries of the offer tracker (``store_threshold >= 2``).
-        chunk_order: one of :data:`CHUNK_ORDERS`.
+        chunk_order: one of [`CHUNK_ORDERS`][].
         initial_group_chunks: expected size of a request's first CPU group, in chunks.
 
     Raises:
@@ -76,7 +76,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         max_tracker_size: int = 64_000,
         *,
         chunk_order: str = "groups",
-        initial_group_chunks: int = DEFAULT_INITIAL_GROUP_CHUNKS,
+        initial_group_chunks: int = 16,  # == DEFAULT_INITIAL_GROUP_CHUNKS
     ):
         if chunk_order not in CHUNK_ORDERS:
             raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {chunk_order!r}")
