@@ -160,15 +160,17 @@ def progress_bar(total: float, file):
 
 class _Lines:
     """A text stream for tqdm that turns its carriage-return redraws into plain lines
-    (for a log file: one line per redraw, none empty)."""
+    (for a log file: one line per redraw that changed something, none empty)."""
 
     def __init__(self, file) -> None:
         self.file = file
+        self.last = ""
 
     def write(self, text: str) -> int:
         line = text.replace("\r", "").strip()
-        if line:
+        if line and line != self.last:
             self.file.write(line + "\n")
+            self.last = line
         return len(text)
 
     def flush(self) -> None:
@@ -664,6 +666,8 @@ def _info(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(info, f, indent=2)
                 f.write("\n")
+    except BrokenPipeError:
+        raise  # a reader that stopped early: main() ends quietly
     except (OSError, TypeError, ValueError) as e:
         print(f"kvswitch info: cannot write the JSON: {e}", file=sys.stderr)
         return 1
@@ -680,7 +684,8 @@ kvswitch: KV-cache context switching for LLM serving (FastSwitch's mechanisms).
                    vLLM's swap path; copies are real, model compute is modelled
   kvswitch info    version, build, copy backends, GPUs, pinned memory, NUMA nodes
 
-Run `kvswitch bench --help` for the benchmark's options. Docs: docs/ in the source tree.
+Run 'kvswitch bench --help' for the benchmark's options; the documentation is in docs/
+of the source tree.
 """
 
 
