@@ -1,7 +1,7 @@
 """kvswitch as SGLang's HiCache host pool, against SGLang's real pools on the CPU (MHA, and
 MLA at the end).
 
-Needs sglang (``pip install 'kvswitch[sglang]'``; .ci/sglang_suite.sh); skipped without it.
+Needs sglang (``pip install ".[sglang]"``; .ci/sglang_suite.sh); skipped without it.
 The device pool is SGLang's ``MHATokenToKVPool(device="cpu")``, the host pool kvswitch's
 subclass of SGLang's ``MHATokenToKVPoolHost``; bytes are read back through SGLang's own
 accessors (``get_key_buffer``/``get_value_buffer`` on the device, ``get_data_page`` on the

@@ -524,7 +524,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("kvswitch bench: --plot needs matplotlib (pip install 'kvswitch[plot]')",
+            print("kvswitch bench: --plot needs matplotlib (pip install 'matplotlib>=3.7')",
                   file=sys.stderr)
             return 2
         try:

@@ -9,7 +9,7 @@ try:
     import hypothesis  # noqa: F401
 except ImportError as e:
     raise ImportError(
-        'kvswitch.testing needs hypothesis: pip install "kvswitch[test]"') from e
+        'kvswitch.testing needs hypothesis: pip install "hypothesis>=6.100"') from e
 
 from kvswitch.testing.allocator_state_machine import AllocatorStateMachine
 from kvswitch.testing.swap_manager_state_machine import (

@@ -29,7 +29,7 @@ the requested size, that one which returned None changed nothing, and that a fol
 ``allocate`` of that size by a new sequence lands in one group (no false out-of-memory and
 no false fragmentation).
 
-Requires ``hypothesis`` (``pip install kvswitch[test]``).
+Requires ``hypothesis`` (``pip install ".[test]"``).
 """
 
 from __future__ import annotations

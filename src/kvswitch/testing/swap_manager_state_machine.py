@@ -39,7 +39,7 @@ them), i.e. the host backend. Determinism: rules draw only from the machine's ow
 the sequences, never from what worker threads have done so far, and every wait happens
 inside a rule, so hypothesis replays a failing history exactly.
 
-Requires ``hypothesis`` (``pip install "kvswitch[test]"``).
+Requires ``hypothesis`` (``pip install ".[test]"``).
 """
 
 from __future__ import annotations

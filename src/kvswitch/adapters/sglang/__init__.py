@@ -8,10 +8,10 @@ Enable it with ``pip install ".[sglang]"`` (from a kvswitch checkout) and
 / [`KvswitchMLATokenToKVPoolHost`][kvswitch.adapters.sglang.host_pool.KvswitchMLATokenToKVPoolHost]
 as its host pool. See the SGLang adapter's page of the docs (``docs/adapters/sglang.md``).
 
-Modules (one concept each): [`extents`][] (token slots to block extents), [`geometry`][]
-(KVLayouts over SGLang's buffers), [`transfer`][] (the engines: backups, per-layer loads),
-[`host_pool`][] (the host-pool subclasses), [`backend`][] (the radix-cache factory) and
-[`plugin`][] (the entry point).
+Modules (one concept each): ``extents`` (token slots to block extents), ``geometry``
+(KVLayouts over SGLang's buffers), ``transfer`` (the engines: backups, per-layer loads),
+``host_pool`` (the host-pool subclasses), ``backend`` (the radix-cache factory) and
+``plugin`` (the entry point).
 
 Importing this package imports neither torch nor SGLang; the names below load their
 module (and SGLang) on first use.
@@ -22,10 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: Name of the radix-cache backend (``--radix-cache-backend kvswitch``).
 BACKEND_NAME = "kvswitch"
-#: SGLang releases this adapter was tested with (the ``kvswitch[sglang]`` extra's range).
+"""Name of the radix-cache backend (``--radix-cache-backend kvswitch``)."""
 TESTED_SGLANG = ">=0.5.23,<0.6"
+"""SGLang releases this adapter was tested with (the ``sglang`` extra's range)."""
 
 _LAZY = {
     "KvswitchMHATokenToKVPoolHost": "kvswitch.adapters.sglang.host_pool",

@@ -9,7 +9,7 @@ kvswitch ([`LayerTransfer`][]): extents of pages
 SGLang's ``--hicache-io-backend`` (``kernel``/``direct``) only decides where SGLang puts
 the index tensors; kvswitch copies either way.
 
-Imports torch and SGLang (``pip install 'kvswitch[sglang]'``); tested with sglang 0.5.23.
+Imports torch and SGLang (``pip install ".[sglang]"``); tested with sglang 0.5.23.
 """
 
 from __future__ import annotations

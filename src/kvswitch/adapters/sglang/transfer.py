@@ -12,6 +12,8 @@ No SGLang import here; torch only through the index tensors SGLang passes.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,14 @@ from kvswitch.adapters.sglang.extents import as_index_array, coalesce
 from kvswitch.adapters.sglang.geometry import Geometry
 from kvswitch.swap import AsyncSwapEngine, SwapError, SwapHandle
 
-__all__ = ["LayerTransfer"]
+__all__ = ["STATS_LOG_INTERVAL_S", "LayerTransfer"]
+
+logger = logging.getLogger(__name__)
+
+STATS_LOG_INTERVAL_S = 60.0
+"""Seconds between two INFO lines of a pool's copy counters. The first backup and the first
+load are logged at once, so a server's log shows kvswitch doing the host-pool copies."""
+_now = time.monotonic  # the clock of those lines (a test replaces it)
 
 
 class LayerTransfer:
@@ -71,6 +80,7 @@ class LayerTransfer:
         self.counters = {"backups": 0, "backup_extents": 0, "backup_copies": 0,
                          "backup_bytes": 0, "loads": 0, "load_extents": 0,
                          "load_copies": 0, "load_bytes": 0}
+        self._logged_at: float | None = None
 
     @property
     def num_layers(self) -> int:
@@ -113,6 +123,7 @@ class LayerTransfer:
         c["backup_extents"] += int(pairs.shape[0])
         c["backup_copies"] += int(handle.num_copies)
         c["backup_bytes"] += int(handle.nbytes)
+        self._log_counters("first backup" if c["backups"] == 1 else "")
         return handle
 
     def load(self, host_indices: Any, device_indices: Any, layer: int, *,
@@ -135,7 +146,7 @@ class LayerTransfer:
             stream: CUDA only: SGLang's load stream (current stream of the call).
 
         Returns:
-            The job's [`SwapHandle`][] (also in [`layer_handles`][]).
+            The job's [`SwapHandle`][] (also in ``layer_handles``).
 
         Raises:
             SwapError: this (host backend) or an earlier copy failed.
@@ -160,7 +171,24 @@ class LayerTransfer:
             self._pending.append(handle)
         c["load_copies"] += int(handle.num_copies)
         c["load_bytes"] += int(handle.nbytes)
+        self._log_counters("first load" if c["loads"] == 1 else "")
         return handle
+
+    def _log_counters(self, first: str) -> None:
+        """One INFO line of the counters: at ``first`` (a first backup or load), else at
+        most every [`STATS_LOG_INTERVAL_S`][] seconds."""
+        now = _now()
+        if not first and self._logged_at is not None and \
+                now - self._logged_at < STATS_LOG_INTERVAL_S:
+            return
+        self._logged_at = now
+        c = self.counters
+        logger.info("kvswitch host pool copies%s: %d backup(s) device -> host (%d extents, "
+                    "%d copies, %d bytes); %d layer load(s) host -> device (%d extents, "
+                    "%d copies, %d bytes); %s backend",
+                    f" ({first})" if first else "", c["backups"], c["backup_extents"],
+                    c["backup_copies"], c["backup_bytes"], c["loads"], c["load_extents"],
+                    c["load_copies"], c["load_bytes"], self.backend)
 
     def _pairs_for_load(self, host_indices: Any, device_indices: Any) -> np.ndarray:
         """The extents of one layer's load, coalesced once per load batch.

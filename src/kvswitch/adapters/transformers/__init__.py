@@ -1,7 +1,7 @@
 """Paged KV for transformers causal LMs (Llama, Mistral, Qwen2, Qwen3), for custom loops.
 
-Needs torch and transformers (``pip install kvswitch[transformers]``); importing this
-package imports them, ``import kvswitch`` does not.
+Needs torch and transformers (``pip install ".[transformers]"`` from a kvswitch
+checkout); importing this package imports them, ``import kvswitch`` does not.
 
 Parts:
 
@@ -34,7 +34,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         f"kvswitch.adapters.transformers needs torch and transformers ({e}); install them "
-        f"with: pip install 'kvswitch[transformers]'") from e
+        f"with: pip install 'torch>=2.5' 'transformers>=5.17,<6' (the kvswitch "
+        f"extra 'transformers')") from e
 
 from kvswitch.adapters.transformers.attention import (
     ATTENTION_NAME,

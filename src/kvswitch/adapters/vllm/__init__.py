@@ -1,6 +1,6 @@
 """kvswitch as a vLLM V1 KV offloading spec (vLLM 0.32.x).
 
-Needs vLLM (``pip install 'kvswitch[vllm]'``); importing this package imports it,
+Needs vLLM (``pip install ".[vllm]"`` from a kvswitch checkout); importing this package imports it,
 ``import kvswitch`` does not.
 
 Enable it in vLLM with the ``OffloadingConnector``::
@@ -33,7 +33,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         f"kvswitch.adapters.vllm needs vLLM ({e}); install it with: "
-        f"pip install 'kvswitch[vllm]'") from e
+        f"pip install 'vllm>=0.32,<0.33' (the kvswitch extra 'vllm')") from e
 
 from kvswitch.adapters.vllm.manager import CHUNK_ORDERS, KVSwitchOffloadingManager
 from kvswitch.adapters.vllm.spec import KVSwitchOffloadingSpec

@@ -12,6 +12,7 @@ GIL.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from kvswitch.layout import KVLayout
 from kvswitch.swap import AsyncSwapEngine
 
 __all__ = ["KVSwitchOffloadingWorker", "coalesce_pairs", "expand_cpu_blocks"]
+
+# Under vLLM's logger: vLLM configures only "vllm" (handler, level, propagate=False), so a
+# logger outside it would print nothing at INFO in a vLLM process.
+logger = logging.getLogger("vllm.kvswitch")
 
 
 def coalesce_pairs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -185,6 +190,12 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
         self.num_jobs = 0
         self.num_copies = 0
         self.num_pairs = 0
+        # The line a vLLM user looks for to see that kvswitch does the transfers.
+        backends = sorted({e.backend for e in self.engines if e is not None})
+        logger.info("kvswitch offloading worker: %d KV-cache group(s), %d layer tensor(s), "
+                    "%d CPU chunk(s) of %d block(s), %s backend, %d copy thread(s) per group",
+                    len(self.group_refs), sum(map(len, self.group_refs)), self.num_cpu_chunks,
+                    blocks_per_chunk, "/".join(backends) or "no", num_workers)
 
     # -- planning ------------------------------------------------------------------------
 
