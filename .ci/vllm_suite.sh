@@ -13,7 +13,8 @@
 #     pip is configured with (pip's own default when none is): tests/vllm_support/
 #     fetch_sdist.py (pip download --no-binary would build vLLM's build requirements from
 #     source).
-#  3. kvswitch's vLLM tests (tests/test_vllm_*.py).
+#  3. kvswitch's vLLM tests (tests/test_vllm_*.py: the adapter, and the commands of
+#     docs/adapters/vllm.md parsed by vLLM's own argument parser).
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
 #     model they name: tests/vllm_support/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:
@@ -57,7 +58,7 @@ fetch_sdist() {
 # KVSWITCH_NO_IMPORT_SKIPS (tests/conftest.py): vLLM is installed here, so a test module
 # skipped because an import failed fails the run.
 kvswitch_tests() {
-  KVSWITCH_NO_IMPORT_SKIPS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_adapter.py
+  KVSWITCH_NO_IMPORT_SKIPS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_*.py
 }
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.
