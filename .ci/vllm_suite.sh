@@ -58,7 +58,8 @@ fetch_sdist() {
 # KVSWITCH_NO_IMPORT_SKIPS (tests/conftest.py): vLLM is installed here, so a test module
 # skipped because an import failed fails the run.
 kvswitch_tests() {
-  KVSWITCH_NO_IMPORT_SKIPS=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_*.py
+  KVSWITCH_NO_IMPORT_SKIPS=1 VLLM_TARGET_DEVICE=cpu "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_vllm_*.py
 }
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.

@@ -35,8 +35,8 @@ def _check(config) -> None:
     assert extra["cpu_bytes_to_use"] == 8 << 30
 
 
-def test_the_documented_vllm_serve_command_parses_to_kvswitchs_spec(monkeypatch):
-    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # the parser infers a device
+def test_the_documented_vllm_serve_command_parses_to_kvswitchs_spec():
+    # vLLM's parser infers a device: .ci/vllm_suite.sh runs with VLLM_TARGET_DEVICE=cpu.
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -75,12 +75,15 @@ def test_the_worker_says_in_vllms_log_that_kvswitch_does_the_transfers():
     handler.emit = records.append
     logger = logging.getLogger("vllm.kvswitch")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # vLLM's default level (its config may not be applied here)
     try:
         caches = cases.make_caches(2, 256, "cpu", [[0, 1]])
         worker = KVSwitchOffloadingWorker(caches, blocks_per_chunk=1, num_cpu_chunks=32)
         worker.shutdown()
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     # A child of vLLM's "vllm" logger: vLLM's log configuration prints it.
     assert logger.name.startswith("vllm.")
     (line,) = [r.getMessage() for r in records]
