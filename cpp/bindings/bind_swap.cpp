@@ -312,7 +312,9 @@ void bind_swap(nb::module_& m) {
                  return d;
              })
         .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a)
-        .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a);
+        .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a)
+        .def("_set_max_poll_us", &AsyncSwapEngine::set_max_poll_us, "us"_a)
+        .def_prop_ro("_max_poll_us", &AsyncSwapEngine::max_poll_us);
 
     // ---------------------------------------------------------------- cuda driver
     m.def("cuda_unavailable_reason", &cuda_unavailable_reason, "ordinal"_a = 0,

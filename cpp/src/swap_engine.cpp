@@ -6,8 +6,6 @@
 #include <limits>
 #include <utility>
 
-#include <unistd.h>
-
 namespace kvswitch {
 
 enum class JobState : int { kQueued, kIssued, kDone, kFailed };
@@ -268,28 +266,14 @@ void wait_finished(const SwapJob& j) {
     j.cv.wait(lock, [&] { return j.finished_locked(); });
 }
 
-/// The host layout's memory as merged [address, bytes) ranges, for attach_host(). Ranges
-/// that share a page are merged: page-locking works on whole pages, and two
-/// registrations may not overlap.
+/// The host layout's memory as one [address, bytes) range per region, for attach_host()
+/// (which judges each region and merges what it page-locks itself).
 std::vector<std::pair<std::uintptr_t, std::size_t>> host_ranges(const KVLayout& host) {
-    std::vector<ByteRange> rs;
-    for (const KVRegion& r : host.regions()) rs.push_back(byte_range(r, host.num_blocks()));
-    std::sort(rs.begin(), rs.end(),
-              [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
-    const long page_size = sysconf(_SC_PAGESIZE);  // 64 KiB on some Arm hosts (GH200)
-    const std::uint64_t page = page_size > 0 ? static_cast<std::uint64_t>(page_size) : 4096;
     std::vector<std::pair<std::uintptr_t, std::size_t>> out;
-    std::uint64_t begin = 0, end = 0;
-    for (std::size_t i = 0; i < rs.size(); ++i) {
-        if (i && rs[i].begin / page <= (end - 1) / page) {
-            end = std::max(end, rs[i].end);
-            continue;
-        }
-        if (i) out.emplace_back(begin, end - begin);
-        begin = rs[i].begin;
-        end = rs[i].end;
+    for (const KVRegion& r : host.regions()) {
+        const ByteRange b = byte_range(r, host.num_blocks());
+        out.emplace_back(b.begin, b.end - b.begin);
     }
-    if (!rs.empty()) out.emplace_back(begin, end - begin);
     return out;
 }
 
@@ -609,6 +593,11 @@ void AsyncSwapEngine::set_paused(bool paused) {
     work_cv_.notify_all();
 }
 
+void AsyncSwapEngine::set_max_poll_us(long us) {
+    if (us < 1) throw std::invalid_argument("max_poll_us must be >= 1, got " + std::to_string(us));
+    max_poll_us_.store(us, std::memory_order_relaxed);
+}
+
 void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
     std::lock_guard<std::mutex> lock(submit_mu_);
     fail_next_ = n;
@@ -730,9 +719,9 @@ void AsyncSwapEngine::run_worker() {
     // With jobs in flight and nothing queued, the worker polls their completion with a
     // growing interval instead of blocking on the GPU, so that a job queued meanwhile (a
     // swap-in whose caller waits for its dispatch) is issued at once, not after an
-    // earlier job that may itself wait on the caller's compute (after=).
+    // earlier job that may itself wait on the caller's compute (after=). The interval
+    // stops at max_poll_us() (100 us): a job is seen done at most that long after its end.
     constexpr auto kMinPoll = std::chrono::microseconds(20);
-    constexpr auto kMaxPoll = std::chrono::microseconds(1000);
     auto poll = kMinPoll;
 
     for (;;) {
@@ -775,7 +764,7 @@ void AsyncSwapEngine::run_worker() {
             continue;
         }
         if (!job) {  // poll interval passed, nothing queued: look at the GPU again
-            poll = std::min(poll * 2, kMaxPoll);
+            poll = std::min(poll * 2, std::chrono::microseconds(max_poll_us()));
             continue;
         }
         poll = kMinPoll;

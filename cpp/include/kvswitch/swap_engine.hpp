@@ -40,6 +40,7 @@
 // Thread safety: every public member is thread-safe.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -198,6 +199,15 @@ class AsyncSwapEngine {
     /// so it blocks until resumed.
     void set_paused(bool paused);
 
+    /// Longest sleep of a worker between two looks at its in-flight jobs' completion
+    /// (cuEventQuery) while nothing is queued: bounds the delay from a job's end on the
+    /// GPU to its handle being done. Issue 22: was 1 ms, up to ~3% of a 2 GB round.
+    static constexpr long kDefaultMaxPollUs = 100;
+    /// Benchmark hook (benchmarks/completion_latency.py): the longest poll sleep, in
+    /// microseconds (>= 1); read by workers at each poll.
+    void set_max_poll_us(long us);
+    long max_poll_us() const { return max_poll_us_.load(std::memory_order_relaxed); }
+
   private:
     std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
     /// The job's CopyOps (one per row and region); run by the worker, not the caller.
@@ -245,6 +255,7 @@ class AsyncSwapEngine {
     SwapStats stats_;
     HostMemory host_memory_;
     std::chrono::steady_clock::time_point busy_since_;  // guarded by mu_; see busy_s
+    std::atomic<long> max_poll_us_{kDefaultMaxPollUs};
     int fail_next_ = 0;          // guarded by submit_mu_
     std::string fail_message_;   // guarded by submit_mu_
 };
