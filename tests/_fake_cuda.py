@@ -276,6 +276,12 @@ PRELUDE_CTYPES = textwrap.dedent('''
 ''').replace("__COUNTER_NAMES__", repr(COUNTER_NAMES))
 
 
+def fake_env(fake_dir: Path, **env: str) -> dict[str, str]:
+    """The environment of a subprocess that loads the fake: this one's, without the
+    variables that change the fake, with LD_LIBRARY_PATH pointing at it, plus `env`."""
+    return _env(fake_dir, env)
+
+
 def _env(fake_dir: Path, env: dict[str, str]) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(_FAKE_ENV)}
     ld = e.get("LD_LIBRARY_PATH")

@@ -313,7 +313,7 @@ class AsyncSwapEngine:
                         f"device(s); linear copies via {api}")
 
     # ------------------------------------------------------------------ jobs
-    def swap_out(self, pairs: Any, *, after: Any = None) -> SwapHandle:
+    def swap_out(self, pairs: Any, *, after: Any = None, before: Any = None) -> SwapHandle:
         """Queue a device -> host copy of block extents; returns once queued.
 
         Args:
@@ -329,35 +329,45 @@ class AsyncSwapEngine:
                 :class:`CudaEvent`): the copies start after it; it must have been recorded
                 (a ``torch.cuda.Event`` has no CUDA event before its first ``record()``),
                 and must not be re-recorded until the handle is done.
+            before: CUDA only. A stream (as ``after``) whose work queued after this call
+                waits for the copies, as ``before`` of :meth:`swap_in` (same
+                ``before_wait`` modes, same return point): the stream that will write new
+                KV into the swapped-out device blocks, so that their reuse is ordered on
+                the GPU after the copies read them, instead of by :meth:`wait_blocks` on
+                the host. If the job fails the stream is released all the same and the
+                handle raises.
 
         Returns:
             A :class:`SwapHandle` (finished already when ``num_workers=0``).
 
         Raises:
-            TypeError: pairs not integers, ``after`` of an unknown type.
+            TypeError: pairs not integers, ``after``/``before`` of an unknown type.
             ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
                 extent outside the device layout or the host pool, overlapping destination
-                extents, ``after`` on the host backend, an ``after`` event never recorded,
-                an ``after`` stream capturing a CUDA graph. Nothing is queued.
+                extents, ``after``/``before`` on the host backend, an ``after`` event never
+                recorded, ``before`` an event, a stream capturing a CUDA graph. Nothing is
+                queued.
             EngineClosedError: the engine is closed.
 
         A driver error while ordering the job against ``after`` does not raise: the job is
         queued as failed and its handle reports it, like a failed copy.
         """
-        if after is None:  # fast path: no stream to order after
+        if after is None and before is None:  # fast path: no streams
             return self._engine.submit(_OUT, _as_pairs(pairs), _NONE, 0, _NONE, 0)
-        streams = _stream_args(after, None)
+        streams = _stream_args(after, before)  # checked before the pairs
         return self._engine.submit(_OUT, _as_pairs(pairs), *streams)
 
-    def check_swap_out(self, *, after: Any = None) -> None:
-        """Raise what :meth:`swap_out` would raise for ``after`` or a closed engine, without
-        queueing anything, so a caller can validate before it changes its own state.
+    def check_swap_out(self, *, after: Any = None, before: Any = None) -> None:
+        """Raise what :meth:`swap_out` would raise for ``after``/``before`` or a closed
+        engine, without queueing anything, so a caller can validate before it changes its
+        own state.
 
         Raises:
-            TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
-            backend. EngineClosedError: the engine is closed.
+            TypeError: ``after``/``before`` of an unknown type. ValueError: ``after`` or
+            ``before`` on the host backend, ``before`` an event. EngineClosedError: the
+            engine is closed.
         """
-        self._engine.check(_OUT, *_stream_args(after, None))
+        self._engine.check(_OUT, *_stream_args(after, before))
 
     def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
