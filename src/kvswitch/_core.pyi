@@ -136,6 +136,8 @@ class SwapEngineCore:
         after_handle: int = 0,
         before_kind: int = 0,
         before_handle: int = 0,
+        region_begin: int = 0,
+        region_end: int = -1,
     ) -> SwapHandle: ...
     def check(
         self,

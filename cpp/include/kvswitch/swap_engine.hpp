@@ -139,6 +139,13 @@ struct EngineOptions {
     bool register_host = true;  ///< page-lock a pageable host pool (CopyBackend::attach_host)
 };
 
+/// A range of region indices [begin, end) of an engine's layouts; end = SIZE_MAX: to the
+/// last region.
+struct RegionRange {
+    std::size_t begin = 0;
+    std::size_t end = SIZE_MAX;
+};
+
 class AsyncSwapEngine {
   public:
     /// device: the GPU pool (or a host pool on the host backend); host: the host pool.
@@ -162,8 +169,12 @@ class AsyncSwapEngine {
     /// as failed and its handle reports it. Length-0 rows are skipped. Returns once the
     /// job is queued (inline mode: once it is done; a `before` stream where the backend
     /// defers_before(): once a worker issued it). Blocks while the queue is full.
+    /// `regions`: the job copies only these regions of each extent (both layouts' regions
+    /// [begin, end)), e.g. one layer's K and V; the default is every region
+    /// (std::invalid_argument for an empty range or one past the layouts' regions). Jobs
+    /// are still ordered by the blocks they touch, whatever their regions.
     SwapHandle submit(Direction dir, const std::int64_t* pairs, std::size_t n,
-                      StreamRef after = {}, StreamRef before = {});
+                      StreamRef after = {}, StreamRef before = {}, RegionRange regions = {});
     /// Throws what submit() would throw for these streams or a closed engine, without
     /// queueing anything: lets a caller validate before it changes its own state.
     void check(Direction dir, StreamRef after = {}, StreamRef before = {}) const;
@@ -209,7 +220,8 @@ class AsyncSwapEngine {
     long max_poll_us() const { return max_poll_us_.load(std::memory_order_relaxed); }
 
   private:
-    std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
+    std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n,
+                                   RegionRange regions);
     /// The job's CopyOps (one per row and region); run by the worker, not the caller.
     void expand(const SwapJob& job, std::vector<CopyOp>& ops) const;
     void run_worker();
