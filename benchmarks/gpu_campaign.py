@@ -599,30 +599,31 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
               and _finite(r.get("gbps_gpu"))]
         return xs[0] if xs else None
 
+    def add(name: str, threshold: str, measured: tuple[str, bool, str] | None) -> None:
+        """A target from (measured, passed, detail), or "not measured" when None."""
+        out.append(Target(name, threshold, *measured) if measured is not None
+                   else Target(name, threshold, "not measured", None))
+
     for d in ("out", "in"):
-        name = f"group swaps (extents >= 20) vs one large copy, {d}"
         ceil = ceiling.get(f"gbps_{d}")
         vals = [(best(d, e), e) for e in coarse]
+        measured = None
         if _finite(ceil) and vals and all(v is not None for v, _ in vals):
             worst, ext = min(vals)
-            ratio = worst / ceil
-            out.append(Target(name, f">= {TARGET_GROUP_OF_CEILING:.0%}", f"{ratio:.1%}",
-                              ratio >= TARGET_GROUP_OF_CEILING,
-                              f"engine {worst:.2f} GB/s at extent {ext}, ceiling "
-                              f"{ceil:.2f} GB/s"))
-        else:
-            out.append(Target(name, f">= {TARGET_GROUP_OF_CEILING:.0%}", "not measured", None))
-        name = f"group swaps (extents >= 20) vs per-block cuMemcpyAsync loop, same bytes, {d}"
-        pairs = [(best(d, e) / loop(d, e), e) for e in coarse
-                 if best(d, e) is not None and loop(d, e)]
-        if pairs and len(pairs) == len(coarse):
-            ratio, ext = min(pairs)
-            out.append(Target(name, f">= {TARGET_ENGINE_VS_LOOP:.0f}x", f"{ratio:.1f}x",
-                              ratio >= TARGET_ENGINE_VS_LOOP,
-                              f"extent {ext}: engine {best(d, ext):.2f} GB/s, loop "
-                              f"{loop(d, ext):.2f} GB/s"))
-        else:
-            out.append(Target(name, f">= {TARGET_ENGINE_VS_LOOP:.0f}x", "not measured", None))
+            measured = (f"{worst / ceil:.1%}", worst / ceil >= TARGET_GROUP_OF_CEILING,
+                        f"engine {worst:.2f} GB/s at extent {ext}, ceiling {ceil:.2f} GB/s")
+        add(f"group swaps (extents >= 20) vs one large copy, {d}",
+            f">= {TARGET_GROUP_OF_CEILING:.0%}", measured)
+        ratios = [(best(d, e) / loop(d, e), e) for e in coarse
+                  if best(d, e) is not None and loop(d, e)]
+        measured = None
+        if ratios and len(ratios) == len(coarse):
+            ratio, ext = min(ratios)
+            measured = (f"{ratio:.1f}x", ratio >= TARGET_ENGINE_VS_LOOP,
+                        f"extent {ext}: engine {best(d, ext):.2f} GB/s, loop "
+                        f"{loop(d, ext):.2f} GB/s")
+        add(f"group swaps (extents >= 20) vs per-block cuMemcpyAsync loop, same bytes, {d}",
+            f">= {TARGET_ENGINE_VS_LOOP:.0f}x", measured)
         eng1, loop1 = best(d, 1), loop(d, 1)
         if eng1 is not None and loop1:
             out.append(Target(f"engine vs per-block loop at single-block extents, {d}",
@@ -633,47 +634,37 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
            if r.get("what") == "engine.migrate" and r["extent"] >= 20
            and _finite(r.get("gbps_wall"))]
     pcie = [ceiling.get(f"gbps_{d}") for d in ("out", "in")]
-    name = "migrate (20-block extents) vs the PCIe ceiling"
+    measured = None
     if mig and all(_finite(x) for x in pcie):
         r = min(mig, key=lambda r: r["gbps_wall"])
         ratio = r["gbps_wall"] / min(pcie)
-        out.append(Target(name, f">= {TARGET_MIGRATE_VS_PCIE:.0f}x", f"{ratio:.1f}x",
-                          ratio >= TARGET_MIGRATE_VS_PCIE,
-                          f"migrate {r['gbps_wall']:.1f} GB/s (bytes moved once), PCIe "
-                          f"{min(pcie):.1f} GB/s"))
-    else:
-        out.append(Target(name, f">= {TARGET_MIGRATE_VS_PCIE:.0f}x", "not measured", None))
-    bi = results.get("bidirectional", {}).get("rows", [])
-    bi = [r for r in bi if _finite(r.get("ratio"))]
+        measured = (f"{ratio:.1f}x", ratio >= TARGET_MIGRATE_VS_PCIE,
+                    f"migrate {r['gbps_wall']:.1f} GB/s (bytes moved once), PCIe "
+                    f"{min(pcie):.1f} GB/s")
+    add("migrate (20-block extents) vs the PCIe ceiling", f">= {TARGET_MIGRATE_VS_PCIE:.0f}x",
+        measured)
+    bi = [r for r in results.get("bidirectional", {}).get("rows", []) if _finite(r.get("ratio"))]
+    measured = None
     if bi:
         r = max(bi, key=lambda r: (r["extent"], r["workers"]))
-        out.append(Target("both directions at once vs one direction (engine)",
-                          f">= {TARGET_BIDIR}x", f"{r['ratio']:.2f}x", r["ratio"] >= TARGET_BIDIR,
-                          f"extent {r['extent']}, {r['workers']} workers: both "
-                          f"{r['gbps_both']:.2f} GB/s, out {r['gbps_out']:.2f}, "
-                          f"in {r['gbps_in']:.2f}"))
-    else:
-        out.append(Target("both directions at once vs one direction (engine)",
-                          f">= {TARGET_BIDIR}x", "not measured", None))
+        measured = (f"{r['ratio']:.2f}x", r["ratio"] >= TARGET_BIDIR,
+                    f"extent {r['extent']}, {r['workers']} workers: both "
+                    f"{r['gbps_both']:.2f} GB/s, out {r['gbps_out']:.2f}, in {r['gbps_in']:.2f}")
+    add("both directions at once vs one direction (engine)", f">= {TARGET_BIDIR}x", measured)
     live = [r for r in results.get("submit_latency", {}).get("rows", [])
             if r.get("direction") == "out" and not r.get("held") and r.get("extents") == 64]
+    measured = None
     if live:
         p50 = live[0]["p50_us"]
-        out.append(Target("swap_out call, 64-extent job (p50)",
-                          f"<= {TARGET_SWAP_OUT_CALL_US:.0f} us", f"{p50:.1f} us",
-                          p50 <= TARGET_SWAP_OUT_CALL_US, f"{live[0]['copies']} copies"))
-    else:
-        out.append(Target("swap_out call, 64-extent job (p50)",
-                          f"<= {TARGET_SWAP_OUT_CALL_US:.0f} us", "not measured", None))
+        measured = (f"{p50:.1f} us", p50 <= TARGET_SWAP_OUT_CALL_US,
+                    f"{live[0]['copies']} copies")
+    add("swap_out call, 64-extent job (p50)", f"<= {TARGET_SWAP_OUT_CALL_US:.0f} us", measured)
     g = results.get("gemm", {})
+    measured = None
     if _finite(g.get("slowdown")):
-        out.append(Target("GEMM slowdown during swaps", f"<= {TARGET_GEMM_SLOWDOWN:.0%}",
-                          f"{g['slowdown']:.1%}", g["slowdown"] <= TARGET_GEMM_SLOWDOWN,
-                          f"copies meanwhile >= {g.get('gbps_during_gemm', float('nan')):.2f}"
-                          f" GB/s"))
-    else:
-        out.append(Target("GEMM slowdown during swaps", f"<= {TARGET_GEMM_SLOWDOWN:.0%}",
-                          "not measured", None))
+        measured = (f"{g['slowdown']:.1%}", g["slowdown"] <= TARGET_GEMM_SLOWDOWN,
+                    f"copies meanwhile >= {g.get('gbps_during_gemm', float('nan')):.2f} GB/s")
+    add("GEMM slowdown during swaps", f"<= {TARGET_GEMM_SLOWDOWN:.0%}", measured)
     return out
 
 

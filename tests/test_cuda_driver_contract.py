@@ -23,35 +23,11 @@ widen races; results do not depend on thread timing.
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
-from _fake_cuda import CXX, PRELUDE_CTYPES, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from test_cuda_ordering import PRELUDE  # the fake's ctypes, kvswitch, vllm(), wait_idle()
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
-
-PRELUDE = PRELUDE_CTYPES + textwrap.dedent('''
-    import dataclasses, warnings
-    import numpy as np
-    import kvswitch as K
-
-    CONSUMER, GATED = 0xC0, 0x6A7E  # the caller's streams (the fake makes them on first use)
-
-    def on_cuda(layout):
-        regions = [dataclasses.replace(r, device=("cuda", 0)) for r in layout.regions]
-        return K.KVLayout(regions, keepalive=layout.tensors)
-
-    def vllm(n=16, seed=0):
-        rng = np.random.default_rng(seed)
-        ts = [rng.integers(0, 2**16, size=(2, n, 4, 2, 8), dtype=np.uint16)]
-        return [ts[0][0], ts[0][1]], on_cuda(K.KVLayout.from_vllm(ts, kv_dim=0))
-
-    def wait_idle(stream, timeout=20):
-        deadline = time.monotonic() + timeout
-        while lib.fake_stream_pending(stream):
-            assert time.monotonic() < deadline, f"stream {stream:#x} never became idle"
-            time.sleep(0.005)
-''')
 
 
 @pytest.fixture(scope="module")

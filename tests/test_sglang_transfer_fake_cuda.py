@@ -13,25 +13,19 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from _fake_cuda import CXX, PRELUDE_CTYPES, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from test_cuda_ordering import PRELUDE as CUDA_PRELUDE  # on_cuda(), wait_idle()
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 torch = pytest.importorskip("torch")
 
-PRELUDE = PRELUDE_CTYPES + textwrap.dedent('''
-    import dataclasses
-    import numpy as np
+PRELUDE = CUDA_PRELUDE + textwrap.dedent('''
     import torch
-    import kvswitch as K
     from kvswitch.adapters.sglang.geometry import Geometry, build_geometry
     from kvswitch.adapters.sglang.transfer import LayerTransfer
 
     LAYERS, TOKENS, HEADS, DIM = 3, 64, 2, 8
     STREAM = 0x5A  # SGLang's load/write stream (the fake makes it on first use)
-
-    def on_cuda(layout):
-        regions = [dataclasses.replace(r, device=("cuda", 0)) for r in layout.regions]
-        return K.KVLayout(regions, keepalive=layout.tensors)
 
     def setup(seed=0):
         """Device K/V per layer (NumPy memory named device 0) and a page-locked host
@@ -50,12 +44,6 @@ PRELUDE = PRELUDE_CTYPES + textwrap.dedent('''
         g = Geometry(g.block_tokens, tuple(map(on_cuda, g.device_layers)), g.host_layers,
                      on_cuda(g.device_all), g.host_all)
         return dev, host, g
-
-    def wait_idle(stream, timeout=20):
-        deadline = time.monotonic() + timeout
-        while lib.fake_stream_pending(stream):
-            assert time.monotonic() < deadline, "stream never became idle"
-            time.sleep(0.005)
 ''')
 
 
