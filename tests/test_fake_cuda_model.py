@@ -642,6 +642,7 @@ def test_a_global_capture_prohibits_unsafe_calls_in_global_mode_threads(fake):
         cap, other = new_stream(), new_stream()
         e = new_event()
         check(lib.cuEventRecord(e, other))
+        check(lib.cuStreamSynchronize(other))  # e complete: its queries answer SUCCESS
         a, b = pinned(16), pinned(16)
         buf(a, 16)[:] = b"c" * 16
         def unsafe_calls():  # each a "potentially unsafe" call
