@@ -1,27 +1,34 @@
 """A serving loop that replays a multi-turn trace over a SwapManager: ``kvswitch bench``.
 
-What is real and what is modelled:
+Two clocks (``ServeConfig.clock``):
 
-* **Real**: every swap is a real copy through :class:`~kvswitch.AsyncSwapEngine` between two
-  KV pools with the model preset's region count (host backend: both pools in host memory),
-  issued by the :class:`~kvswitch.SwapManager`; the time the loop is blocked on swaps
-  (synchronous swaps, conflicts, synchronous swap-in decisions) is measured.
-* **Modelled**: the model step's duration (:class:`~kvswitch.bench.cost_model.CostModel`).
-  It is spent as real elapsed time (the loop sleeps while the swap workers copy), so
-  asynchronous swaps overlap with it for real.
-* **Time scale** ``S``: the run is ``S`` times faster than the system it models, so 1,000
-  conversations arriving at 1 per second replay in minutes. A modelled step of ``t``
-  seconds is slept as ``t / S``; a measured stall of ``w`` seconds counts as ``w * S``
-  on the modelled clock; each block carries ``1 / S`` of the preset's bytes, so a copy's
-  measured time times ``S`` stands for the preset's bytes at this machine's copy bandwidth.
-  Per-copy overheads are scaled by ``S`` as well. ``S = 1`` runs in real time with the
-  preset's real block bytes.
-* **Backend** (``ServeConfig.backend``): ``"host"`` (default) copies between two pools in
-  host memory with memcpy. ``"cuda"`` puts the device pool on GPU 0 as PyTorch tensors in
-  vLLM's per-layer layout (``[2, blocks, block_size, kv_heads, head_dim]``, the preset's
-  dtype) and the host pool in pinned memory, so every swap is a real GPU <-> host copy of
-  the preset's real block bytes (2 MiB per Llama-3-8B block); it runs at time scale 1
-  only. The model's compute is still modelled, not run on the GPU.
+* ``"virtual"`` (default): a discrete-event loop. A model step takes the cost model's time
+  (:class:`~kvswitch.bench.cost_model.CostModel`); every swap, migration and conflict wait
+  takes the link model's (:mod:`kvswitch.bench.link_model`), asynchronous copies
+  overlapping the steps as copy engines would (:mod:`kvswitch.bench.virtual_clock`). Every
+  swap is still a real copy through :class:`~kvswitch.AsyncSwapEngine` (host backend,
+  inline) between two pools of 16 bytes per block and region, and every swap-in's bytes
+  are checked against what was swapped out (each block holds its conversation, logical
+  block, token count and region: a stale reused copy or a lost migration raises). Nothing
+  is slept and no host timing enters a figure, so the same seed and options give the same
+  figures on any machine, busy or quiet; only ``wall_s`` differs.
+* ``"wall"``: scaled real time. Every swap is a real copy timed on this machine, and the
+  time the loop is blocked on swaps is measured. The model step is spent as real elapsed
+  time (the loop sleeps while the swap workers copy), so asynchronous swaps overlap with
+  it for real. With time scale ``S`` the run is ``S`` times faster than the system it
+  models: a modelled step of ``t`` seconds is slept as ``t / S``; a measured stall of ``w``
+  seconds counts as ``w * S`` on the modelled clock; each block carries ``1 / S`` of the
+  preset's bytes, so a copy's measured time times ``S`` stands for the preset's bytes at
+  this machine's copy bandwidth (per-copy overheads are scaled by ``S`` as well);
+  migrations are charged the cost model's HBM time. Its figures follow the machine's
+  load. The only clock of the ``"cuda"`` backend.
+
+Backends (``ServeConfig.backend``): ``"host"`` (default) copies between two pools in host
+memory with memcpy. ``"cuda"`` (wall clock, time scale 1) puts the device pool on GPU 0 as
+PyTorch tensors in vLLM's per-layer layout (``[2, blocks, block_size, kv_heads,
+head_dim]``, the preset's dtype) and the host pool in pinned memory, so every swap is a
+real GPU <-> host copy of the preset's real block bytes (2 MiB per Llama-3-8B block). The
+model's compute is modelled, not run on the GPU, in both.
 
 Scheduling (vLLM-style continuous batching with a priority scheduler, FastSwitch section
 4.4): every iteration, finished swap-ins join the batch (Algorithm 1 step 1); waiting and
@@ -50,7 +57,9 @@ import numpy.typing as npt
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, ModelPreset
+from kvswitch.bench.link_model import LINK_PRESETS, LinkModel
 from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
+from kvswitch.bench.virtual_clock import VirtualClock, VirtualSwapEngine
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
 from kvswitch.manager import DEFAULT_COMPACTION_MAX_MOVED, SwapManager
@@ -110,13 +119,17 @@ class ServeConfig:
     think_s: float = 10.0  #: mean think time between turns, exponential
     pattern: PriorityPattern = "markov"
     update_every: int = 50  #: iterations between priority updates (frequency 0.02)
-    time_scale: float = 40.0
+    #: "virtual" (cost model + link model, deterministic) or "wall" (scaled real time)
+    clock: str = "virtual"
+    #: the link model of the virtual clock; None: LINK_PRESETS[gpu]
+    link: LinkModel | None = None
+    time_scale: float = 40.0  #: wall clock only
     efficiency: float = 0.7  #: cost model: fraction of peak reached
     max_batch: int = 256  #: running sequences (vLLM max_num_seqs)
     max_prefill_tokens: int = 8192  #: prefill tokens per iteration (vLLM chunk budget)
     watermark: float = 0.01  #: fraction of the GPU pool kept free at admission (vLLM)
     initial_group_blocks: int = 60
-    num_workers: int = 2  #: swap engine worker threads
+    num_workers: int = 2  #: swap engine worker threads (virtual clock: modelled streams)
     seed: int = 0
     #: "host" (pools in host memory, memcpy) or "cuda" (device pool on GPU 0, pinned host
     #: pool, real block bytes; time_scale must be 1)
@@ -127,7 +140,8 @@ class ServeConfig:
 
 @dataclass
 class ServeResult:
-    """Figures of one run. ``*_s`` on the modelled clock unless named ``measured``."""
+    """Figures of one run. ``*_s`` on the run's clock (virtual: cost and link models; wall:
+    modelled compute plus measured stalls) unless named ``measured``."""
 
     ttft_s: list[float] = field(default_factory=list)  #: per turn
     tbt_s: list[float] = field(default_factory=list)  #: per generated token after the first
@@ -142,9 +156,13 @@ class ServeResult:
     engine: dict = field(default_factory=dict)  #: AsyncSwapEngine.stats()
     preset_block_bytes: int = 0  #: bytes of one block of the preset (all regions)
     executed_block_bytes: int = 0  #: bytes of one block actually copied
-    #: wall seconds the loop was blocked on swaps (not on migrations: the modelled clock
-    #: charges a migration its modelled HBM time, ``CostModel.migrate_s``)
+    #: wall clock: wall seconds the loop was blocked on swaps (not on migrations: the
+    #: modelled clock charges a migration its modelled HBM time, ``CostModel.migrate_s``)
     stall_measured_s: float = 0.0
+    #: seconds the loop was blocked on swaps, conflicts and migrations, on the run's clock
+    #: (virtual: link-modelled; wall: measured x time scale + migrations' HBM time)
+    stall_s: float = 0.0
+    clock: str = "virtual"
     wall_s: float = 0.0  #: wall seconds of the run
     #: where blocks per copy are lost (issue 14): per-direction copies and blocks, table
     #: extents at swap-out, swap-in extents, reserved-tail splits, free groups over time
@@ -342,6 +360,7 @@ class _Conv:
     left: int = 0  # tokens still to generate this turn
     turn_arrival: float = 0.0
     last_token: float = 0.0
+    stamped: int = 0  # virtual clock: tokens whose KV blocks hold their stamp on the GPU
 
 
 def _layout(num_regions: int, region_bytes: int, num_blocks: int) -> KVLayout:
@@ -378,50 +397,77 @@ def _cuda_layout(model: ModelPreset, block_size: int, num_blocks: int) -> KVLayo
     return KVLayout.from_vllm(tensors, kv_dim=0)
 
 
+#: Bytes of one block in one region on the virtual clock: a stamp of four int32 (the
+#: conversation, the logical block, its tokens, the region), checked after every swap-in.
+STAMP_BYTES = 16
+
+
 class _Server:
     def __init__(self, convs: list[Conversation], cfg: ServeConfig, mech: Mechanisms,
                  on_finish: Callable[[], None] | None,
-                 on_progress: Callable[[float], None] | None = None) -> None:
+                 on_progress: Callable[[float], None] | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> None:
         self.cfg, self.mech = cfg, mech
         model = MODEL_PRESETS[cfg.model]
         self.cost = CostModel(model, GPU_PRESETS[cfg.gpu], cfg.efficiency)
-        S = cfg.time_scale
+        self.virtual = cfg.clock == "virtual"
+        S = 1.0 if self.virtual else cfg.time_scale
         self.S = S
+        self.clock = VirtualClock()  # the virtual clock, or the wall clock's modelled time
         # Migration totals at the end of the previous iteration (charged per iteration).
         self.migrate_wait_s, self.migrated_blocks = 0.0, 0
         preset_region = model.region_block_bytes(cfg.block_size)
-        if cfg.backend == "cuda":  # real bytes, real link (time scale 1, checked in serve)
-            region = preset_region
-            device = _cuda_layout(model, cfg.block_size, cfg.gpu_blocks)
-            host = HostKVPool(device, cfg.host_blocks, pin=True)
-            if not host.pinned:
-                raise RuntimeError(f"the cuda backend needs a pinned host pool: "
-                                   f"{host.pin_reason}")
-        else:
-            region = max(16, round(preset_region / S / 16) * 16)
-            device = _layout(model.num_regions, region, cfg.gpu_blocks)
+        self.stamps: npt.NDArray[np.int32] | None = None
+        if self.virtual:
+            # One array [region, block, 4 x int32]: a stamp is written to, and read from,
+            # every region of a block at once; each region stays contiguous.
+            pool = np.zeros((model.num_regions, cfg.gpu_blocks, STAMP_BYTES), np.uint8)
+            self.stamps = pool.view(np.int32)
+            self.stamps[:, :, 3] = np.arange(model.num_regions, dtype=np.int32)[:, None]
+            region = STAMP_BYTES
+            device = KVLayout.from_tensors(list(pool))
             host = HostKVPool(device, cfg.host_blocks, pin=False)
             for a in host.arrays:
                 a.fill(0)
-        engine = AsyncSwapEngine(device, host, backend=cfg.backend,
-                                 num_workers=cfg.num_workers)
+            engine: AsyncSwapEngine | VirtualSwapEngine = VirtualSwapEngine(
+                device, host, cfg.link or LINK_PRESETS[cfg.gpu], self.clock,
+                num_workers=cfg.num_workers, region_bytes=[preset_region] * model.num_regions)
+        else:
+            if cfg.backend == "cuda":  # real bytes, real link (time scale 1, checked in serve)
+                region = preset_region
+                device = _cuda_layout(model, cfg.block_size, cfg.gpu_blocks)
+                host = HostKVPool(device, cfg.host_blocks, pin=True)
+                if not host.pinned:
+                    raise RuntimeError(f"the cuda backend needs a pinned host pool: "
+                                       f"{host.pin_reason}")
+            else:
+                region = max(16, round(preset_region / S / 16) * 16)
+                device = _layout(model.num_regions, region, cfg.gpu_blocks)
+                host = HostKVPool(device, cfg.host_blocks, pin=False)
+                for a in host.arrays:
+                    a.fill(0)
+            engine = AsyncSwapEngine(device, host, backend=cfg.backend,
+                                     num_workers=cfg.num_workers)
         # Probed: read-only counters around allocate (issue 14); the allocation is unchanged.
         gpu = _ProbedAllocator(
             cfg.gpu_blocks,
             initial_group_blocks=cfg.initial_group_blocks if mech.block_groups else 1,
             growth_quantum_blocks=None if mech.growth_quantum else 1)
         self.m = SwapManager(
-            gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,
+            gpu, engine, BlockGroupAllocator(cfg.host_blocks), reuse=mech.reuse,  # type: ignore[arg-type]
             async_swap_out=mech.async_swaps, swap_in="adaptive" if mech.async_swaps else "sync",
             coalesce=mech.block_groups, block_size=cfg.block_size,
-            compaction=mech.compaction, compaction_max_moved=cfg.compaction_max_moved)
+            compaction=mech.compaction, compaction_max_moved=cfg.compaction_max_moved,
+            clock=self.clock if self.virtual else None)
         self.gpu = gpu
         self.gran = _Granularity(self.m, gpu, self.cost, preset_region * model.num_regions)
         self.r = ServeResult(preset_block_bytes=preset_region * model.num_regions,
-                             executed_block_bytes=region * model.num_regions)
+                             executed_block_bytes=region * model.num_regions,
+                             clock=cfg.clock)
         self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
         self.on_finish = on_finish
         self.on_progress = on_progress
+        self.on_tokens = on_tokens
         self.convs = [_Conv(i, c) for i, c in enumerate(convs)]
         arrivals = random.Random(cfg.seed + 1)
         self.think = random.Random(cfg.seed + 2)
@@ -435,9 +481,12 @@ class _Server:
         # Conversations between turns whose KV is on the host, in the order they went idle.
         self.idle_on_host: dict[int, _Conv] = {}
         self.running: dict[int, _Conv] = {}
-        self.now = 0.0
         self.start = self.events[0][0] if self.events else 0.0
         self.reserve = math.ceil(cfg.watermark * cfg.gpu_blocks)
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -452,6 +501,7 @@ class _Server:
 
     def _swap_out(self, c: _Conv) -> None:
         """Move a running conversation's KV to the host pool (or drop it if it cannot)."""
+        self._stamp(c)
         while True:
             try:
                 self.gran.before_swap_out(c.idx)
@@ -474,7 +524,42 @@ class _Server:
         else:  # preempted mid-turn: it prefills its whole context again (vLLM recompute)
             c.prefill, c.prefix = c.prefill + c.kv, 0
         c.on_host = False
-        c.kv = 0
+        c.kv = c.stamped = 0
+
+    # -- byte checks (virtual clock) ------------------------------------------------------
+
+    def _expected_stamps(self, c: _Conv, first: int, end: int) -> npt.NDArray[np.int32]:
+        """Stamps ``[blocks, 3]`` of the conversation's logical blocks ``[first, end)``."""
+        bs = self.cfg.block_size
+        j = np.arange(first, end, dtype=np.int32)
+        return np.stack((np.full_like(j, c.idx + 1), j,
+                         np.minimum(bs, c.kv - j * bs).astype(np.int32)), axis=1)
+
+    def _stamp(self, c: _Conv) -> None:
+        """Write the stamps of the blocks whose KV changed since the last stamp (what the
+        model's steps wrote): from the block of the first unstamped token to the last."""
+        if self.stamps is None or c.kv == c.stamped:
+            return
+        first, end = c.stamped // self.cfg.block_size, self._blocks(c.kv)
+        table = self.m.gpu.block_table(c.idx)
+        self.stamps[:, table[first:end], :3] = self._expected_stamps(c, first, end)
+        c.stamped = c.kv
+
+    def _verify(self, c: _Conv, table: npt.NDArray[np.int32]) -> None:
+        """Raise if a swapped-in table's bytes are not the conversation's KV as swapped out."""
+        if self.stamps is None:
+            return
+        n = self._blocks(c.kv)
+        got = self.stamps[:, table[:n]]
+        want = self._expected_stamps(c, 0, n)
+        regions = np.arange(got.shape[0], dtype=np.int32)[:, None]
+        if not ((got[:, :, :3] == want).all() and (got[:, :, 3] == regions).all()):
+            bad = np.flatnonzero(~(got[:, :, :3] == want).all(axis=(0, 2)))
+            raise RuntimeError(
+                f"KV bytes of conversation {c.conv.conversation_id!r} differ after its "
+                f"swap-in: {bad.size or 'some'} of {n} blocks (first logical block "
+                f"{int(bad[0]) if bad.size else '?'}) do not hold what was swapped out")
+        c.stamped = c.kv
 
     def _drop_idle_copy(self) -> bool:
         if not self.idle_on_host:
@@ -513,8 +598,9 @@ class _Server:
             # past turns (their mean output) follow the table: compaction makes room.
             past = c.conv.turns[:c.turn]
             growth = sum(t.output_tokens for t in past) // len(past) if past else 0
-            self.m.swap_in(c.idx, reserve_blocks=self._blocks(c.kv + max(c.prefill, 1)
-                                                              + growth) - self._blocks(c.kv))
+            table = self.m.swap_in(c.idx, reserve_blocks=self._blocks(
+                c.kv + max(c.prefill, 1) + growth) - self._blocks(c.kv))
+            self._verify(c, table)  # the copies ran already (inline); their time is modelled
             c.on_host = False
         # Room for its prefill, or for the next decoded token.
         extra = self._blocks(c.kv + max(c.prefill, 1)) - self._table_len(c)
@@ -612,15 +698,15 @@ class _Server:
                                      if self.cfg.think_s > 0 else self.now, c.idx))
 
     def run(self) -> ServeResult:
-        r, m, S = self.r, self.m, self.S
+        r, m = self.r, self.m
         self.finished = 0
         wall0 = time.perf_counter()
         iteration = 0
         while self.finished < len(self.convs):
             if not self.running and not self.queue and not m.swapping_in:
-                self.now = max(self.now, self.events[0][0])  # idle: skip to the next turn
+                self.clock.advance_to(self.events[0][0])  # idle: skip to the next turn
             self._arrive()
-            stall0 = m.stall_s
+            t0, stall0 = self.now, m.stall_s
             update = self.prio.is_update(iteration)
             if update:
                 self.prio.update()
@@ -640,31 +726,23 @@ class _Server:
                 ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
             prefills = self._prefill_batch(ready)
             step = self._step_s(ready, prefills)
-            compute_until = time.perf_counter() + step / S
-            # A migration (compaction) copies device to device: on a GPU at HBM bandwidth,
-            # not at the link's, so its host memcpy here is no stand-in for it as a swap's
-            # is. The modelled clock charges the modelled HBM time of its bytes instead.
-            stall, migrate_s = m.stall_s - stall0, 0.0
-            if self.mech.compaction:  # stats() only where migrations can happen
-                migrated = m.stats()
-                stall -= migrated.migrate_wait_s - self.migrate_wait_s
-                migrate_s = self.cost.migrate_s(
-                    (migrated.migrated_blocks - self.migrated_blocks) * r.preset_block_bytes)
-                self.migrate_wait_s, self.migrated_blocks = (migrated.migrate_wait_s,
-                                                             migrated.migrated_blocks)
-            r.stall_measured_s += stall
-            self.now += stall * S + step + migrate_s
+            if self.virtual:
+                if not ready:  # only swap-ins pending: the GPU idles until one lands
+                    self._idle_until_swap_in()
+                r.stall_s += self.now - t0
+                self.clock.advance(step)
+            else:
+                self._spend_wall(step, m.stall_s - stall0)
             self.prio.served(c.idx for c in ready)
             self._emit(ready, prefills)
             iteration += 1
             if self.on_progress is not None:
                 self.on_progress(self.now - self.start)
-            left = compute_until - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
+            if self.on_tokens is not None:
+                self.on_tokens(r.tokens)
+        r.makespan_s = self.now - self.start
         m.synchronize()
         r.iterations = iteration
-        r.makespan_s = self.now - self.start
         r.wall_s = time.perf_counter() - wall0
         stats = m.stats()
         r.manager = vars(stats) | {"stall_s": stats.stall_s}
@@ -672,6 +750,40 @@ class _Server:
         r.granularity = self.gran.report()
         m.close()
         return r
+
+    def _idle_until_swap_in(self) -> None:
+        """Virtual clock, nothing to compute: move to the end of the first pending swap-in
+        (or to the next arrival, if earlier)."""
+        ends = [t] if (t := self.m.engine.next_end("in")) is not None else []
+        if self.events:
+            ends.append(self.events[0][0])
+        if not ends:
+            raise RuntimeError("the serving loop cannot progress: nothing to compute, no "
+                               "swap-in pending and no turn to come")
+        self.clock.advance_to(min(ends))
+
+    def _spend_wall(self, step: float, stall: float) -> None:
+        """Wall clock: sleep the step (scaled), charge the measured stall x time scale and
+        migrations their modelled HBM time on the modelled clock."""
+        r, m, S = self.r, self.m, self.S
+        compute_until = time.perf_counter() + step / S
+        # A migration (compaction) copies device to device: on a GPU at HBM bandwidth,
+        # not at the link's, so its host memcpy here is no stand-in for it as a swap's
+        # is. The modelled clock charges the modelled HBM time of its bytes instead.
+        migrate_s = 0.0
+        if self.mech.compaction:  # stats() only where migrations can happen
+            migrated = m.stats()
+            stall -= migrated.migrate_wait_s - self.migrate_wait_s
+            migrate_s = self.cost.migrate_s(
+                (migrated.migrated_blocks - self.migrated_blocks) * r.preset_block_bytes)
+            self.migrate_wait_s, self.migrated_blocks = (migrated.migrate_wait_s,
+                                                         migrated.migrated_blocks)
+        r.stall_measured_s += stall
+        r.stall_s += stall * S + migrate_s
+        self.clock.advance(stall * S + step + migrate_s)
+        left = compute_until - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
 
     def _prefill_batch(self, ready: list[_Conv]) -> list[_Conv]:
         budget, batch = self.cfg.max_prefill_tokens, []
