@@ -221,24 +221,29 @@ class _ProbedAllocator(BlockGroupAllocator):
 
     def allocate(self, seq_id: Hashable, num_blocks: int) -> npt.NDArray[np.int32]:
         known = seq_id in self
-        groups_before = len(self.groups(seq_id)) if known else 0
+        # The table's last block: the new blocks add one extent per run of theirs, less
+        # one where the first continues it (cheaper than listing the groups of a long
+        # per-block table at every decode).
+        last = int(self.block_table(seq_id)[-1]) if known and self.num_table_blocks(
+            seq_id) else None
         own_before = self.reservation(seq_id)[1] if known else 0
         others_before = self.num_reserved_blocks - own_before
         largest = 0
         if self.context == "swap_in":
             largest = max((n for _, n in self.free_groups()), default=0)
         out = super().allocate(seq_id, num_blocks)
-        groups_after = len(self.groups(seq_id))
+        new_extents = _runs(out) - int(last is not None and int(out[0]) == last + 1)
         others_after = self.num_reserved_blocks - self.reservation(seq_id)[1]
         c = self.calls.setdefault(self.context, dict.fromkeys(
             ("calls", "blocks", "new_extents", "tail_split_calls", "tail_blocks_split"), 0))
         c["calls"] += 1
         c["blocks"] += num_blocks
-        c["new_extents"] += groups_after - groups_before
+        c["new_extents"] += new_extents
         if others_after < others_before:
             c["tail_split_calls"] += 1
             c["tail_blocks_split"] += others_before - others_after
         if self.context == "swap_in":
+            groups_after = len(self.groups(seq_id))
             self.swap_in_extents.append(groups_after)
             short = largest < num_blocks
             self.swap_in_need_gt_largest_free += short
@@ -727,12 +732,12 @@ class _Server:
                 self.gran.sample()
             self._schedule(update)
             self._grow()
-            ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+            ready = self._ready()
             if len(ready) < len(self.running):  # swap-ins pending: step 4 decides
                 estimate = self._step_s(ready, self._prefill_batch(ready))
                 m.decide(len(ready), estimate or self._step_s(
                     list(self.running.values()), []))
-                ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+                ready = self._ready()
             prefills = self._prefill_batch(ready)
             step = self._step_s(ready, prefills)
             if self.virtual:
@@ -759,6 +764,15 @@ class _Server:
         r.granularity = self.gran.report()
         m.close()
         return r
+
+    def _ready(self) -> list[_Conv]:
+        """Running conversations whose KV is on the GPU (not still swapping in). A failed
+        one stops the run at the next take_failed."""
+        swapping = self.m.swapping_in
+        if not swapping:
+            return list(self.running.values())
+        pending = set(swapping)
+        return [c for c in self.running.values() if c.idx not in pending]
 
     def _idle_until_swap_in(self) -> None:
         """Virtual clock, nothing to compute: move to the end of the first pending swap-in
