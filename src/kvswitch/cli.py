@@ -45,8 +45,10 @@ INT32_MAX = (1 << 31) - 1  # block counts reach the C++ allocator as int32
 MAX_WORKERS = 64  # what the C++ swap engine accepts
 MAX_REPEATS = 100
 #: Conversations of a plain ``kvswitch bench``: about 2 minutes for the four configurations
-#: on a 2-core VM (docs/benchmarks.md); ``--conversations 1000`` is the paper's size.
-DEFAULT_CONVERSATIONS = 1000
+#: on a 2-core VM (2:01 measured, docs/benchmarks.md), at the bundled trace's pool capacity
+#: (1/s is load 1.0: every configuration preempts); ``--conversations 1000`` is the paper's
+#: size (about 3 minutes).
+DEFAULT_CONVERSATIONS = 700
 
 
 # -- option types: a bad value ends in argparse's one-line error (exit status 2) before any
@@ -567,8 +569,8 @@ def _bench(args: argparse.Namespace) -> int:
     guesses = {(p, seed, name): estimate_run(samples[seed], configs[p, seed], known[name],
                                              speed=speed) for p, seed, name in runs}
     wall = sum(g.wall_s for g in guesses.values())
-    where = (f"an estimate from the operation counts the trace implies (iterations, tokens, "
-             f"copies, swaps) at this machine's speed now ({speed:.2f}x the reference)"
+    where = (f"{wall:.0f} s: an estimate from the work the trace implies (tokens, batch, "
+             f"queueing) at this machine's speed now ({speed:.2f}x the reference's time)"
              if clock == "virtual" else
              f"an estimate from the cost model: about "
              f"{_duration(sum(g.makespan_s for g in guesses.values()) / len(runs))} of "
@@ -646,7 +648,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(format_sweep(results, names))
     copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
               if args.backend == "cuda" else
-              "host backend, 16 bytes per block and region, every swap-in's bytes checked"
+              "host backend, one 16-byte stamp per block, every swap-in's bytes checked"
               if virtual else
               f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
     if virtual:

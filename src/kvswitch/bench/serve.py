@@ -7,9 +7,11 @@ Two clocks (``ServeConfig.clock``):
   takes the link model's (:mod:`kvswitch.bench.link_model`), asynchronous copies
   overlapping the steps as copy engines would (:mod:`kvswitch.bench.virtual_clock`). Every
   swap is still a real copy through :class:`~kvswitch.AsyncSwapEngine` (host backend,
-  inline) between two pools of 16 bytes per block and region, and every swap-in's bytes
-  are checked against what was swapped out (each block holds its conversation, logical
-  block, token count and region: a stale reused copy or a lost migration raises). Nothing
+  inline; one copy per extent of two pools of one 16-byte region, standing for the
+  preset's copy per extent and region that the link model times and the table counts),
+  and every swap-in's bytes are checked against what was swapped out (each block holds its
+  conversation, logical block and token count: a stale reused copy or a lost migration
+  raises). Nothing
   is slept and no host timing enters a figure, so the same seed and options give the same
   figures on any machine, busy or quiet; only ``wall_s`` differs.
 * ``"wall"``: scaled real time. Every swap is a real copy timed on this machine, and the
@@ -57,7 +59,7 @@ import numpy.typing as npt
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, ModelPreset
-from kvswitch.bench.link_model import LINK_PRESETS, LinkModel
+from kvswitch.bench.link_model import LINK_PRESETS, CopyQueues, LinkModel
 from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
 from kvswitch.bench.virtual_clock import VirtualClock, VirtualSwapEngine
 from kvswitch.host_pool import HostKVPool
@@ -916,15 +918,15 @@ class RunEstimate:
     queued: int = 0  #: waiting turns summed over iterations (the scheduler scans them)
 
 
-#: Wall seconds per unit of work on the virtual clock, on the reference machine (a 2-core
-#: AMD EPYC VM, quiet; fitted on the default run and its halves, see docs/benchmarks.md):
-#: per loop iteration, per generated token, per copy call and per swap. A machine's
+#: Wall seconds of the virtual-clock loop on the reference machine (a 2-core AMD EPYC VM;
+#: see docs/benchmarks.md): per generated token times the mean batch (the loop's work per
+#: iteration grows with the running sequences, and so does the preemption and compaction
+#: work it does for them), and per waiting turn per iteration (the scheduler's scans, and
+#: the preemptions a queue brings at priority updates). Fitted on the bundled trace at 200
+#: and 1,000 conversations (all four configurations within 15% in total); a machine's
 #: ``speed`` (:func:`machine_speed`) scales them.
-WALL_PER_ITERATION_S = 180e-6
-WALL_PER_TOKEN_S = 2.5e-6
-WALL_PER_COPY_S = 0.30e-6
-WALL_PER_SWAP_S = 250e-6
-WALL_PER_QUEUED_S = 1e-6
+WALL_PER_TOKEN_BATCH_S = 0.90e-6
+WALL_PER_QUEUED_S = 1.7e-6
 #: Wall clock: seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow
 #: core; the loop sleeps ``step / time_scale`` per iteration unless this is longer.
 ITERATION_OVERHEAD_S = 25e-6
@@ -978,12 +980,15 @@ def capacity_rate(conversations: list[Conversation], config: ServeConfig) -> flo
 
 
 def _fluid_iterations(conversations: list[Conversation], config: ServeConfig,
-                      cost: CostModel, starts: list[float]) -> tuple[int, float, int]:
+                      cost: CostModel, starts: list[float],
+                      swap_s: Callable[[int], float] | None = None) -> tuple[int, float, int]:
     """(iterations, makespan, queued) of the trace through a pool-limited batch that
-    decodes one token per sequence per step, without swaps or preemptions: turns are
-    admitted first come, first served while their KV fits the pool; ``queued`` sums the
-    waiting turns over the iterations. Time jumps from event to event (a turn ends, a turn
-    arrives), so it costs a few operations per turn."""
+    decodes one token per sequence per step, without preemptions: turns are admitted first
+    come, first served while their KV fits the pool; ``queued`` sums the waiting turns over
+    the iterations. With ``swap_s`` (blocking swaps: seconds to swap ``n`` tokens of KV one
+    way), a turn's end stalls the batch for its swap-out and a later turn's admission for
+    its swap-in. Time jumps from event to event (a turn ends, a turn arrives), so it costs
+    a few operations per turn."""
     bs = config.block_size
     room = config.gpu_blocks * (1 - config.watermark)
     think = random.Random(config.seed + 2)
@@ -1006,6 +1011,8 @@ def _fluid_iterations(conversations: list[Conversation], config: ServeConfig,
             if used + need > room and who:
                 break
             waiting.pop(0)
+            if swap_s is not None and kv[i]:
+                t += swap_s(kv[i])  # the history's swap-in, waited for
             kv[i] += turn.new_input_tokens
             who.append((i, k))
             left = np.append(left, max(turn.output_tokens, 1))
@@ -1029,6 +1036,8 @@ def _fluid_iterations(conversations: list[Conversation], config: ServeConfig,
             i, k = who[j]
             kv[i] = int(ctx[j])
             if k + 1 < len(conversations[i].turns):
+                if swap_s is not None:
+                    t += swap_s(kv[i])  # the turn's swap-out, waited for
                 heapq.heappush(pending, (t + (think.expovariate(1 / config.think_s)
                                               if config.think_s > 0 else 0.0), i, k + 1))
         keep = left > 0
@@ -1079,16 +1088,29 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig,
     step; queueing for the pool included; swaps, stalls and preemptions left out). Copies:
     the turn-boundary swaps (every turn after the first swaps the history out and back
     in; per block and region without block groups, about one extent per region with them).
-    Wall time on the virtual clock: those counts times the ``WALL_PER_*`` figures, times
-    ``speed`` (:func:`machine_speed`); on the wall clock: the makespan over the time scale,
-    or the loop's Python overhead where it is longer, plus the pools' setup.
+    Blocking swaps (``mechanisms`` without asynchronous swaps) stall the replay for their
+    link-modelled time, so their queueing shows. Wall time on the virtual clock: tokens
+    times mean batch and queued turns times the ``WALL_PER_*`` figures, times ``speed``
+    (:func:`machine_speed`); on the wall clock: the makespan over the time scale, or the
+    loop's Python overhead where it is longer, plus the pools' setup.
     """
     if not conversations:
         return RunEstimate(0.0, 0, 0.0)
     model = MODEL_PRESETS[config.model]
     cost = CostModel(model, GPU_PRESETS[config.gpu], config.efficiency)
     starts = _arrivals(conversations, config)
-    iterations, makespan, queued = _fluid_iterations(conversations, config, cost, starts)
+    swap_s = None
+    if config.clock == "virtual" and mechanisms is not None and not mechanisms.async_swaps:
+        link = config.link or LINK_PRESETS[config.gpu]
+        region = model.region_block_bytes(config.block_size)
+
+        def swap_s(tokens: int) -> float:  # one extent per block, or one in all
+            blocks = -(-tokens // config.block_size)
+            extents = [region] * blocks if not mechanisms.block_groups else [region * blocks]
+            return CopyQueues(link, 1).schedule("out", extents, at=0.0,
+                                                repeat=model.num_regions)[1]
+    iterations, makespan, queued = _fluid_iterations(conversations, config, cost, starts,
+                                                     swap_s)
     tokens = sum(t.output_tokens for c in conversations for t in c.turns)
     boundaries = sum(len(c.turns) - 1 for c in conversations)
     regions = model.num_regions
@@ -1101,9 +1123,8 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig,
             copies += 2 * regions * (-(-kv // config.block_size) if per_block else 1)
     swaps = 2 * boundaries
     if config.clock == "virtual":
-        wall = speed * (iterations * WALL_PER_ITERATION_S + tokens * WALL_PER_TOKEN_S
-                        + copies * WALL_PER_COPY_S + swaps * WALL_PER_SWAP_S
-                        + queued * WALL_PER_QUEUED_S)
+        batch = tokens / max(iterations, 1)
+        wall = speed * (tokens * batch * WALL_PER_TOKEN_BATCH_S + queued * WALL_PER_QUEUED_S)
     else:
         if config.backend == "cuda":
             block_bytes = model.region_block_bytes(config.block_size) * regions
