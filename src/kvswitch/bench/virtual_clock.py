@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from kvswitch.bench.link_model import CopyQueues, LinkModel
 from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
+from kvswitch.manager import _per_block_pairs
 from kvswitch.swap import AsyncSwapEngine
 
 __all__ = ["ModelledLayout", "VirtualClock", "VirtualHandle", "VirtualSwapEngine"]
@@ -99,13 +99,6 @@ class VirtualHandle:
     @property
     def root_job_id(self) -> int | None:
         return self._real.root_job_id if self.done() else None
-
-
-def _block_ids(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
-               ) -> npt.NDArray[np.int64]:
-    """Every block id of the extents ``[start, start + length)``."""
-    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
 
 
 @dataclass(frozen=True)
@@ -190,7 +183,8 @@ class VirtualSwapEngine:
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 3)
         pairs = pairs[pairs[:, 2] > 0]
         lengths = pairs[:, 2]
-        src, dst = _block_ids(pairs[:, 0], lengths), _block_ids(pairs[:, 1], lengths)
+        blocks = _per_block_pairs(pairs)  # every (source, destination) block
+        src, dst = blocks[:, 0], blocks[:, 1]
         gpu_ids = {"out": (src,), "in": (dst,), "migrate": (src, dst)}[direction]
         host_ids = {"out": dst, "in": src, "migrate": None}[direction]
         ready = max([float(self._gpu_busy[ids].max(initial=0.0)) for ids in gpu_ids]
