@@ -20,8 +20,8 @@ from kvswitch import __version__, cli
 from kvswitch.cli import LOG_REFRESH_S, RunProgress, build_parser, compare, main, progress_bar
 
 TINY = ["--conversations", "3", "--model", "small", "--gpu-blocks", "800", "--host-blocks",
-        "4000", "--time-scale", "2000", "--think-s", "1", "--arrival-rate", "4",
-        "--configs", "baseline,full"]
+        "4000", "--think-s", "1", "--arrival-rate", "4", "--configs", "baseline,full"]
+WALL = ["--clock", "wall", "--time-scale", "2000"]  # scaled real time that sleeps little
 
 
 @pytest.fixture
@@ -177,14 +177,15 @@ def test_progress_redraws_in_place_on_a_terminal_and_rarely_in_a_log():
         in_log.close()
 
 
-def test_progress_in_a_log_is_plain_lines_and_ends_full(capsys):
+@pytest.mark.parametrize("clock", [[], WALL], ids=["virtual", "wall"])
+def test_progress_in_a_log_is_plain_lines_and_ends_full(clock, capsys):
     # capsys' stderr is not a terminal: the bar writes whole lines, no carriage returns.
     with warnings.catch_warnings():
         warnings.simplefilter("error", tqdm.TqdmWarning)
-        rc, _, err = run_bench(capsys, *TINY)
+        rc, _, err = run_bench(capsys, *TINY, *clock)
     assert rc == 0
     assert "\r" not in err
-    bar_lines = [line for line in err.splitlines() if "modelled s [" in line]
+    bar_lines = [line for line in err.splitlines() if "%|" in line]  # the bar's lines
     assert 0 < len(bar_lines) <= 3 * 2 + 2  # start and end of each run, plus slack
     assert "100%" in bar_lines[-1] and "<-" not in err
 

@@ -9,7 +9,7 @@ Enable it with ``pip install ".[sglang]"`` (from a kvswitch checkout) and
 as its host pool. See the SGLang adapter's page of the docs (``docs/adapters/sglang.md``).
 
 Modules (one concept each): ``extents`` (token slots to block extents), ``geometry``
-(KVLayouts over SGLang's buffers), ``transfer`` (the engines: backups, per-layer loads),
+(KVLayouts over SGLang's buffers), ``transfer`` (the engine: backups, per-layer loads),
 ``host_pool`` (the host-pool subclasses), ``backend`` (the radix-cache factory) and
 ``plugin`` (the entry point).
 
