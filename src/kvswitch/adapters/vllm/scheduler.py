@@ -46,7 +46,8 @@ __all__ = [
     "install_block_groups",
 ]
 
-logger = init_logger(__name__)
+# A child of vLLM's logger, so that its handlers print the start line in every vLLM process.
+logger = init_logger("vllm.kvswitch.block_groups")
 
 
 class _AllocatingFor:
