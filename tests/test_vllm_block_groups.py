@@ -121,6 +121,20 @@ def test_block_run_stats_count_runs():
     assert manager.block_pool.block_run_stats().blocks_allocated == 0  # taken
 
 
+def test_freed_request_releases_its_reserved_tail():
+    """A finished (or preempted) request's cached blocks stay in its table, but its
+    reserved tail goes back to the free groups."""
+    manager = _manager(BlockGroupKVCacheManager, 1024)
+    req = _request("a", list(range(3 * BLOCK)))
+    assert _admit(manager, req)[0] is not None
+    alloc = manager.block_pool.allocator
+    assert alloc.reservation(("a", 0))[1] > 0  # a group of 60 for a 3-block prompt
+    manager.free(req)
+    assert alloc.num_table_blocks(("a", 0)) == 3  # cached: retained in its table
+    assert alloc.reservation(("a", 0)) == (0, 0)
+    manager.block_pool.check_block_groups()
+
+
 def test_install_upgrades_in_place_and_is_idempotent():
     manager = _manager(KVCacheManager, 64)
     pool = manager.block_pool
@@ -174,8 +188,9 @@ class _Twin:
     own Request objects (block ids differ between the two)."""
 
     def __init__(self, num_blocks: int, hybrid: bool, **config):
-        self.vllm = _manager(KVCacheManager, num_blocks, hybrid)
+        self.vllm = _manager(KVCacheManager, num_blocks, hybrid, enable_kv_cache_events=True)
         self.ours = _manager(BlockGroupKVCacheManager, num_blocks, hybrid,
+                             enable_kv_cache_events=True,
                              block_group_config=BlockGroupConfig(**config))
         self.reqs: list[tuple[Request, Request]] = []
         self.next_id = 0
@@ -215,6 +230,8 @@ class _Twin:
         pool_a, pool_b = self.vllm.block_pool, self.ours.block_pool
         assert pool_a.get_num_free_blocks() == pool_b.get_num_free_blocks()
         assert len(pool_a.cached_block_hash_to_block) == len(pool_b.cached_block_hash_to_block)
+        # KV cache events name block hashes and tokens, not block ids: the same stream
+        assert self.vllm.take_events() == self.ours.take_events(), "KV cache events differ"
         pool_b.check_block_groups()
 
 
@@ -222,7 +239,8 @@ class _Twin:
 @given(ops=OPS, num_blocks=st.integers(12, 48), hybrid=st.booleans())
 def test_prefix_cache_matches_vllm_without_lead(ops, num_blocks, hybrid):
     """With evict_ahead_blocks=0 every prefix hit, admission and decode slot equals vLLM's,
-    the pool holds as many free and cached blocks, and the pool's invariants hold."""
+    the pool holds as many free and cached blocks, the KV cache events are vLLM's, and the
+    pool's invariants hold."""
     twin = _Twin(num_blocks, hybrid, evict_ahead_blocks=0)
     for op in ops:
         twin.step(op)

@@ -137,7 +137,7 @@ class BlockGroupPool(BlockPool):
     (:meth:`allocating_for`); other callers of ``get_new_blocks`` share one sequence.
 
     Invariants (:meth:`check_block_groups`): a block with ``ref_cnt > 0``, or retained
-    (cached or watched, free), is in exactly one allocator table; every other block but
+    (free, and cached or watched), is in exactly one allocator table; every other block but
     the null block is in no table and in vLLM's free queue; the free queue holds exactly
     the allocator's free blocks (free groups and reserved tails) and the retained blocks.
 
@@ -467,6 +467,8 @@ class BlockGroupPool(BlockPool):
                     f"block {b} in use but free or unowned")
             elif b in retained:
                 assert owner is not None and b in in_queue, f"retained block {b} lost"
+                assert block.block_hash is not None or b in self._reuse_watchers, (
+                    f"retained block {b} holds no prefix and no reader watches it")
             else:
                 assert owner is None and b in in_queue, (
                     f"free block {b} is in a table or not in the free queue")
