@@ -193,6 +193,9 @@ class _Twin:
                              enable_kv_cache_events=True,
                              block_group_config=BlockGroupConfig(**config))
         self.reqs: list[tuple[Request, Request]] = []
+        # finished requests' (block id in vLLM's, in ours, prefix hash) per block: cached
+        # blocks a connector may evict while they still hold that prefix
+        self.freed: list[list[tuple[int, int, object]]] = []
         self.next_id = 0
 
     def step(self, op) -> None:
@@ -206,7 +209,27 @@ class _Twin:
             assert (a is None) == (b is None), "admission differs from vLLM's"
             if a is not None:
                 self.reqs.append(pair)
-        elif kind in ("decode", "finish", "evict") and self.reqs:
+        elif kind == "evict" and self.reqs and op[1] % 2:
+            # a connector invalidates the same logical block of a running request in both
+            ra, rb = self.reqs[op[1] // 2 % len(self.reqs)]
+            ids_a = self.vllm.get_block_ids(ra.request_id)[0]
+            ids_b = self.ours.get_block_ids(rb.request_id)[0]
+            if ids_a:
+                j = op[2] % len(ids_a)
+                self.vllm.evict_blocks({ids_a[j]})
+                self.ours.evict_blocks({ids_b[j]})
+        elif kind == "evict" and self.freed:
+            # ... or of a finished request, where that block still holds its prefix
+            blocks = self.freed[op[1] // 2 % len(self.freed)]
+            if blocks:
+                a, b, key = blocks[op[2] % len(blocks)]
+                # (a block handed out again may hold the same prefix anew, in one pool
+                # and not the other: only a block that holds it in both is evicted)
+                if (self.vllm.block_pool.blocks[a].block_hash == key
+                        == self.ours.block_pool.blocks[b].block_hash):
+                    self.vllm.evict_blocks({a})
+                    self.ours.evict_blocks({b})
+        elif kind in ("decode", "finish") and self.reqs:
             ra, rb = self.reqs[op[1] % len(self.reqs)]
             if kind == "decode":
                 for t in range(op[2]):
@@ -214,17 +237,16 @@ class _Twin:
                     assert (a is None) == (b is None), "decode slot differs from vLLM's"
                     if a is None:
                         break
-            elif kind == "finish":
+            else:
+                pool_a, pool_b = self.vllm.block_pool, self.ours.block_pool
+                self.freed.append([
+                    (a, b, pool_a.blocks[a].block_hash)
+                    for a, b in zip(self.vllm.get_block_ids(ra.request_id)[0],
+                                    self.ours.get_block_ids(rb.request_id)[0], strict=True)
+                    if pool_a.blocks[a].block_hash is not None and a != 0])
                 self.vllm.free(ra)
                 self.ours.free(rb)
                 self.reqs.remove((ra, rb))
-            else:  # a connector invalidates the same logical block in both
-                ids_a = self.vllm.get_block_ids(ra.request_id)[0]
-                ids_b = self.ours.get_block_ids(rb.request_id)[0]
-                if ids_a:
-                    j = op[2] % len(ids_a)
-                    self.vllm.evict_blocks({ids_a[j]})
-                    self.ours.evict_blocks({ids_b[j]})
         elif kind == "reset":
             assert self.vllm.reset_prefix_cache() == self.ours.reset_prefix_cache()
         pool_a, pool_b = self.vllm.block_pool, self.ours.block_pool

@@ -101,8 +101,27 @@ def _substitute_blocks() -> str:
 _DONE: list[str] = []
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kvswitch-deselect", action="append", default=[], metavar="NODEID",
+        help="deselect exactly this test id (pytest's --deselect also drops every id it "
+             "prefixes); an id that matches no collected test is an error")
+
+
 def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
     _DONE[:] = _substitute()
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = set(config.getoption("--kvswitch-deselect"))
+    if not wanted:
+        return
+    found = {item.nodeid for item in items} & wanted
+    missing = wanted - found
+    if missing:
+        raise ValueError(f"--kvswitch-deselect: no such tests: {sorted(missing)}")
+    config.hook.pytest_deselected(items=[i for i in items if i.nodeid in wanted])
+    items[:] = [i for i in items if i.nodeid not in wanted]
 
 
 def pytest_report_header(config):  # noqa: ARG001

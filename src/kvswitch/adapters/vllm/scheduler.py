@@ -28,7 +28,6 @@ Settings come from vLLM's ``additional_config["kvswitch"]`` (keys of
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
 from typing import Any
 
 from vllm.logger import init_logger
@@ -50,24 +49,25 @@ __all__ = [
 logger = init_logger("vllm.kvswitch.block_groups")
 
 
-class _AllocatingFor:
-    """Context of one single-type manager call: the pool allocates for ``seq``. A manager
-    may move to another pool later (vLLM's HiSparse managers bind a host pool); then it
-    does nothing."""
+def _naming_the_sequence(base: Any) -> Any:
+    """``base`` (a single-type manager method whose first argument is the request id),
+    run with the manager's pool allocating for (request, KV-cache group). A manager may
+    have moved to another pool (vLLM's HiSparse managers bind a host pool): then ``base``
+    runs as is. Called for every running request every step, so kept lean."""
 
-    __slots__ = ("pool", "prev", "seq")
+    def method(self: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        pool = self.block_pool
+        if not isinstance(pool, BlockGroupPool):
+            return base(self, request_id, *args, **kwargs)
+        prev = pool.allocating_for((request_id, self.kv_cache_group_id))
+        try:
+            return base(self, request_id, *args, **kwargs)
+        finally:
+            pool.allocating_for(prev)
 
-    def __init__(self, pool: Any, seq: Hashable):
-        self.pool = pool if isinstance(pool, BlockGroupPool) else None
-        self.seq = seq
-
-    def __enter__(self) -> None:
-        if self.pool is not None:
-            self.prev = self.pool.allocating_for(self.seq)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.allocating_for(self.prev)
+    method.__name__ = base.__name__
+    method.__doc__ = base.__doc__
+    return method
 
 
 @functools.cache
@@ -77,37 +77,21 @@ def _with_block_groups(cls: type) -> type:
     or touch cached ones, and releases the group's reserved tail when the request's blocks
     are freed. Built with ``cls`` as its only base and no slots of its own, so an instance
     of ``cls`` can take it as its ``__class__``."""
-
-    def allocate_new_blocks(self: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
-        with _AllocatingFor(self.block_pool, (request_id, self.kv_cache_group_id)):
-            return super(sub, self).allocate_new_blocks(request_id, *args, **kwargs)
-
-    def allocate_external_computed_blocks(self: Any, request_id: str, *args: Any,
-                                          **kwargs: Any) -> Any:
-        with _AllocatingFor(self.block_pool, (request_id, self.kv_cache_group_id)):
-            return super(sub, self).allocate_external_computed_blocks(
-                request_id, *args, **kwargs)
-
-    def add_local_computed_blocks(self: Any, request_id: str, *args: Any,
-                                  **kwargs: Any) -> Any:
-        with _AllocatingFor(self.block_pool, (request_id, self.kv_cache_group_id)):
-            return super(sub, self).add_local_computed_blocks(request_id, *args, **kwargs)
+    base_pop = cls.pop_blocks_for_free
 
     def pop_blocks_for_free(self: Any, request_id: str) -> Any:
-        blocks = super(sub, self).pop_blocks_for_free(request_id)
+        blocks = base_pop(self, request_id)
         if isinstance(self.block_pool, BlockGroupPool):
             self.block_pool.release_tail((request_id, self.kv_cache_group_id))
         return blocks
 
-    sub = type(cls.__name__, (cls,), {
+    namespace: dict[str, Any] = {
         "__module__": __name__, "__qualname__": cls.__qualname__, "__slots__": (),
-        "_kvswitch_block_groups": True,
-        "allocate_new_blocks": allocate_new_blocks,
-        "allocate_external_computed_blocks": allocate_external_computed_blocks,
-        "add_local_computed_blocks": add_local_computed_blocks,
-        "pop_blocks_for_free": pop_blocks_for_free,
-    })
-    return sub
+        "_kvswitch_block_groups": True, "pop_blocks_for_free": pop_blocks_for_free}
+    for name in ("allocate_new_blocks", "allocate_external_computed_blocks",
+                 "add_local_computed_blocks"):
+        namespace[name] = _naming_the_sequence(getattr(cls, name))
+    return type(cls.__name__, (cls,), namespace)
 
 
 def install_block_groups(kv_cache_manager: KVCacheManager,
