@@ -11,8 +11,9 @@ are in flight at once. The same replay runs, step for step in one loop, through
 
 * ``vllm``: vLLM's ``Scheduler`` as shipped;
 * ``kvswitch``: :class:`~kvswitch.adapters.vllm.BlockGroupScheduler` (default settings);
-* ``kvswitch-lead0``: the same with ``evict_ahead_blocks=0`` (the prefix cache keeps
-  exactly vLLM's blocks; the other side of the prefix-caching / contiguity policy).
+* ``kvswitch-window0``: the same with ``reuse_window_blocks=0`` (cached blocks reused in
+  exactly vLLM's order; the other side of the prefix-caching / contiguity policy);
+* ``kvswitch-windowN`` for each N of ``--windows``: other reuse windows.
 
 For each it reports: GPU blocks per run of contiguous ids in a request's block table (the
 ids vLLM's worker gets in ``SchedulerOutput``); the copies a store of the request's new
@@ -286,6 +287,8 @@ def main() -> None:
     ap.add_argument("--cpu-chunks", type=int, default=1 << 20)
     ap.add_argument("--layer-tensors", type=int, default=32, help="data refs per group")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--windows", type=int, nargs="*", default=[],
+                    help="more reuse windows to replay with (blocks)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -293,7 +296,9 @@ def main() -> None:
     convs = load_conversations(args)
     variants = [("vllm", Scheduler, None),
                 ("kvswitch", BlockGroupScheduler, {}),
-                ("kvswitch-lead0", BlockGroupScheduler, {"evict_ahead_blocks": 0})]
+                ("kvswitch-window0", BlockGroupScheduler, {"reuse_window_blocks": 0})]
+    variants += [(f"kvswitch-window{w}", BlockGroupScheduler, {"reuse_window_blocks": w})
+                 for w in args.windows]
     replays = [Replay(name, make_scheduler(args, cls, cfg), convs, args)
                for name, cls, cfg in variants]
     for r in replays:
@@ -304,14 +309,14 @@ def main() -> None:
 
     results = {r.name: summary(r) for r in replays}
     base = results["vllm"]
-    lead = BlockGroupConfig().evict_ahead_blocks
+    window = BlockGroupConfig().reuse_window_blocks
     print(machine())
     print(f"{len(convs)} conversations, {base['requests']} requests of the ShareGPT trace "
           f"({args.active} conversations in flight), max_num_seqs {args.batch}, block size "
           f"{args.block_size}, {args.gpu_blocks} GPU blocks, prefix caching on, "
-          f"{args.layer_tensors} layer tensors; kvswitch lead: "
-          f"{lead if lead is not None else args.gpu_blocks // 64} blocks")
-    head = (f"{'':>15} {'blocks/req':>10} {'runs/req':>9} {'blocks/run':>10} "
+          f"{args.layer_tensors} layer tensors; kvswitch's reuse window: "
+          f"{window if window is not None else args.gpu_blocks // 64} blocks")
+    head = (f"{'':>17} {'blocks/req':>10} {'runs/req':>9} {'blocks/run':>10} "
             f"{'copies/req-job':>15} {'copies/step-job':>16} {'hit rate':>9} "
             f"{'preempt':>7} {'step us p50':>11} {'mean':>7}")
     print(head)
@@ -319,7 +324,7 @@ def main() -> None:
         c = s["copies"]
         kv_req = c["kvswitch_request"] / c["native_request"]
         kv_step = c["kvswitch_step"] / c["native_step"]
-        print(f"{name:>15} {s['blocks_per_request']:>10.1f} {s['runs_per_request']:>9.1f} "
+        print(f"{name:>17} {s['blocks_per_request']:>10.1f} {s['runs_per_request']:>9.1f} "
               f"{s['blocks_per_run']:>10.2f} {kv_req:>15.3f} {kv_step:>16.3f} "
               f"{100 * s['prefix_hit_rate']:>8.2f}% {s['preemptions']:>7} "
               f"{s['step_us_p50']:>11.1f} {s['step_us_mean']:>7.1f}")

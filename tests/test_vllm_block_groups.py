@@ -121,17 +121,41 @@ def test_block_run_stats_count_runs():
     assert manager.block_pool.block_run_stats().blocks_allocated == 0  # taken
 
 
-def test_freed_request_releases_its_reserved_tail():
-    """A finished (or preempted) request's cached blocks stay in its table, but its
-    reserved tail goes back to the free groups."""
+def test_freed_request_keeps_its_tail_for_the_next_turn():
+    """A finished (or preempted) request's cached blocks stay in its table with its
+    reserved tail right after them, its uncached last block returned into the tail: its
+    next turn (or its resumption) continues there."""
     manager = _manager(BlockGroupKVCacheManager, 1024)
-    req = _request("a", list(range(3 * BLOCK)))
+    req = _request("a", list(range(3 * BLOCK + 1)))  # 3 full blocks and a partial one
     assert _admit(manager, req)[0] is not None
     alloc = manager.block_pool.allocator
-    assert alloc.reservation(("a", 0))[1] > 0  # a group of 60 for a 3-block prompt
+    ids = manager.get_block_ids("a")[0]
+    tail = alloc.reservation(("a", 0))
+    assert tail[1] > 0  # a group of 60 for a 4-block prompt
     manager.free(req)
-    assert alloc.num_table_blocks(("a", 0)) == 3  # cached: retained in its table
-    assert alloc.reservation(("a", 0)) == (0, 0)
+    assert alloc.block_table(("a", 0)).tolist() == ids[:3]  # cached: retained
+    assert alloc.reservation(("a", 0)) == (ids[3], tail[1] + 1)
+    manager.block_pool.check_block_groups()
+
+
+def test_next_turn_continues_the_previous_turns_run():
+    """A conversation's next turn hits the previous turn's cached blocks; its new blocks
+    go on right after them (the previous turn's partial last block is free there), so its
+    block table is one run, even with another request allocating in between."""
+    manager = _manager(BlockGroupKVCacheManager, 1024)
+    turn1 = _request("t1", list(range(10 * BLOCK + 2)))
+    assert _admit(manager, turn1)[0] is not None
+    for t in range(5):
+        assert _decode(manager, turn1, 7000 + t) is not None
+    history = list(turn1.all_token_ids)
+    manager.free(turn1)
+    other = _request("o", list(range(5000, 5000 + 3 * BLOCK)))
+    assert _admit(manager, other)[0] is not None
+    turn2 = _request("t2", history + [8000, 8001, 8002])
+    new, hit = _admit(manager, turn2)
+    assert hit == 11 * BLOCK and new is not None
+    table = manager.get_block_ids("t2")[0]
+    assert _runs(table) == 1, table
     manager.block_pool.check_block_groups()
 
 
@@ -162,7 +186,7 @@ def test_adopt_refuses_a_used_or_foreign_pool():
 
 
 @pytest.mark.parametrize("bad", [{"block_order": "random"}, {"initial_group_blocks": 1},
-                                 {"evict_ahead_blocks": -1}, {"growth_quantum_blocks": 0},
+                                 {"reuse_window_blocks": -1}, {"growth_quantum_blocks": 0},
                                  {"no_such_setting": 3}])
 def test_config_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
@@ -260,22 +284,22 @@ class _Twin:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, num_blocks=st.integers(12, 48), hybrid=st.booleans())
 def test_prefix_cache_matches_vllm_without_lead(ops, num_blocks, hybrid):
-    """With evict_ahead_blocks=0 every prefix hit, admission and decode slot equals vLLM's,
+    """With reuse_window_blocks=0 every prefix hit, admission and decode slot equals vLLM's,
     the pool holds as many free and cached blocks, the KV cache events are vLLM's, and the
     pool's invariants hold."""
-    twin = _Twin(num_blocks, hybrid, evict_ahead_blocks=0)
+    twin = _Twin(num_blocks, hybrid, reuse_window_blocks=0)
     for op in ops:
         twin.step(op)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=OPS, num_blocks=st.integers(12, 48), ahead=st.integers(1, 8),
+@given(ops=OPS, num_blocks=st.integers(12, 48), window=st.integers(1, 48),
        order=st.sampled_from(["groups", "vllm"]))
-def test_invariants_with_lead_and_vllm_order(ops, num_blocks, ahead, order):
-    """With a lead, hits may differ from vLLM's (fewer cached blocks), but the pool's
-    invariants hold and admission never fails where vLLM's would succeed."""
+def test_invariants_with_a_window_and_vllm_order(ops, num_blocks, window, order):
+    """With a reuse window, which cached blocks go first may differ from vLLM's, but the
+    pool's invariants hold under every operation."""
     ours = _manager(BlockGroupKVCacheManager, num_blocks,
-                    block_group_config=BlockGroupConfig(evict_ahead_blocks=ahead,
+                    block_group_config=BlockGroupConfig(reuse_window_blocks=window,
                                                         block_order=order))
     reqs: list[Request] = []
     for i, op in enumerate(ops):
@@ -293,29 +317,57 @@ def test_invariants_with_lead_and_vllm_order(ops, num_blocks, ahead, order):
         ours.block_pool.check_block_groups()
 
 
-def test_lead_evicts_least_recently_used_first_and_counts_it():
-    """Cached blocks leave in vLLM's order (least recently freed first; a request frees its
-    blocks last one first), up to the lead ahead of need; vLLM's pool evicts none here."""
+def _cached_pair(manager):
+    """Requests a, then b, of 4 full blocks each, admitted and finished: 8 cached free
+    blocks, a's the least recently used (a request frees its last block first)."""
+    for name, first in (("a", 0), ("b", 100)):
+        req = _request(name, list(range(first, first + 4 * BLOCK)))
+        assert _admit(manager, req)[0] is not None
+        manager.free(req)
+
+
+def _hit(manager, first):
+    """Prefix hit, in tokens, of a's (first=0) or b's (first=100) prompt; at most 3 blocks
+    (a prompt's last token is always computed)."""
+    return manager.get_computed_blocks(_request("x", list(range(first, first + 4 * BLOCK))))[1]
+
+
+def test_reuse_window_keeps_blocks_cached_until_reused():
+    """The window opens only when the free groups run short; its blocks are free for block
+    groups, yet still hit until a group takes one (a hit claims the block back); taking
+    one out of vLLM's order is counted (here a's first block: a's chain is gone, where
+    vLLM would have taken a's last block first)."""
     ours = _manager(BlockGroupKVCacheManager, 40,
-                    block_group_config=BlockGroupConfig(evict_ahead_blocks=4))
+                    block_group_config=BlockGroupConfig(reuse_window_blocks=4))
+    pool = ours.block_pool
+    _cached_pair(ours)  # a: blocks 1-4, b: 16-19, cached, each with its tail kept
+    assert pool.num_window_blocks == 0
+    c = _request("c", list(range(500, 503)))
+    assert _admit(ours, c)[0] is not None  # the last 9 free blocks: a group of 9
+    assert pool.num_window_blocks == 0
+    d = _request("d", list(range(600, 603)))
+    assert _admit(ours, d)[0] is not None  # no free group: opens 1 + 4 (a's 4, b's last)
+    assert ours.get_block_ids("d")[0] == [1]
+    assert pool.block_run_stats().reused_out_of_order == 1
+    assert pool.num_window_blocks == 4
+    assert _hit(ours, 0) == 0
+    b_longer = _request("b2", list(range(100, 100 + 4 * BLOCK)) + [7])
+    assert _admit(ours, b_longer)[1] == 4 * BLOCK  # b's last block, in the window, hits
+    assert pool.num_window_blocks == 3  # ... and was claimed back
+    pool.check_block_groups()
+
+
+def test_no_window_reuses_cached_blocks_in_vllms_order():
+    ours = _manager(BlockGroupKVCacheManager, 40,
+                    block_group_config=BlockGroupConfig(reuse_window_blocks=0))
     vllm = _manager(KVCacheManager, 40)
     for manager in (ours, vllm):
-        for name, first in (("a", 0), ("b", 100)):  # 4 full blocks each, cached when freed
-            req = _request(name, list(range(first, first + 4 * BLOCK)))
-            assert _admit(manager, req)[0] is not None
-            manager.free(req)
-        # 39 blocks: 8 cached, 31 free. 29 more leave 2 free: 2 short of the lead of 4.
-        assert _admit(manager, _request("filler", list(range(500, 500 + 29 * BLOCK))))[0]
-
-    def hit(manager, first):
-        return manager.get_computed_blocks(_request("x", list(range(first, first + 4 * BLOCK))))[1]
-
-    # a prompt of 4 blocks hits at most 3 (its last token is always computed)
-    assert (hit(vllm, 0), hit(vllm, 100)) == (3 * BLOCK, 3 * BLOCK)
-    # ours evicted a's last two blocks (freed first): a hits 2 blocks, b still 3
-    assert (hit(ours, 0), hit(ours, 100)) == (2 * BLOCK, 3 * BLOCK)
-    assert ours.block_pool.block_run_stats().evicted_ahead == 2
-    assert ours.block_pool.num_retained_blocks == 6
+        _cached_pair(manager)
+        big = _request("big", list(range(1000, 1000 + 33 * BLOCK)))
+        assert _admit(manager, big)[0] is not None  # 31 free + a's 2 least recent blocks
+    assert (_hit(vllm, 0), _hit(vllm, 100)) == (2 * BLOCK, 3 * BLOCK)
+    assert (_hit(ours, 0), _hit(ours, 100)) == (2 * BLOCK, 3 * BLOCK)
+    assert ours.block_pool.block_run_stats().reused_out_of_order == 0
     ours.block_pool.check_block_groups()
 
 
@@ -349,7 +401,7 @@ def test_touch_of_a_free_uncached_block_claims_it():
 
 def test_unpinned_blocks_are_retained_until_evicted_in_order():
     pool = BlockGroupPool(16, enable_caching=False, hash_block_size=BLOCK,
-                          config=BlockGroupConfig(evict_ahead_blocks=0))
+                          config=BlockGroupConfig(reuse_window_blocks=0))
     pool.allocating_for(("r", 0))
     blocks = pool.get_new_blocks(4)
     reused = []
@@ -430,12 +482,12 @@ def block_group_log():
 
 
 def test_scheduler_cls_selects_it_and_logs(block_group_log):
-    vllm_config = _vllm_config(additional_config={"kvswitch": {"evict_ahead_blocks": 3}})
+    vllm_config = _vllm_config(additional_config={"kvswitch": {"reuse_window_blocks": 3}})
     scheduler = _scheduler(vllm_config)
     assert type(scheduler) is BlockGroupScheduler
     pool = scheduler.kv_cache_manager.block_pool
     assert scheduler.block_group_pool is pool and isinstance(pool, BlockGroupPool)
-    assert pool.evict_ahead_blocks == 3
+    assert pool.reuse_window_blocks == 3
     assert any("GPU blocks in block groups" in r.getMessage() for r in block_group_log)
 
 
@@ -485,6 +537,6 @@ def test_offloading_connector_stats_report_block_runs():
     reduced = manager.get_stats().reduce()
     assert reduced["kvswitch:gpu_blocks_allocated"] == 3  # 40 tokens, block 16
     assert reduced["kvswitch:gpu_block_runs_started"] == 1
-    assert reduced["kvswitch:gpu_blocks_evicted_ahead"] == 0
+    assert reduced["kvswitch:gpu_blocks_reused_out_of_order"] == 0
     assert set(manager.get_stats().reduce()) >= {"kvswitch:gpu_blocks_allocated"}
     assert manager.get_stats().reduce()["kvswitch:gpu_blocks_allocated"] == 0  # taken

@@ -30,7 +30,7 @@ edited. Environment:
 * ``KVSWITCH_VLLM_BLOCK_ORDER``: ``groups`` (default) or ``vllm``: the GPU pool's block
   order (``vllm``: vLLM's free-queue order with all of kvswitch's pool bookkeeping, the
   control for tests that assert vLLM's exact block ids).
-* ``KVSWITCH_VLLM_EVICT_AHEAD``: the pool's ``evict_ahead_blocks`` (default: its own).
+* ``KVSWITCH_VLLM_REUSE_WINDOW``: the pool's ``reuse_window_blocks`` (default: its own).
 """
 
 from __future__ import annotations
@@ -85,17 +85,17 @@ def _substitute_blocks() -> str:
         BlockGroupScheduler,
     )
 
-    ahead = os.environ.get("KVSWITCH_VLLM_EVICT_AHEAD")
+    window = os.environ.get("KVSWITCH_VLLM_REUSE_WINDOW")
     config = BlockGroupConfig(
         block_order=os.environ.get("KVSWITCH_VLLM_BLOCK_ORDER", "groups"),
-        evict_ahead_blocks=None if ahead is None else int(ahead))
+        reuse_window_blocks=None if window is None else int(window))
     BlockGroupPool.default_config = config
     vllm_scheduler.Scheduler = BlockGroupScheduler
     vllm_async_scheduler.AsyncScheduler = AsyncBlockGroupScheduler
     vllm_kv_cache_manager.KVCacheManager = BlockGroupKVCacheManager
     vllm_block_pool.BlockPool = BlockGroupPool
     return (f"Scheduler, AsyncScheduler, KVCacheManager, BlockPool -> kvswitch block groups "
-            f"({config.block_order} order, evict_ahead_blocks={config.evict_ahead_blocks})")
+            f"({config.block_order} order, reuse_window_blocks={config.reuse_window_blocks})")
 
 
 _DONE: list[str] = []

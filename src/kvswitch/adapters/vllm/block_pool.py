@@ -10,19 +10,25 @@ come from a :class:`~kvswitch.BlockGroupAllocator` in which every (request, KV-c
 is a sequence, so a request's blocks extend its active block group (reserved tail, growth
 quantum, tails split under pressure).
 
-**Prefix caching and contiguity.** A free block that holds a cached prefix (or that a
-reader still watches, ``unpin_blocks``) is *retained*: it stays in the allocator's table of
-the request that wrote it, so block groups never take it, and it leaves only by vLLM's
-eviction order (least recently freed first). The allocator's free space is vLLM's uncached
-free blocks. When it runs short of a request's need plus ``evict_ahead_blocks``, the least
-recently used retained blocks are evicted, in vLLM's order, up to ``evict_ahead_blocks``
-earlier than vLLM would: the old requests' block groups they free give new groups room to
-be contiguous. With ``evict_ahead_blocks=0`` the prefix cache keeps exactly what vLLM's
-keeps; the cost of a lead is measured in docs/benchmarks.md.
+**Prefix caching and contiguity.** vLLM reuses a cached free block only when it is the
+least recently used one; a block group wants the free blocks next to it. The policy: a free
+block that holds a cached prefix (or that a reader still watches, ``unpin_blocks``) is
+*retained*, in the allocator's table of the request that wrote it, out of reach of block
+groups. Block groups are cut from vLLM's uncached free blocks while these suffice. When the
+free groups fall short of a request plus ``reuse_window_blocks`` (the pool is full of
+cache), the least recently used retained blocks, in vLLM's order, join the allocator's free
+space: the *reuse window*. Groups and reserved tails may cover them, yet they stay in the
+prefix cache, hit like any cached block, until a request's growth actually takes one (then
+its prefix is evicted, as vLLM evicts at reuse). So a window block may go before an older
+one (counted as ``reused_out_of_order``), and the window's runs are taken from their lowest
+id. ``reuse_window_blocks=0`` opens the window only by what a request lacks and reuses
+cached blocks in exactly vLLM's order (same hits, same KV cache events); both sides are
+measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,8 +47,8 @@ __all__ = ["BLOCK_ORDERS", "BlockGroupConfig", "BlockGroupPool", "BlockRunStats"
 #: control for tests that assert vLLM's exact block ids).
 BLOCK_ORDERS = ("groups", "vllm")
 
-#: The default lead of evictions, as a fraction of the pool: 1/64 (128 of 8,192 blocks).
-DEFAULT_EVICT_AHEAD_DIVISOR = 64
+#: The default reuse window, as a fraction of the pool: 1/64 (128 of 8,192 blocks).
+DEFAULT_REUSE_WINDOW_DIVISOR = 64
 
 # The allocator sequence of the null block, and of allocations made outside a request
 # (a caller of get_new_blocks that is not a KV cache manager of this pool, e.g. a test).
@@ -60,14 +66,15 @@ class BlockGroupConfig:
             size 16).
         growth_quantum_blocks: least size of a new group (the allocator's; None: its
             default, ``initial_group_blocks // 4``).
-        evict_ahead_blocks: the lead of prefix-cache evictions, in blocks (>= 0); None:
-            ``num_blocks // 64``. See the module docstring.
+        reuse_window_blocks: the free groups block groups may cut from, in blocks (>= 0),
+            opened from the least recently used cached free blocks when the pool is full
+            of cache; None: ``num_blocks // 64``. See the module docstring.
         block_order: one of :data:`BLOCK_ORDERS`.
     """
 
     initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS
     growth_quantum_blocks: int | None = None
-    evict_ahead_blocks: int | None = None
+    reuse_window_blocks: int | None = None
     block_order: str = "groups"
 
     def __post_init__(self) -> None:
@@ -81,9 +88,9 @@ class BlockGroupConfig:
         q = self.growth_quantum_blocks
         if q is not None and (type(q) is not int or q <= 0):
             raise ValueError(f"growth_quantum_blocks must be an int > 0 or None, got {q!r}")
-        e = self.evict_ahead_blocks
-        if e is not None and (type(e) is not int or e < 0):
-            raise ValueError(f"evict_ahead_blocks must be an int >= 0 or None, got {e!r}")
+        w = self.reuse_window_blocks
+        if w is not None and (type(w) is not int or w < 0):
+            raise ValueError(f"reuse_window_blocks must be an int >= 0 or None, got {w!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BlockGroupConfig:
@@ -110,13 +117,14 @@ class BlockRunStats:
         runs_started: of those, blocks that did not continue their block table's previous
             block (id + 1): each starts a new run, so a swap of the table makes one more
             copy per layer.
-        evicted_ahead: cached blocks evicted before vLLM would have evicted them (the
-            lead; see :class:`BlockGroupConfig`).
+        reused_out_of_order: cached blocks handed out (their prefix evicted) while an older
+            cached free block stayed cached: vLLM would have reused that one first (the
+            reuse window; see :class:`BlockGroupConfig`).
     """
 
     blocks_allocated: int
     runs_started: int
-    evicted_ahead: int
+    reused_out_of_order: int
 
     @property
     def blocks_per_run(self) -> float:
@@ -139,7 +147,8 @@ class BlockGroupPool(BlockPool):
     Invariants (:meth:`check_block_groups`): a block with ``ref_cnt > 0``, or retained
     (free, and cached or watched), is in exactly one allocator table; every other block but
     the null block is in no table and in vLLM's free queue; the free queue holds exactly
-    the allocator's free blocks (free groups and reserved tails) and the retained blocks.
+    the allocator's free blocks (free groups and reserved tails) and the retained blocks;
+    the reuse window's blocks are free in the allocator, and cached or watched.
 
     Thread safety: as vLLM's pool, one scheduler thread calls it.
     """
@@ -186,13 +195,13 @@ class BlockGroupPool(BlockPool):
     def _init_block_groups(self, config: BlockGroupConfig) -> None:
         self.block_group_config = config
         self._vllm_order = config.block_order == "vllm"
-        self.evict_ahead_blocks = (
-            self.num_gpu_blocks // DEFAULT_EVICT_AHEAD_DIVISOR
-            if config.evict_ahead_blocks is None else config.evict_ahead_blocks)
+        self.reuse_window_blocks = (
+            self.num_gpu_blocks // DEFAULT_REUSE_WINDOW_DIVISOR
+            if config.reuse_window_blocks is None else config.reuse_window_blocks)
         self._context: Hashable | None = None
         self._blocks_allocated = 0
         self._runs_started = 0
-        self._evicted_ahead = 0
+        self._out_of_order = 0
         self._reset_block_groups()
 
     def _reset_block_groups(self) -> None:
@@ -206,8 +215,14 @@ class BlockGroupPool(BlockPool):
         # Free blocks kept out of the allocator (cached or watched), least recently freed
         # first: the order vLLM's free queue evicts them in.
         self._retained: OrderedDict[int, None] = OrderedDict()
+        # The reuse window: cached (or watched) free blocks in the allocator's free space,
+        # oldest first; all older than every retained block.
+        self._window: OrderedDict[int, None] = OrderedDict()
         # The last block id of each sequence's table, for runs_started.
         self._last: dict[Hashable, int] = {}
+        # A new sequence's last prefix-hit block (its table's start lies in other
+        # sequences' tables): its first new block continues right after it when free.
+        self._anchor: dict[Hashable, int] = {}
         self._claim(_NULL_SEQ, [self.null_block.block_id])
 
     # -- who asks ------------------------------------------------------------------------
@@ -222,13 +237,6 @@ class BlockGroupPool(BlockPool):
         prev = self._context
         self._context = seq
         return prev
-
-    def release_tail(self, seq: Hashable) -> None:
-        """Release ``seq``'s reserved tail: its request has freed its blocks (finished or
-        preempted), so the tail is plain free space; a resumed request extends its group
-        in place where the blocks after it are still free. Unknown sequences are ignored."""
-        if seq in self._held:
-            self.allocator.release_reservation(seq)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -263,28 +271,58 @@ class BlockGroupPool(BlockPool):
             owner[b] = None
             by_seq.setdefault(seq, []).append(b)
         held = self._held
+        alloc = self.allocator
         for seq, seq_ids in by_seq.items():
             left = held[seq] - len(seq_ids)
             if left == 0:
                 del held[seq]
                 self._last.pop(seq, None)
-                self.allocator.free(seq)  # also its reserved tail
-            else:
-                held[seq] = left
-                self.allocator.free_blocks(seq, np.asarray(seq_ids, dtype=np.int32))
+                alloc.free(seq)  # also its reserved tail
+                continue
+            held[seq] = left
+            last = self._last.get(seq)
+            if last is None or last not in seq_ids:
+                alloc.free_blocks(seq, np.asarray(seq_ids, dtype=np.int32))
+                continue
+            # The table's last block goes (a finished request's partial block): the
+            # allocator drops the tail with it; reserve it again after the new last block,
+            # for the request's next turn or its resumption (_continue_after_hits).
+            tail = alloc.reservation(seq)[1]
+            alloc.free_blocks(seq, np.asarray(seq_ids, dtype=np.int32))
+            self._last[seq] = int(alloc.block_table(seq)[-1])
+            if tail:
+                alloc.reserve(seq, tail + len(seq_ids))
 
-    def _evict_lru(self, count: int) -> None:
-        """Evict the ``count`` least recently freed retained blocks, as vLLM's free queue
-        would (prefix-cache entries removed with their events, watchers told), and return
-        them to the allocator."""
+    def _open_window(self, count: int) -> None:
+        """Move the ``count`` least recently used retained blocks into the reuse window:
+        into the allocator's free space, still cached."""
         retained = self._retained
         ids = [retained.popitem(last=False)[0] for _ in range(count)]
-        blocks = [self.blocks[b] for b in ids]
+        window = self._window
+        for b in ids:
+            window[b] = None
+        self._release(ids)
+
+    def _reuse(self, ids: list[int]) -> None:
+        """Evict the prefixes of the window's blocks among ``ids`` (about to be handed
+        out), in the window's order, as vLLM's free queue would evict them; count those
+        an older cached block outlives."""
+        window = self._window
+        taken = [b for b in ids if b in window]
+        if not taken:
+            return
+        if len(taken) > 1:
+            chosen = set(taken)
+            taken = [b for b in window if b in chosen][:len(chosen)]
+        oldest = list(itertools.islice(window, len(taken)))
+        self._out_of_order += len(taken) - len(set(oldest).intersection(taken))
+        blocks = [self.blocks[b] for b in taken]
+        for b in taken:
+            del window[b]
         if self._reuse_watchers:
             self._notify_reuse(blocks)
         for block in blocks:
-            super()._maybe_evict_cached_block(block)
-        self._release(ids)
+            self._maybe_evict_cached_block(block)
 
     # -- BlockPool overrides -------------------------------------------------------------
 
@@ -321,17 +359,22 @@ class BlockGroupPool(BlockPool):
 
     def _take_groups(self, seq: Hashable, n: int) -> list[KVCacheBlock]:
         alloc = self.allocator
-        free = alloc.num_free_blocks
-        in_groups = free - alloc.num_reserved_blocks
-        # Evict what is missing; with a lead, also keep evict_ahead_blocks in free groups
+        # Open the window (the least recently used cached blocks) as far as the free
+        # blocks fall short of the request, and as far as the free groups fall short of
+        # it plus reuse_window_blocks: room for new groups when the pool is full of cache
         # (reserved tails are the running requests' room, not new groups').
-        lead = self.evict_ahead_blocks
-        want = max(n - free, n + lead - in_groups if lead else 0)
-        if want > 0 and self._retained:
-            evict = min(want, len(self._retained))
-            self._evicted_ahead += max(0, evict - max(0, n - free))
-            self._evict_lru(evict)
-        ids = alloc.allocate(seq, n).tolist()
+        retained = self._retained
+        if retained:
+            free = alloc.num_free_blocks
+            window = self.reuse_window_blocks
+            more = max(n - free, n + window - (free - alloc.num_reserved_blocks)
+                       if window else 0)
+            if more > 0:
+                self._open_window(min(more, len(retained)))
+        ids = self._continue_after_hits(seq, n)
+        ids += alloc.allocate(seq, n - len(ids)).tolist() if n > len(ids) else []
+        if self._window:
+            self._reuse(ids)
         self._own(seq, ids)
         self._note_runs(seq, ids)
         blocks = self.blocks
@@ -341,24 +384,42 @@ class BlockGroupPool(BlockPool):
             queue.remove(block)
         return ret
 
+    def _continue_after_hits(self, seq: Hashable, n: int) -> list[int]:
+        """A new sequence whose request hit cached blocks (a later turn of a conversation,
+        a resumed request) takes the free block right after its last hit block, so that
+        its block table goes on in one run; the allocator then extends it in place.
+        Returns the block claimed ([] when there is none or it is not plain free)."""
+        anchor = self._anchor.pop(seq, None)
+        if anchor is None or seq in self._held:
+            return []
+        b = anchor + 1
+        if (b >= self.num_gpu_blocks or self._owner[b] is not None or b in self._window
+                or self.blocks[b].ref_cnt != 0 or self.blocks[b].is_null):
+            return []
+        self.allocator.claim(seq, np.asarray([b], dtype=np.int32))
+        return [b]
+
     def _take_vllm_order(self, seq: Hashable, n: int) -> list[KVCacheBlock]:
         ret = self.free_block_queue.popleft_n(n)
         ids = [b.block_id for b in ret]
-        retained = self._retained
+        retained, window = self._retained, self._window
         gone = [b for b in ids if b in retained]
         for b in gone:
             del retained[b]
         if gone:
             self._release(gone)  # leaves the prefix cache below, as in vLLM
+        for b in ids:
+            window.pop(b, None)
         self._claim(seq, ids)
         self._note_runs(seq, ids)
         return ret
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
-        """vLLM's ``touch``; a free block hit by a request leaves the retained blocks (a
-        block the allocator held free, e.g. one a connector hit without a prefix hash, is
-        claimed for the asking sequence)."""
-        retained = self._retained
+        """vLLM's ``touch``; a free block hit by a request leaves the retained blocks, or
+        the reuse window (a block the allocator holds free, also one a connector hit
+        without a prefix, is claimed for the asking sequence, cutting a reserved tail
+        that covers it)."""
+        retained, window = self._retained, self._window
         owner = self._owner
         claim = []
         for block in blocks:
@@ -367,11 +428,17 @@ class BlockGroupPool(BlockPool):
                 if b in retained:
                     del retained[b]
                 elif owner[b] is None and b not in claim:
+                    window.pop(b, None)
                     claim.append(b)
+        seq = self._context
         if claim:
-            seq = _ANONYMOUS_SEQ if self._context is None else self._context
-            self._claim(seq, claim)
-            self._note_runs(seq, claim)
+            claimer = _ANONYMOUS_SEQ if seq is None else seq
+            self._claim(claimer, claim)
+            self._note_runs(claimer, claim)
+        if seq is not None and blocks and not self._vllm_order and seq not in self._held:
+            last = blocks[-1]
+            if not last.is_null:
+                self._anchor[seq] = last.block_id
         super().touch(blocks)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
@@ -408,15 +475,18 @@ class BlockGroupPool(BlockPool):
 
     def evict_blocks(self, block_ids: set[int]) -> None:
         """vLLM's ``evict_blocks`` (a connector invalidating cached blocks); a free block
-        left without a prefix and not watched returns to the allocator."""
+        left without a prefix and not watched returns to the allocator (or leaves the
+        reuse window: it is plain free space)."""
         super().evict_blocks(block_ids)
-        freed = [b for b in block_ids
-                 if b in self._retained and self.blocks[b].block_hash is None
+        plain = [b for b in block_ids if self.blocks[b].block_hash is None
                  and b not in self._reuse_watchers]
+        freed = [b for b in plain if b in self._retained]
         for b in freed:
             del self._retained[b]
         if freed:
             self._release(freed)
+        for b in plain:
+            self._window.pop(b, None)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's ``reset_prefix_cache``; on success the allocator starts empty too."""
@@ -429,18 +499,24 @@ class BlockGroupPool(BlockPool):
 
     def block_run_stats(self) -> BlockRunStats:
         """Counters since construction (or the last :meth:`take_block_run_stats`)."""
-        return BlockRunStats(self._blocks_allocated, self._runs_started, self._evicted_ahead)
+        return BlockRunStats(self._blocks_allocated, self._runs_started, self._out_of_order)
 
     def take_block_run_stats(self) -> BlockRunStats:
         """The counters of :meth:`block_run_stats`, then reset them (for periodic stats)."""
         stats = self.block_run_stats()
-        self._blocks_allocated = self._runs_started = self._evicted_ahead = 0
+        self._blocks_allocated = self._runs_started = self._out_of_order = 0
         return stats
 
     @property
     def num_retained_blocks(self) -> int:
         """Free blocks kept out of the allocator: cached (or watched) and evictable."""
         return len(self._retained)
+
+    @property
+    def num_window_blocks(self) -> int:
+        """Cached (or watched) free blocks in the reuse window (in the allocator's free
+        space)."""
+        return len(self._window)
 
     def check_block_groups(self) -> None:
         """Check the invariants of the class docstring against vLLM's state; O(blocks).
@@ -450,7 +526,7 @@ class BlockGroupPool(BlockPool):
         """
         self.allocator.check_invariants()
         in_queue = {b.block_id for b in self.free_block_queue.get_all_free_blocks()}
-        retained = self._retained
+        retained, window = self._retained, self._window
         tables: dict[int, Hashable] = {}
         for seq in self.allocator.sequences():
             for b in self.allocator.block_table(seq).tolist():
@@ -472,6 +548,11 @@ class BlockGroupPool(BlockPool):
             else:
                 assert owner is None and b in in_queue, (
                     f"free block {b} is in a table or not in the free queue")
+                if b in window:
+                    assert block.block_hash is not None or b in self._reuse_watchers, (
+                        f"window block {b} holds no prefix and no reader watches it")
+        assert not set(window) & set(retained), "a block is retained and in the window"
+        assert all(self.blocks[b].ref_cnt == 0 for b in window), "a window block is in use"
         assert len(in_queue) == self.allocator.num_free_blocks + len(retained), (
             "free queue and allocator disagree")
         assert sum(self._held.values()) == len(tables), "held counts disagree"

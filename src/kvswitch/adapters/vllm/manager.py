@@ -38,9 +38,9 @@ GPU_BLOCK_RUN_METRICS = {
     "kvswitch:gpu_block_runs_started": (
         "runs_started", "GPU blocks handed out that did not continue their block "
         "table's previous block (blocks per run = allocated / runs started)."),
-    "kvswitch:gpu_blocks_evicted_ahead": (
-        "evicted_ahead", "Cached GPU blocks evicted before vLLM's pool would have "
-        "(the block-group pool's lead)."),
+    "kvswitch:gpu_blocks_reused_out_of_order": (
+        "reused_out_of_order", "Cached GPU blocks reused (their prefix evicted) while an "
+        "older cached free block stayed cached (the block-group pool's reuse window)."),
 }
 
 #: Chunk orders: ``"groups"`` (block groups per request, the default) and ``"vllm"``

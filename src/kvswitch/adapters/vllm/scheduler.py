@@ -9,9 +9,9 @@ vLLM's ``AsyncScheduler``; after vLLM's own ``__init__`` each calls
 * the manager's ``BlockPool`` becomes a :class:`~kvswitch.adapters.vllm.BlockGroupPool` in
   place (:meth:`BlockGroupPool.adopt`);
 * each single-type KV cache manager over that pool becomes a subclass of its own class that
-  names the (request, KV-cache group) around the calls that take new blocks
-  (``allocate_new_blocks``, ``allocate_external_computed_blocks``) and releases the
-  request's reserved tail when it frees the request's blocks (``pop_blocks_for_free``).
+  names the (request, KV-cache group) around the calls that take new blocks or hit cached
+  ones (``allocate_new_blocks``, ``allocate_external_computed_blocks``,
+  ``add_local_computed_blocks``).
 
 Why in place: vLLM builds the pool and the single-type managers inside
 ``KVCacheCoordinator.__init__``, itself called from ``KVCacheManager.__init__``, called from
@@ -22,7 +22,7 @@ connector's (``bind_gpu_block_pool``) and the ``KVCacheManager``'s.
 
 Settings come from vLLM's ``additional_config["kvswitch"]`` (keys of
 :class:`~kvswitch.adapters.vllm.BlockGroupConfig`), e.g.
-``--additional-config '{"kvswitch": {"evict_ahead_blocks": 0}}'``.
+``--additional-config '{"kvswitch": {"reuse_window_blocks": 0}}'``.
 """
 
 from __future__ import annotations
@@ -74,20 +74,11 @@ def _naming_the_sequence(base: Any) -> Any:
 def _with_block_groups(cls: type) -> type:
     """A subclass of vLLM's single-type manager class ``cls`` that names the (request,
     KV-cache group) to its :class:`BlockGroupPool` around the calls that take new blocks
-    or touch cached ones, and releases the group's reserved tail when the request's blocks
-    are freed. Built with ``cls`` as its only base and no slots of its own, so an instance
-    of ``cls`` can take it as its ``__class__``."""
-    base_pop = cls.pop_blocks_for_free
-
-    def pop_blocks_for_free(self: Any, request_id: str) -> Any:
-        blocks = base_pop(self, request_id)
-        if isinstance(self.block_pool, BlockGroupPool):
-            self.block_pool.release_tail((request_id, self.kv_cache_group_id))
-        return blocks
-
+    or touch cached ones. Built with ``cls`` as its only base and no slots of its own, so
+    an instance of ``cls`` can take it as its ``__class__``."""
     namespace: dict[str, Any] = {
         "__module__": __name__, "__qualname__": cls.__qualname__, "__slots__": (),
-        "_kvswitch_block_groups": True, "pop_blocks_for_free": pop_blocks_for_free}
+        "_kvswitch_block_groups": True}
     for name in ("allocate_new_blocks", "allocate_external_computed_blocks",
                  "add_local_computed_blocks"):
         namespace[name] = _naming_the_sequence(getattr(cls, name))
@@ -165,9 +156,9 @@ class BlockGroupScheduler(Scheduler):
         pool = self.block_group_pool
         logger.info(
             "kvswitch: GPU blocks in block groups (%s): %d blocks, initial group %d, "
-            "growth quantum %d, prefix-cache evictions up to %d blocks ahead, %s order",
+            "growth quantum %d, reuse window of %d cached blocks, %s order",
             type(self).__name__, pool.num_gpu_blocks, pool.allocator.initial_group_blocks,
-            pool.allocator.growth_quantum_blocks, pool.evict_ahead_blocks,
+            pool.allocator.growth_quantum_blocks, pool.reuse_window_blocks,
             pool.block_group_config.block_order)
 
     @classmethod
