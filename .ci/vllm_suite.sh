@@ -70,7 +70,9 @@ fetch_sdist() {
 }
 
 kvswitch_tests() {
-  HF_HUB_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_adapter.py \
+  # the block-group tests build vLLM schedulers: vLLM's CPU platform, offline model config
+  VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_vllm_adapter.py \
     tests/test_vllm_block_groups.py
 }
 

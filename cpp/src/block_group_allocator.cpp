@@ -288,20 +288,27 @@ BlockId BlockGroupAllocator::free(SeqId seq) {
     return released;
 }
 
-void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t n) {
-    Sequence& s = known(seq);
+std::unordered_set<BlockId> BlockGroupAllocator::distinct_ids(const char* caller,
+                                                              const BlockId* ids,
+                                                              std::size_t n) const {
     std::unordered_set<BlockId> chosen;
     chosen.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
         const BlockId b = ids[i];
         if (b < 0 || b >= num_blocks_)
-            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
-                                        " is out of range [0, " +
+            throw std::invalid_argument(std::string(caller) + ": block id " +
+                                        std::to_string(b) + " is out of range [0, " +
                                         std::to_string(num_blocks_) + ")");
         if (!chosen.insert(b).second)
-            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
-                                        " is given twice");
+            throw std::invalid_argument(std::string(caller) + ": block id " +
+                                        std::to_string(b) + " is given twice");
     }
+    return chosen;
+}
+
+void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t n) {
+    Sequence& s = known(seq);
+    const std::unordered_set<BlockId> chosen = distinct_ids("free_blocks", ids, n);
     std::size_t found = 0;
     for (BlockId b : s.table) found += chosen.count(b);
     if (found != chosen.size()) {
@@ -370,18 +377,7 @@ BlockId BlockGroupAllocator::release_reservation(SeqId seq) {
 void BlockGroupAllocator::claim(SeqId seq, const BlockId* ids, std::size_t n) {
     if (per_block_mode())
         throw std::invalid_argument("claim: not available in per-block mode");
-    std::unordered_set<BlockId> chosen;
-    chosen.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-        const BlockId b = ids[i];
-        if (b < 0 || b >= num_blocks_)
-            throw std::invalid_argument("claim: block id " + std::to_string(b) +
-                                        " is out of range [0, " +
-                                        std::to_string(num_blocks_) + ")");
-        if (!chosen.insert(b).second)
-            throw std::invalid_argument("claim: block id " + std::to_string(b) +
-                                        " is given twice");
-    }
+    const std::unordered_set<BlockId> chosen = distinct_ids("claim", ids, n);
     // Every id must lie in a free group or a reserved tail (not in a block table).
     auto in_free_group = [&](BlockId b) {
         auto it = free_by_start_.upper_bound(b);

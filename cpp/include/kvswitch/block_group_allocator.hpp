@@ -24,6 +24,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -195,6 +196,10 @@ class BlockGroupAllocator {
 
     Sequence& known(SeqId seq);
     const Sequence& known(SeqId seq) const;
+    /// The ids as a set; throws std::invalid_argument, naming `caller`, for an id out of
+    /// range or given twice.
+    std::unordered_set<BlockId> distinct_ids(const char* caller, const BlockId* ids,
+                                             std::size_t n) const;
 
     // Free groups, indexed by address (for merging) and by (length, start) (for best fit).
     void insert_free(BlockId start, BlockId length);  // merges with free neighbours
