@@ -109,6 +109,20 @@ def _stream_args(after: Any, before: Any) -> tuple[int, int, int, int]:
     return (*_stream_ref(after, "after"), b_kind, b_handle)
 
 
+def _region_range(regions: range | None, num_regions: int) -> tuple[int, int]:
+    """(begin, end) of a ``regions=`` argument as the engine's submit() takes it; (0, -1):
+    every region."""
+    if regions is None:
+        return 0, -1
+    if not isinstance(regions, range):
+        raise TypeError(f"regions must be a range of region indices, got "
+                        f"{type(regions).__name__}")
+    if regions.step != 1 or not regions or regions.start < 0 or regions.stop > num_regions:
+        raise ValueError(f"regions must be a non-empty range with step 1 within "
+                         f"[0, {num_regions}), got {regions}")
+    return regions.start, regions.stop
+
+
 def _as_int64(values: Any, what: str) -> np.ndarray:
     """``values`` as an aligned, C-contiguous int64 array (a copy only where needed).
 
@@ -313,7 +327,8 @@ class AsyncSwapEngine:
                         f"device(s); linear copies via {api}")
 
     # ------------------------------------------------------------------ jobs
-    def swap_out(self, pairs: Any, *, after: Any = None) -> SwapHandle:
+    def swap_out(self, pairs: Any, *, after: Any = None, before: Any = None,
+                 regions: range | None = None) -> SwapHandle:
         """Queue a device -> host copy of block extents; returns once queued.
 
         Args:
@@ -329,37 +344,53 @@ class AsyncSwapEngine:
                 :class:`CudaEvent`): the copies start after it; it must have been recorded
                 (a ``torch.cuda.Event`` has no CUDA event before its first ``record()``),
                 and must not be re-recorded until the handle is done.
+            before: CUDA only. A stream (as ``after``) whose work queued after this call
+                waits for the copies, as ``before`` of :meth:`swap_in` (same
+                ``before_wait`` modes, same return point): the stream that will write new
+                KV into the swapped-out device blocks, so that their reuse is ordered on
+                the GPU after the copies read them, instead of by :meth:`wait_blocks` on
+                the host. If the job fails the stream is released all the same and the
+                handle raises.
+            regions: copy only these regions of each extent (a ``range`` of region
+                indices of the layouts, step 1), e.g. ``range(2 * i, 2 * i + 2)`` for layer
+                ``i``'s K and V in a vLLM layout; default every region. The job is still
+                ordered against others by the blocks it touches, whatever their regions.
 
         Returns:
             A :class:`SwapHandle` (finished already when ``num_workers=0``).
 
         Raises:
-            TypeError: pairs not integers, ``after`` of an unknown type.
+            TypeError: pairs not integers, ``after``/``before`` of an unknown type.
             ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
                 extent outside the device layout or the host pool, overlapping destination
-                extents, ``after`` on the host backend, an ``after`` event never recorded,
-                an ``after`` stream capturing a CUDA graph. Nothing is queued.
+                extents, ``after``/``before`` on the host backend, an ``after`` event never
+                recorded, ``before`` an event, a stream capturing a CUDA graph, ``regions``
+                empty, with a step, or past the layouts' regions. Nothing is queued.
             EngineClosedError: the engine is closed.
 
         A driver error while ordering the job against ``after`` does not raise: the job is
         queued as failed and its handle reports it, like a failed copy.
         """
-        if after is None:  # fast path: no stream to order after
+        if after is None and before is None and regions is None:  # fast path
             return self._engine.submit(_OUT, _as_pairs(pairs), _NONE, 0, _NONE, 0)
-        streams = _stream_args(after, None)
-        return self._engine.submit(_OUT, _as_pairs(pairs), *streams)
+        streams = _stream_args(after, before)  # checked before the pairs
+        return self._engine.submit(_OUT, _as_pairs(pairs), *streams,
+                                   *_region_range(regions, self._device_layout.num_regions))
 
-    def check_swap_out(self, *, after: Any = None) -> None:
-        """Raise what :meth:`swap_out` would raise for ``after`` or a closed engine, without
-        queueing anything, so a caller can validate before it changes its own state.
+    def check_swap_out(self, *, after: Any = None, before: Any = None) -> None:
+        """Raise what :meth:`swap_out` would raise for ``after``/``before`` or a closed
+        engine, without queueing anything, so a caller can validate before it changes its
+        own state.
 
         Raises:
-            TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
-            backend. EngineClosedError: the engine is closed.
+            TypeError: ``after``/``before`` of an unknown type. ValueError: ``after`` or
+            ``before`` on the host backend, ``before`` an event. EngineClosedError: the
+            engine is closed.
         """
-        self._engine.check(_OUT, *_stream_args(after, None))
+        self._engine.check(_OUT, *_stream_args(after, before))
 
-    def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None) -> SwapHandle:
+    def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None,
+                regions: range | None = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
 
         Args:
@@ -379,14 +410,17 @@ class AsyncSwapEngine:
                 work queued on that stream (or the event) so far. Needed when the
                 destination blocks were just freed by a sequence whose kernels may still
                 be reading them (a write-after-read on the GPU the engine cannot see).
+            regions: as in :meth:`swap_out`: only these regions (one layer's, for a
+                layer-by-layer load whose handle and ``before`` ordering are per layer).
 
         Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
         and not one capturing a CUDA graph).
         """
-        if before is None and after is None:  # fast path: no streams
+        if before is None and after is None and regions is None:  # fast path
             return self._engine.submit(_IN, _as_pairs(pairs), _NONE, 0, _NONE, 0)
         streams = _stream_args(after, before)  # checked before the pairs
-        return self._engine.submit(_IN, _as_pairs(pairs), *streams)
+        return self._engine.submit(_IN, _as_pairs(pairs), *streams,
+                                   *_region_range(regions, self._device_layout.num_regions))
 
     def check_swap_in(self, *, before: Any = None, after: Any = None) -> None:
         """Raise what :meth:`swap_in` would raise for ``before``/``after`` or a closed

@@ -8,7 +8,7 @@ SGLang's own radix cache with :class:`KvswitchMHATokenToKVPoolHost` /
 
 Modules (one concept each): :mod:`~kvswitch.adapters.sglang.extents` (token slots to
 block extents), :mod:`~kvswitch.adapters.sglang.geometry` (KVLayouts over SGLang's
-buffers), :mod:`~kvswitch.adapters.sglang.transfer` (the engines: backups, per-layer
+buffers), :mod:`~kvswitch.adapters.sglang.transfer` (the engine: backups, per-layer
 loads), :mod:`~kvswitch.adapters.sglang.host_pool` (the host-pool subclasses),
 :mod:`~kvswitch.adapters.sglang.backend` (the radix-cache factory) and
 :mod:`~kvswitch.adapters.sglang.plugin` (the entry point).

@@ -116,11 +116,16 @@ class KvswitchMHATokenToKVPoolHost(_KvswitchCopies, MHATokenToKVPoolHost):
 
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices,
                                      io_backend):
-        """Copy every layer of ``device_indices`` to ``host_indices`` (token slots);
-        returns once the bytes are in the host pool. ``io_backend`` is ignored.
+        """Copy every layer of ``device_indices`` to ``host_indices`` (token slots).
+        ``io_backend`` is ignored.
+
+        On the CPU returns once the bytes are in the host pool. On CUDA returns once the
+        copy is dispatched: it starts after the current (write) stream's queued work, and
+        that stream's later work (SGLang's backup-done event) waits for it.
 
         Raises:
-            kvswitch.SwapError: the copy failed. ValueError: bad indices; nothing copied.
+            kvswitch.SwapError: this copy (CPU) or an earlier one failed. ValueError: bad
+                indices; nothing copied.
         """
         self.kvswitch.backup(host_indices, device_indices,
                              after=_stream_of(self.kvswitch))
