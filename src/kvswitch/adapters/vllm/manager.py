@@ -223,7 +223,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         """Report ``pool``'s block runs (a
         [`BlockGroupPool`][kvswitch.adapters.vllm.BlockGroupPool]; its
         ``take_block_run_stats``) in [`get_stats`][], as the counters of
-        [`GPU_BLOCK_RUN_METRICS`][].
+        ``GPU_BLOCK_RUN_METRICS``.
         [`BlockGroupScheduler`][kvswitch.adapters.vllm.BlockGroupScheduler] calls it."""
         self._gpu_pool = pool
 

@@ -167,7 +167,7 @@ class BlockGroupScheduler(Scheduler):
     @classmethod
     def block_group_config_for(cls, vllm_config: Any) -> BlockGroupConfig | None:
         """The settings in ``vllm_config.additional_config["kvswitch"]``; None (the
-        pool's [`default_config`][kvswitch.adapters.vllm.BlockGroupPool.default_config]) when there
+        pool's ``BlockGroupPool.default_config``) when there
         is no such section.
 
         Raises:

@@ -57,7 +57,7 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         cls, extra_config: dict[str, Any]
     ) -> dict[str, OffloadingMetricMetadata]:
         """vLLM's CPU offloading metrics plus kvswitch's GPU block-run counters
-        ([`GPU_BLOCK_RUN_METRICS`][kvswitch.adapters.vllm.manager.GPU_BLOCK_RUN_METRICS])."""
+        (``kvswitch.adapters.vllm.manager.GPU_BLOCK_RUN_METRICS``)."""
         definitions = dict(super().build_metric_definitions(extra_config))
         for name, (_, doc) in GPU_BLOCK_RUN_METRICS.items():
             definitions[name] = OffloadingCounterMetadata(documentation=doc)
