@@ -35,30 +35,45 @@ def _check(config) -> None:
     assert extra["cpu_bytes_to_use"] == 8 << 30
 
 
-def test_the_documented_vllm_serve_command_parses_to_kvswitchs_spec():
+SCHEDULER = "kvswitch.adapters.vllm.BlockGroupScheduler"
+
+
+def test_the_documented_vllm_serve_commands_parse_to_kvswitchs_spec(monkeypatch):
     # vLLM's parser infers a device: .ci/vllm_suite.sh runs with VLLM_TARGET_DEVICE=cpu.
+    # With HF_HUB_OFFLINE (set there for the block-group tests' local model config) the
+    # engine arguments resolve the model to a local snapshot; parsing needs no model.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    (block,) = _blocks("bash", "vllm serve")
-    command = next(c for c in block.replace("\\\n", " ").splitlines() if "vllm serve" in c)
-    argv = shlex.split(command, comments=True)
-    assert argv[:2] == ["vllm", "serve"]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[2:])
-    args.model = args.model_tag  # what `vllm serve MODEL` does
-    _check(AsyncEngineArgs.from_cli_args(args).kv_transfer_config)
+    blocks = _blocks("bash", "vllm serve")
+    assert len(blocks) == 2  # the offloading spec alone, and with the block-group scheduler
+    for block in blocks:
+        command = next(c for c in block.replace("\\\n", " ").splitlines() if "vllm serve" in c)
+        argv = shlex.split(command, comments=True)
+        assert argv[:2] == ["vllm", "serve"]
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[2:])
+        args.model = args.model_tag  # what `vllm serve MODEL` does
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        _check(engine_args.kv_transfer_config)
+        assert engine_args.scheduler_cls == (SCHEDULER if "--scheduler-cls" in block else None)
 
 
-def test_the_documented_python_form_builds_the_same_config(monkeypatch):
-    seen = {}
+def test_the_documented_python_forms_build_the_same_config(monkeypatch):
+    blocks = _blocks("python", "KVSwitchOffloadingSpec")
+    assert len(blocks) == 2
+    for block in blocks:
+        seen = {}
 
-    def llm(**kwargs):
-        seen.update(kwargs)
-    monkeypatch.setattr(vllm, "LLM", llm)  # what `from vllm import LLM` gets
-    (block,) = _blocks("python", "KVSwitchOffloadingSpec")
-    exec(compile(block, str(PAGE), "exec"), {})
-    _check(seen["kv_transfer_config"])
+        def llm(**kwargs):
+            seen.update(kwargs)  # noqa: B023 (called before the next iteration)
+        monkeypatch.setattr(vllm, "LLM", llm)  # what `from vllm import LLM` gets
+        exec(compile(block, str(PAGE), "exec"), {})
+        _check(seen["kv_transfer_config"])
+        assert seen.get("scheduler_cls") == (SCHEDULER if "scheduler_cls" in block else None)
 
 
 def test_the_worker_says_in_vllms_log_that_kvswitch_does_the_transfers():
