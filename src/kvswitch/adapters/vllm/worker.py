@@ -127,7 +127,14 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
 
     Raises:
         ValueError: a bad ``blocks_per_chunk``, a data reference larger than its tensor's
-            page, or a data reference with a canonical-layout mapping (not supported).
+            page.
+
+    The data references' ``mapping`` (vLLM 0.32's connector derives a canonical page
+    mapping for every layer it can, whether or not ``canonical_layout`` is requested)
+    describes vLLM's canonical host layout; this worker copies the direct layout, as
+    vLLM's own worker does without ``canonical_layout``, and ignores it
+    (:class:`~kvswitch.adapters.vllm.KVSwitchOffloadingSpec` refuses
+    ``canonical_layout``).
     """
 
     def __init__(self, kv_caches: CanonicalKVCaches, blocks_per_chunk: int,
@@ -163,10 +170,6 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
                 continue
             dev, host = [], []
             for ref in refs:
-                if ref.mapping is not None:
-                    raise ValueError(
-                        f"group {g}: canonical-layout mappings are not supported by the "
-                        f"kvswitch worker (leave 'canonical_layout' off)")
                 gpu, cpu = gpu_views[ref.tensor_idx], cpu_tensors[ref.tensor_idx]
                 if ref.page_size_bytes > gpu.shape[1]:
                     raise ValueError(
