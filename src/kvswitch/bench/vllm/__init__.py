@@ -1,0 +1,24 @@
+"""``kvswitch bench --engine vllm``: the trace through vLLM 0.32's own scheduler and
+offloading connector, kvswitch against vLLM as shipped (:mod:`kvswitch.bench.vllm.serve`).
+
+Needs vLLM (``pip install 'kvswitch[vllm]'``); importing this package imports it,
+``import kvswitch`` and ``import kvswitch.bench`` do not.
+"""
+
+try:
+    import vllm  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f"kvswitch.bench.vllm needs vLLM ({e}); install it with: "
+        f"pip install 'kvswitch[vllm]'") from e
+
+from kvswitch.bench.vllm.serve import (
+    VLLM_CONFIGURATIONS,
+    VllmConfiguration,
+    VllmServeResult,
+    serve_vllm,
+)
+from kvswitch.bench.vllm.stamps import StampMismatch
+
+__all__ = ["VLLM_CONFIGURATIONS", "StampMismatch", "VllmConfiguration", "VllmServeResult",
+           "serve_vllm"]
