@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -297,9 +298,11 @@ _PAIR_FORMATS = {"bpc": "{:,.1f}"}
 
 
 def _cell(f: dict[str, float], key: str, fmt: str,
-          spread: dict[str, list[float]] | None = None) -> str:
+          spread: dict[str, list[float]] | None = None,
+          pairs: dict[str, tuple[str, str]] | None = None) -> str:
     """One table cell; with ``spread`` (several seeds) ``median (min-max)``."""
-    keys, fmt = ((_PAIRS[fmt], _PAIR_FORMATS.get(fmt, "{:,.0f}")) if fmt in _PAIRS
+    pairs = _PAIRS if pairs is None else pairs
+    keys, fmt = ((pairs[fmt], _PAIR_FORMATS.get(fmt, "{:,.0f}")) if fmt in pairs
                  else ((key,), fmt))
     text = " / ".join(_number_text(f[k], fmt) for k in keys)
     if spread is None or all(math.isnan(f[k]) for k in keys):
@@ -310,15 +313,20 @@ def _cell(f: dict[str, float], key: str, fmt: str,
 
 
 def format_table(figures: dict[str, dict[str, float]],
-                 spreads: dict[str, dict[str, list[float]]] | None = None) -> str:
+                 spreads: dict[str, dict[str, list[float]]] | None = None,
+                 rows: list[tuple[str, str, str]] | None = None,
+                 pairs: dict[str, tuple[str, str]] | None = None) -> str:
     """The table of ``kvswitch bench``; with ``spreads`` (several seeds) every cell reads
-    ``median (min-max)``."""
-    width = max(len(r[0]) for r in ROWS)
-    cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None) for _, key, fmt in ROWS]
+    ``median (min-max)``. ``rows`` (label, key, format) and ``pairs`` (format -> two keys
+    shown as ``a / b``) default to the main bench's (:data:`ROWS`)."""
+    rows = ROWS if rows is None else rows
+    width = max(len(r[0]) for r in rows)
+    cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None, pairs)
+                 for _, key, fmt in rows]
              for n, f in figures.items()}
     cols = max(14, *(len(n) for n in figures), *(len(c) for col in cells.values() for c in col))
     lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures)]
-    for i, (label, _, _) in enumerate(ROWS):
+    for i, (label, _, _) in enumerate(rows):
         lines.append(f"{label:<{width}}  " + "  ".join(f"{cells[n][i]:>{cols}}" for n in figures))
     return "\n".join(lines)
 
@@ -398,9 +406,35 @@ def _option_error(option: str, message: str) -> int:
     return 2
 
 
+def _load_vllm_bench():  # noqa: ANN202 - a module, imported only here
+    """``kvswitch.bench.vllm`` (imports vLLM), or None after a one-line error without it."""
+    # vLLM's warnings of experimental APIs and missing CUDA ops are not the bench's news
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        print(f"kvswitch bench: error: --engine vllm needs vLLM 0.32 ({e}); install it with "
+              f"pip install 'kvswitch[vllm]'", file=sys.stderr)
+        return None
+    import kvswitch.bench.vllm as vllm_bench
+    import kvswitch.bench.vllm.report
+
+    return vllm_bench
+
+
 def _bench(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    known = {**CONFIGURATIONS, **ABLATIONS}
+    vllm_bench = None
+    if args.engine == "vllm":
+        for option, bad in (("--backend", args.backend != "host"), ("--plot", args.plot)):
+            if bad:  # the vLLM bench's KV cache is CPU tensors on the virtual clock
+                return _option_error(option, "not available with --engine vllm")
+        if (vllm_bench := _load_vllm_bench()) is None:
+            return 2
+    known = (vllm_bench.VLLM_CONFIGURATIONS if vllm_bench
+             else {**CONFIGURATIONS, **ABLATIONS})
+    names = [n.strip() for n in (args.configs or ",".join(
+        vllm_bench.VLLM_CONFIGURATIONS if vllm_bench else CONFIGURATIONS)).split(",")
+        if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         print(f"kvswitch bench: unknown configuration(s) {unknown}; choose from "
@@ -468,20 +502,23 @@ def _bench(args: argparse.Namespace) -> int:
         f"think time {args.think_s:g} s; {args.model} on {args.gpu} (cost model); GPU pool "
         f"{args.gpu_blocks:,} blocks ({args.gpu_blocks * model.kv_bytes_per_token * 16 / GIB:.1f}"
         f" GiB of preset KV), host pool {args.host_blocks:,} blocks; {args.pattern} priorities "
-        f"every {args.update_every} iterations; time scale {time_scale:g}; {args.backend} "
-        f"backend", file=sys.stderr)
+        f"every {args.update_every} iterations; " + (
+            "vLLM's scheduler and offloading connector, virtual clock" if vllm_bench else
+            f"time scale {time_scale:g}; {args.backend} backend"), file=sys.stderr)
     configs = {seed: replace(config, seed=seed) for seed in seeds}
     guesses = {seed: estimate_run(samples[seed], configs[seed]) for seed in seeds}
     estimates = {seed: g.makespan_s for seed, g in guesses.items()}
     runs = [(name, seed) for seed in seeds for name in names]
     modelled = sum(estimates[seed] for _, seed in runs)
-    wall = sum(guesses[seed].wall_s for _, seed in runs)
+    wall = sum(guesses[seed].iterations * vllm_bench.WALL_S_PER_STEP if vllm_bench
+               else guesses[seed].wall_s for _, seed in runs)
     print(f"kvswitch bench: {len(names)} configuration(s) x {len(seeds)} seed(s) "
           f"({', '.join(map(str, seeds))}) = {len(runs)} run(s); expected duration about "
           f"{_duration(wall)} (an estimate from the cost model: about "
-          f"{_duration(modelled / len(runs))} of modelled time per run at time scale "
-          f"{time_scale:g}, plus loop overhead and pool setup; swap stalls come on top)",
-          file=sys.stderr)
+          f"{_duration(modelled / len(runs))} of modelled time per run" + (
+              ", at its steps' rate on a 2-core machine)" if vllm_bench else
+              f" at time scale {time_scale:g}, plus loop overhead and pool setup; swap "
+              f"stalls come on top)"), file=sys.stderr)
 
     if args.no_progress:
         bar = _NoProgress()
@@ -500,8 +537,12 @@ def _bench(args: argparse.Namespace) -> int:
         for i, (name, seed) in enumerate(runs):
             progress.start(i, f"{name} seed {seed} ({i + 1}/{len(runs)})")
             try:
-                result = serve(samples[seed], configs[seed], known[name],
-                               on_progress=progress.advance)
+                if vllm_bench:
+                    result = vllm_bench.serve_vllm(samples[seed], configs[seed], known[name],
+                                                   on_progress=progress.advance)
+                else:
+                    result = serve(samples[seed], configs[seed], known[name],
+                                   on_progress=progress.advance)
             except ValueError as e:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 2
@@ -509,6 +550,9 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 1
             progress.finish(result.makespan_s)
+            if vllm_bench:
+                per_seed[name].append(vllm_bench.report.summarize(result, model.num_layers))
+                continue
             per_seed[name].append(summarize(result, time_scale))
             histograms[name].append(result.granularity.get("histograms", {}))
     if len(seeds) == 1:
@@ -519,25 +563,36 @@ def _bench(args: argparse.Namespace) -> int:
         figures = {name: m for name, (m, _) in both.items()}
         spreads = {name: r for name, (_, r) in both.items()}
         print(f"Each cell: median (min-max) over seeds {', '.join(map(str, seeds))}.")
-    print(format_table(figures, spreads))
-    print()
-    if line := compare(figures):
-        print(line + (" (medians)" if spreads else ""))
-    copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
-              if args.backend == "cuda" else
-              f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
-    print(
-        f"Copies are real ({copies}); model compute is "
-        f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
-        f"compute + measured swap stalls x {time_scale:g} + modelled HBM time of "
-        f"migrations). See docs/benchmarks.md.")
+    if vllm_bench:
+        report = vllm_bench.report
+        print(format_table(figures, spreads, report.ROWS, report.PAIRS))
+        print()
+        for line in report.compare(figures):
+            print(line + (" (medians)" if spreads else ""))
+        print("vLLM 0.32's Scheduler and OffloadingConnector; copies are real (CPU tensors), "
+              "their time is the link model's and the model's steps the cost model's: all "
+              "times are on the virtual clock. See docs/benchmarks.md.")
+    else:
+        print(format_table(figures, spreads))
+        print()
+        if line := compare(figures):
+            print(line + (" (medians)" if spreads else ""))
+        copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
+                  if args.backend == "cuda" else
+                  f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
+        print(
+            f"Copies are real ({copies}); model compute is "
+            f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
+            f"compute + measured swap stalls x {time_scale:g} + modelled HBM time of "
+            f"migrations). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
-            doc = {"config": asdict(config), "trace": args.trace or "bundled",
+            doc = {"engine": args.engine, "config": asdict(config),
+                   "trace": args.trace or "bundled",
                    "conversations": len(conversations), "configurations": figures,
-                   "repeats": {"seeds": seeds, "configurations": per_seed},
-                   # log2 bins: entry k counts values in [2**k, 2**(k+1)); one per seed
-                   "granularity_histograms": histograms}
+                   "repeats": {"seeds": seeds, "configurations": per_seed}}
+            if not vllm_bench:  # log2 bins: entry k counts [2**k, 2**(k+1)); one per seed
+                doc["granularity_histograms"] = histograms
             if spreads:
                 doc["range"] = spreads
             with open(args.json, "w") as f:
@@ -616,8 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "of pinned host memory: size them with --gpu-blocks/--host-blocks)")
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
                    help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
-    b.add_argument("--configs", default=",".join(CONFIGURATIONS),
-                   help="comma-separated configurations to compare (default: all four); "
+    b.add_argument("--engine", choices=("kvswitch", "vllm"), default="kvswitch",
+                   help="kvswitch: kvswitch's serving loop over a SwapManager; vllm: vLLM "
+                        "0.32's own Scheduler and OffloadingConnector (needs "
+                        "kvswitch[vllm]): vLLM as shipped (recompute), with its CPU "
+                        "offloading, and with kvswitch's offloading spec, on the virtual "
+                        "clock")
+    b.add_argument("--configs", default=None,
+                   help="comma-separated configurations to compare (default: all; with "
+                        "--engine vllm: vllm, vllm+cpu, vllm+kvswitch); "
                         "also groups-nocompact, groups+async-nocompact, full-nocompact: the "
                         "same without GPU-pool compaction; groups-noquantum, "
                         "groups+async-noquantum, full-noquantum: the same with a growth "

@@ -5,6 +5,13 @@ Needs vLLM (``pip install 'kvswitch[vllm]'``); importing this package imports it
 ``import kvswitch`` and ``import kvswitch.bench`` do not.
 """
 
+import os
+
+# The bench's KV cache is CPU tensors: vLLM's CPU platform, whatever accelerator the
+# machine has (on CUDA vLLM would place offloading memory for GPU workers). Read by vLLM
+# when it first resolves its platform.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
 try:
     import vllm  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -14,11 +21,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from kvswitch.bench.vllm.serve import (
     VLLM_CONFIGURATIONS,
+    WALL_S_PER_STEP,
     VllmConfiguration,
     VllmServeResult,
     serve_vllm,
 )
 from kvswitch.bench.vllm.stamps import StampMismatch
 
-__all__ = ["VLLM_CONFIGURATIONS", "StampMismatch", "VllmConfiguration", "VllmServeResult",
+__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatch", "VllmConfiguration", "VllmServeResult",
            "serve_vllm"]

@@ -81,7 +81,8 @@ from kvswitch.bench.vllm.stamps import KVStamps
 from kvswitch.bench.vllm.workers import NativeCPUOffloadingSpec, TimedWorker, TransferCounts
 from kvswitch.trace import Conversation
 
-__all__ = ["VLLM_CONFIGURATIONS", "VllmConfiguration", "VllmServeResult", "serve_vllm"]
+__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "VllmConfiguration", "VllmServeResult",
+           "serve_vllm"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ VLLM_CONFIGURATIONS: dict[str, VllmConfiguration] = {
     "vllm+kvswitch": VllmConfiguration("kvswitch"),
 }
 
+#: Wall seconds per engine step, for the CLI's duration estimate: about what a step of
+#: the bench took on a 2-core development machine (scheduler, connector, stamps, copies).
+WALL_S_PER_STEP = 2.5e-3
 #: Vocabulary of the stand-in's tokens (Llama 2's size).
 VOCAB_SIZE = 32000
 #: int64 words per token and layer of the executed KV cache: a 16-token block of one layer
