@@ -46,14 +46,21 @@ def test_many_small_copies_are_dispatch_bound_few_large_ones_bandwidth_bound():
     assert LINK.job_s("in", [10**7]) < LINK.job_s("out", [10**7])  # per-direction bandwidth
 
 
-@given(st.lists(st.integers(0, 10**7), min_size=1, max_size=60))
-def test_job_time_is_the_serial_pipeline_of_dispatch_and_copies(sizes):
-    # Step by step: copy i is dispatched by (i+1) d, then runs after copy i-1 on the link.
-    t_link = 0.0
-    for i, b in enumerate(sizes):
+@given(st.lists(st.integers(0, 10**7), min_size=1, max_size=60), st.integers(1, 5),
+       st.floats(0, 1e-3))
+def test_job_time_is_the_serial_pipeline_of_dispatch_and_copies(sizes, repeat, busy):
+    # Step by step: copy i is dispatched by (i+1) d, then runs after copy i-1 on the link
+    # (busy until `busy` with an earlier job).
+    copies = [b for b in sizes for _ in range(repeat)]
+    t_link = busy
+    for i, b in enumerate(copies):
         t_link = max(t_link, (i + 1) * LINK.dispatch_s) + LINK.copy_latency_s + b / 1e9
-    assert LINK.job_s("out", sizes) == pytest.approx(t_link, rel=1e-12, abs=1e-15)
-    assert LINK.job_s("out", sizes) >= max(len(sizes) * LINK.dispatch_s, sum(sizes) / 1e9)
+    q = CopyQueues(LINK, 1)
+    q.link_free["out"] = busy
+    assert q.schedule("out", sizes, at=0.0, repeat=repeat) == pytest.approx(
+        (0.0, t_link), rel=1e-12, abs=1e-15)
+    assert q.worker_free[0] == pytest.approx(len(copies) * LINK.dispatch_s)
+    assert LINK.job_s("out", copies) >= max(len(copies) * LINK.dispatch_s, sum(copies) / 1e9)
 
 
 def test_queues_share_a_direction_overlap_directions_and_respect_order():

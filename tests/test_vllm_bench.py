@@ -51,7 +51,8 @@ def test_every_configuration_serves_every_turn(runs):
     turns = sum(len(c.turns) for c in CONVERSATIONS)
     tokens = sum(t.output_tokens for c in CONVERSATIONS for t in c.turns)
     for name, r in runs.items():
-        assert (r.turns, r.turns_served, r.failed_requests, r.tokens) == (turns, turns, 0, tokens), name
+        assert (r.turns, r.turns_served, r.failed_requests, r.tokens) == (
+            turns, turns, 0, tokens), name
         assert len(r.ttft_s) == turns and len(r.tbt_s) == tokens - turns, name
         # every admitted request's computed prefix was checked; preemptions happened
         assert r.contexts_checked >= turns and r.preemptions > 0, name
@@ -176,7 +177,7 @@ def test_cli_reports_every_configuration(tmp_path, capsys):
     assert rc == 0, err
     assert "Traceback" not in err
     header = out.splitlines()[0].split()
-    assert header == list(VLLM_CONFIGURATIONS)
+    assert header == [*VLLM_CONFIGURATIONS, "source"]
     doc = json.loads(out_json.read_text())
     assert doc["engine"] == "vllm" and list(doc["configurations"]) == list(VLLM_CONFIGURATIONS)
     for name, f in doc["configurations"].items():

@@ -219,7 +219,7 @@ class CopyQueues:
         self.busy_s = dict.fromkeys(DIRECTIONS, 0.0)  #: job seconds (dispatch to end)
 
     def schedule(self, direction: str, copy_bytes: npt.ArrayLike, *, at: float,
-                 ready: float = 0.0) -> tuple[float, float]:
+                 ready: float = 0.0, repeat: int = 1) -> tuple[float, float]:
         """Place one job: submitted at ``at``, not to start before ``ready`` (the end of
         earlier jobs over the same blocks). Returns ``(start, end)``: its first dispatch and
         its last copy's end; ``(start, start)`` for a job of no copies.
@@ -227,22 +227,26 @@ class CopyQueues:
         Args:
             direction: ``"out"``, ``"in"`` or ``"migrate"``.
             copy_bytes: bytes of each copy call, in issue order (1-D, >= 0).
+            repeat: each entry stands for this many consecutive copies of its size (one
+                per region of an extent), so that a job costs one operation per extent.
         """
         bw = self.link.bytes_per_s(direction)
         sizes = np.asarray(copy_bytes, dtype=np.float64).reshape(-1)
         w = min(range(len(self.worker_free)), key=self.worker_free.__getitem__)
         start = max(at, ready, self.worker_free[w])
-        n = sizes.size
-        if n == 0:
+        if sizes.size == 0 or repeat < 1:
             return start, start
-        d = self.link.dispatch_s
-        execute = self.link.copy_latency_s + sizes / bw
+        n, d = sizes.size * repeat, self.link.dispatch_s
+        execute = self.link.copy_latency_s + sizes / bw  # one copy of each entry
         # Copy i is dispatched by start + (i+1) d and runs after copy i-1 on the link, so the
-        # last ends at max(link free + all copies, max_i(dispatch_i + copies i..n-1)).
-        after = np.cumsum(execute[::-1])[::-1]  # seconds of copies i..n-1
-        dispatched = start + d * np.arange(1, n + 1, dtype=np.float64)
+        # last ends at max(link free + all copies, max_i(dispatch_i + copies i..n-1)). Within
+        # an entry's run of equal copies that term moves by d - execute per copy: its
+        # maximum is at the run's first or last copy.
+        after = np.cumsum((execute * repeat)[::-1])[::-1]  # copies from each run's first on
+        first = start + d * (np.arange(sizes.size, dtype=np.float64) * repeat + 1) + after
+        last = first + (repeat - 1) * (d - execute)
         link_free = max(self.link_free[direction], start)
-        end = max(link_free + float(after[0]), float(np.max(dispatched + after)))
+        end = max(link_free + float(after[0]), float(np.max(np.maximum(first, last))))
         self.worker_free[w] = start + n * d
         self.link_free[direction] = end
         self.busy_s[direction] += end - start

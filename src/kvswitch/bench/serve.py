@@ -7,9 +7,11 @@ Two clocks (``ServeConfig.clock``):
   takes the link model's (:mod:`kvswitch.bench.link_model`), asynchronous copies
   overlapping the steps as copy engines would (:mod:`kvswitch.bench.virtual_clock`). Every
   swap is still a real copy through :class:`~kvswitch.AsyncSwapEngine` (host backend,
-  inline) between two pools of 16 bytes per block and region, and every swap-in's bytes
-  are checked against what was swapped out (each block holds its conversation, logical
-  block, token count and region: a stale reused copy or a lost migration raises). Nothing
+  inline; one copy per extent of two pools of one 16-byte region, standing for the
+  preset's copy per extent and region that the link model times and the table counts),
+  and every swap-in's bytes are checked against what was swapped out (each block holds its
+  conversation, logical block and token count: a stale reused copy or a lost migration
+  raises). Nothing
   is slept and no host timing enters a figure, so the same seed and options give the same
   figures on any machine, busy or quiet; only ``wall_s`` differs.
 * ``"wall"``: scaled real time. Every swap is a real copy timed on this machine, and the
@@ -57,7 +59,7 @@ import numpy.typing as npt
 
 from kvswitch.allocator import BlockGroupAllocator, OutOfBlocksError
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS, CostModel, ModelPreset
-from kvswitch.bench.link_model import LINK_PRESETS, LinkModel
+from kvswitch.bench.link_model import LINK_PRESETS, CopyQueues, LinkModel
 from kvswitch.bench.priority import PriorityPattern, PriorityScheduler
 from kvswitch.bench.virtual_clock import VirtualClock, VirtualSwapEngine
 from kvswitch.host_pool import HostKVPool
@@ -69,7 +71,8 @@ from kvswitch.trace import Conversation
 __all__ = [
     "ABLATIONS", "CONFIGURATIONS", "Mechanisms", "ServeConfig", "ServeResult",
     "cuda_unavailable_reason",
-    "RunEstimate", "estimate_run", "min_gpu_blocks", "serve",
+    "RunEstimate", "capacity_rate", "estimate_run", "machine_speed", "min_gpu_blocks",
+    "serve",
 ]
 
 
@@ -220,24 +223,29 @@ class _ProbedAllocator(BlockGroupAllocator):
 
     def allocate(self, seq_id: Hashable, num_blocks: int) -> npt.NDArray[np.int32]:
         known = seq_id in self
-        groups_before = len(self.groups(seq_id)) if known else 0
+        # The table's last block: the new blocks add one extent per run of theirs, less
+        # one where the first continues it (cheaper than listing the groups of a long
+        # per-block table at every decode).
+        last = int(self.block_table(seq_id)[-1]) if known and self.num_table_blocks(
+            seq_id) else None
         own_before = self.reservation(seq_id)[1] if known else 0
         others_before = self.num_reserved_blocks - own_before
         largest = 0
         if self.context == "swap_in":
             largest = max((n for _, n in self.free_groups()), default=0)
         out = super().allocate(seq_id, num_blocks)
-        groups_after = len(self.groups(seq_id))
+        new_extents = _runs(out) - int(last is not None and int(out[0]) == last + 1)
         others_after = self.num_reserved_blocks - self.reservation(seq_id)[1]
         c = self.calls.setdefault(self.context, dict.fromkeys(
             ("calls", "blocks", "new_extents", "tail_split_calls", "tail_blocks_split"), 0))
         c["calls"] += 1
         c["blocks"] += num_blocks
-        c["new_extents"] += groups_after - groups_before
+        c["new_extents"] += new_extents
         if others_after < others_before:
             c["tail_split_calls"] += 1
             c["tail_blocks_split"] += others_before - others_after
         if self.context == "swap_in":
+            groups_after = len(self.groups(seq_id))
             self.swap_in_extents.append(groups_after)
             short = largest < num_blocks
             self.swap_in_need_gt_largest_free += short
@@ -251,10 +259,11 @@ class _Granularity:
     """Per-direction copy granularity, table fragmentation at swap-out and the GPU pool's
     free groups over time; read-only (see docs/benchmarks.md, issue 14)."""
 
-    def __init__(self, m: SwapManager, gpu: BlockGroupAllocator,
-                 cost: CostModel | None = None, preset_block_bytes: int = 0) -> None:
+    def __init__(self, m: SwapManager, gpu: BlockGroupAllocator, cost: CostModel,
+                 preset_block_bytes: int, *, virtual: bool) -> None:
         self.m, self.gpu = m, gpu
         self.cost, self.preset_block_bytes = cost, preset_block_bytes
+        self.virtual = virtual
         self.out_tables = 0
         self.out_gpu_extents: list[int] = []  # extents of each GPU table at swap-out
         self.out_extent_lengths: list[int] = []  # their lengths
@@ -313,17 +322,18 @@ class _Granularity:
                 g.swap_in_multi_extent_need_gt_largest if probed else 0),
             "swap_in_need_gt_largest_free": g.swap_in_need_gt_largest_free if probed else 0,
             "free_samples": len(self.free_groups),
-            # GPU-pool compaction: measured counts; the migrations' wait is in the measured
-            # stall (host memcpy here, charged x time scale like a swap); the HBM cost of
-            # the same bytes on the preset GPU is modelled.
+            # GPU-pool compaction: counted moves, and the time the clock charged for them:
+            # virtual clock: the link model's device-to-device jobs (the loop waits for
+            # them); wall clock: the cost model's HBM time of the same bytes (their host
+            # memcpy wait is measured apart and left off the clock).
             "migrations": m.migrations,
             "migrated_blocks": m.migrated_blocks,
             "migrate_copies": m.migrate_extents * self.m.engine.device_layout.num_regions,
-            "migrate_wait_s_measured": m.migrate_wait_s,
-            "migrate_s_modelled": (self.cost.migrate_s(m.migrated_blocks
-                                                       * self.preset_block_bytes)
-                                   if self.cost is not None else 0.0),
+            "migrate_s": (m.migrate_wait_s if self.virtual else
+                          self.cost.migrate_s(m.migrated_blocks * self.preset_block_bytes)),
         }
+        if not self.virtual:
+            d["migrate_wait_s_measured"] = m.migrate_wait_s
         for name, values in (("free_groups", self.free_groups),
                              ("largest_free_group", self.largest_free),
                              ("free_in_groups", self.free_in_groups),
@@ -400,6 +410,9 @@ def _cuda_layout(model: ModelPreset, block_size: int, num_blocks: int) -> KVLayo
 #: Bytes of one block in one region on the virtual clock: a stamp of four int32 (the
 #: conversation, the logical block, its tokens, the region), checked after every swap-in.
 STAMP_BYTES = 16
+#: Regions of the executed pools on the virtual clock (the modelled pool has the preset's:
+#: its copy calls are counted and timed, see VirtualSwapEngine).
+EXECUTED_REGIONS = 1
 
 
 class _Server:
@@ -419,11 +432,12 @@ class _Server:
         preset_region = model.region_block_bytes(cfg.block_size)
         self.stamps: npt.NDArray[np.int32] | None = None
         if self.virtual:
-            # One array [region, block, 4 x int32]: a stamp is written to, and read from,
-            # every region of a block at once; each region stays contiguous.
-            pool = np.zeros((model.num_regions, cfg.gpu_blocks, STAMP_BYTES), np.uint8)
+            # Executed pools of one region: a block is one stamp (checked after every
+            # swap-in); each executed extent copy stands for the preset's copy per region,
+            # which the link model times.
+            pool = np.zeros((EXECUTED_REGIONS, cfg.gpu_blocks, STAMP_BYTES), np.uint8)
             self.stamps = pool.view(np.int32)
-            self.stamps[:, :, 3] = np.arange(model.num_regions, dtype=np.int32)[:, None]
+            self.stamps[:, :, 3] = np.arange(EXECUTED_REGIONS, dtype=np.int32)[:, None]
             region = STAMP_BYTES
             device = KVLayout.from_tensors(list(pool))
             host = HostKVPool(device, cfg.host_blocks, pin=False)
@@ -431,7 +445,8 @@ class _Server:
                 a.fill(0)
             engine: AsyncSwapEngine | VirtualSwapEngine = VirtualSwapEngine(
                 device, host, cfg.link or LINK_PRESETS[cfg.gpu], self.clock,
-                num_workers=cfg.num_workers, region_bytes=[preset_region] * model.num_regions)
+                num_workers=cfg.num_workers, num_regions=model.num_regions,
+                region_block_bytes=preset_region)
         else:
             if cfg.backend == "cuda":  # real bytes, real link (time scale 1, checked in serve)
                 region = preset_region
@@ -460,9 +475,10 @@ class _Server:
             compaction=mech.compaction, compaction_max_moved=cfg.compaction_max_moved,
             clock=self.clock if self.virtual else None)
         self.gpu = gpu
-        self.gran = _Granularity(self.m, gpu, self.cost, preset_region * model.num_regions)
+        self.gran = _Granularity(self.m, gpu, self.cost, preset_region * model.num_regions,
+                                 virtual=self.virtual)
         self.r = ServeResult(preset_block_bytes=preset_region * model.num_regions,
-                             executed_block_bytes=region * model.num_regions,
+                             executed_block_bytes=engine.device_layout.bytes_per_block,
                              clock=cfg.clock)
         self.prio = PriorityScheduler(cfg.pattern, cfg.update_every, seed=cfg.seed)
         self.on_finish = on_finish
@@ -718,12 +734,12 @@ class _Server:
                 self.gran.sample()
             self._schedule(update)
             self._grow()
-            ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+            ready = self._ready()
             if len(ready) < len(self.running):  # swap-ins pending: step 4 decides
                 estimate = self._step_s(ready, self._prefill_batch(ready))
                 m.decide(len(ready), estimate or self._step_s(
                     list(self.running.values()), []))
-                ready = [c for c in self.running.values() if m.state(c.idx) == "running"]
+                ready = self._ready()
             prefills = self._prefill_batch(ready)
             step = self._step_s(ready, prefills)
             if self.virtual:
@@ -750,6 +766,15 @@ class _Server:
         r.granularity = self.gran.report()
         m.close()
         return r
+
+    def _ready(self) -> list[_Conv]:
+        """Running conversations whose KV is on the GPU (not still swapping in). A failed
+        one stops the run at the next take_failed."""
+        swapping = self.m.swapping_in
+        if not swapping:
+            return list(self.running.values())
+        pending = set(swapping)
+        return [c for c in self.running.values() if c.idx not in pending]
 
     def _idle_until_swap_in(self) -> None:
         """Virtual clock, nothing to compute: move to the end of the first pending swap-in
@@ -825,16 +850,20 @@ class _Server:
 
 def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Mechanisms,
           on_conversation_done: Callable[[], None] | None = None,
-          on_progress: Callable[[float], None] | None = None) -> ServeResult:
+          on_progress: Callable[[float], None] | None = None,
+          on_tokens: Callable[[int], None] | None = None) -> ServeResult:
     """Replay ``conversations`` through a SwapManager with the given mechanisms.
 
     Args:
         conversations: the trace (e.g. :func:`kvswitch.trace.sample` of the bundled one).
-        config: pools, presets, arrival process, priority pattern, time scale.
+        config: pools, presets, arrival process, priority pattern, clock (and its link
+            model or time scale).
         mechanisms: which FastSwitch mechanisms to use (see :data:`CONFIGURATIONS`).
         on_conversation_done: called once per finished conversation (progress bars).
         on_progress: called after every iteration with the modelled seconds elapsed since
             the first arrival (the modelled clock, which ends at ``makespan_s``).
+        on_tokens: called after every iteration with the tokens generated so far (ends at
+            the trace's output tokens: a progress measure known exactly in advance).
 
     Returns:
         A :class:`ServeResult`.
@@ -842,15 +871,21 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
     Raises:
         KeyError: unknown model or GPU preset.
         ValueError: a conversation whose KV cannot fit the GPU pool (see
-            :func:`min_gpu_blocks`), bad sizes, an unknown backend, or the cuda backend
-            with a time scale other than 1.
+            :func:`min_gpu_blocks`), bad sizes, an unknown backend or clock, or the cuda
+            backend on the virtual clock or with a time scale other than 1.
         RuntimeError: the cuda backend without a usable GPU (the engine says why) or
-            without pinned host memory.
+            without pinned host memory; on the virtual clock, a swapped-in block whose
+            bytes are not what was swapped out (a wrong copy).
     """
+    if config.clock not in ("virtual", "wall"):
+        raise ValueError(f"clock must be 'virtual' or 'wall', got {config.clock!r}")
     if config.time_scale <= 0:
         raise ValueError(f"time_scale must be positive, got {config.time_scale}")
     if config.backend not in ("host", "cuda"):
         raise ValueError(f"backend must be 'host' or 'cuda', got {config.backend!r}")
+    if config.backend == "cuda" and config.clock != "wall":
+        raise ValueError("the cuda backend runs on the wall clock only (clock='wall'): its "
+                         "copies are timed on the GPU")
     if config.backend == "cuda" and config.time_scale != 1:
         raise ValueError(f"the cuda backend copies the preset's real block bytes in real "
                          f"time: time_scale must be 1, got {config.time_scale:g}")
@@ -865,72 +900,240 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
                 f"conversation {big.conversation_id!r} needs {big.total_tokens:,} tokens of KV; "
                 f"the GPU pool admits {max(limit, 0) * config.block_size:,} "
                 f"(gpu_blocks={config.gpu_blocks:,}); gpu_blocks must be at least {need:,}")
-    return _Server(conversations, config, mechanisms, on_conversation_done, on_progress).run()
+    return _Server(conversations, config, mechanisms, on_conversation_done, on_progress,
+                   on_tokens).run()
 
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """What :func:`estimate_run` expects of one :func:`serve` run."""
+    """What :func:`estimate_run` expects of one :func:`serve` run. Counts are predictions
+    from the trace alone (no swaps, no preemptions), except ``tokens``, which is exact."""
 
     makespan_s: float  #: modelled seconds
     iterations: int
-    wall_s: float  #: wall seconds on this kind of machine (rough)
+    wall_s: float  #: wall seconds on this machine, at its ``speed`` (rough)
+    tokens: int = 0  #: output tokens (exact: every turn's)
+    copies: int = 0  #: copy calls of the turn-boundary swaps
+    swaps: int = 0  #: turn-boundary swap-outs plus swap-ins
+    queued: int = 0  #: waiting turns summed over iterations (the scheduler scans them)
 
 
-#: Wall seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow core;
-#: the loop sleeps ``step / time_scale`` per iteration unless this is longer.
+#: Wall seconds of the virtual-clock loop on the reference machine (a 2-core AMD EPYC VM;
+#: see docs/benchmarks.md): per generated token times the mean batch (the loop's work per
+#: iteration grows with the running sequences, and so does the preemption and compaction
+#: work it does for them), and per waiting turn per iteration (the scheduler's scans, and
+#: the preemptions a queue brings at priority updates). Fitted on the bundled trace at 200
+#: and 1,000 conversations (all four configurations within 15% in total); a machine's
+#: ``speed`` (:func:`machine_speed`) scales them.
+WALL_PER_TOKEN_BATCH_S = 0.90e-6
+WALL_PER_QUEUED_S = 1.7e-6
+#: Wall clock: seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow
+#: core; the loop sleeps ``step / time_scale`` per iteration unless this is longer.
 ITERATION_OVERHEAD_S = 25e-6
 #: Bytes per second of pool setup (allocation and zero-fill).
 SETUP_BYTES_PER_S = 1e9
 
 
-def estimate_run(conversations: list[Conversation], config: ServeConfig) -> RunEstimate:
-    """A rough estimate of one :func:`serve` run, for saying how long a run will take before
-    it starts. No swap costs: stalls and contention are ignored.
+def _arrivals(conversations: list[Conversation], config: ServeConfig) -> list[float]:
+    """Each conversation's arrival, drawn as :func:`serve` draws it."""
+    rng = random.Random(config.seed + 1)
+    t, starts = 0.0, []
+    for c in conversations:
+        t += rng.expovariate(config.arrival_rate)
+        starts.append(c.arrival_s if c.arrival_s is not None else t)
+    return starts
 
-    The modelled makespan is the larger of two bounds: arrivals (the last turn of each
-    conversation arrives after its arrival, the mean think times and its decode steps at
-    batch 1) and compute (every turn's prefill alone, plus all output tokens decoded at the
-    batch the GPU pool holds at the trace's mean context, at most ``max_batch``). Wall time
-    is that over the time scale, or the loop's Python overhead where it is longer, plus the
-    pools' setup.
+
+def _decode_batch(conversations: list[Conversation], config: ServeConfig,
+                  cost: CostModel) -> tuple[int, float]:
+    """(batch, mean context): the sequences the GPU pool holds at the trace's mean context
+    (weighted by output tokens), at most ``max_batch``."""
+    out_tokens, ctx_weighted = 0, 0.0
+    for c in conversations:
+        kv = 0
+        for turn in c.turns:
+            kv += turn.new_input_tokens
+            out_tokens += turn.output_tokens
+            ctx_weighted += turn.output_tokens * (kv + turn.output_tokens / 2)
+            kv += turn.output_tokens
+    ctx = max(ctx_weighted / max(out_tokens, 1), 1.0)
+    room = config.gpu_blocks * (1 - config.watermark) * config.block_size
+    return max(1, min(config.max_batch, int(room / ctx))), ctx
+
+
+def capacity_rate(conversations: list[Conversation], config: ServeConfig) -> float:
+    """Conversations per second that the GPU pool can serve: the decode rate of the batch
+    the pool holds at the trace's mean context (the cost model's step at that batch),
+    over the mean output tokens per conversation. ``--load f`` offers ``f`` times this;
+    above 1 queues grow and priority updates preempt.
+
+    Raises:
+        ValueError: no conversations.
+    """
+    if not conversations:
+        raise ValueError("no conversations")
+    cost = CostModel(MODEL_PRESETS[config.model], GPU_PRESETS[config.gpu], config.efficiency)
+    batch, ctx = _decode_batch(conversations, config, cost)
+    tokens_per_s = batch / cost.step_s(int(batch * ctx), batch)
+    per_conversation = sum(t.output_tokens for c in conversations for t in c.turns)
+    return tokens_per_s / (per_conversation / len(conversations))
+
+
+def _fluid_iterations(conversations: list[Conversation], config: ServeConfig,
+                      cost: CostModel, starts: list[float],
+                      swap_s: Callable[[int], float] | None = None) -> tuple[int, float, int]:
+    """(iterations, makespan, queued) of the trace through a pool-limited batch that
+    decodes one token per sequence per step, without preemptions: turns are admitted first
+    come, first served while their KV fits the pool; ``queued`` sums the waiting turns over
+    the iterations. With ``swap_s`` (blocking swaps: seconds to swap ``n`` tokens of KV one
+    way), a turn's end stalls the batch for its swap-out and a later turn's admission for
+    its swap-in. Time jumps from event to event (a turn ends, a turn arrives), so it costs
+    a few operations per turn."""
+    bs = config.block_size
+    room = config.gpu_blocks * (1 - config.watermark)
+    think = random.Random(config.seed + 2)
+    pending = [(t, i, 0) for i, t in enumerate(starts)]  # (arrival, conversation, turn)
+    heapq.heapify(pending)
+    kv = [0] * len(conversations)
+    waiting: list[tuple[int, int]] = []
+    left, ctx, who = np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    t = min(starts) if starts else 0.0
+    first, iterations, queued = t, 0, 0
+    while pending or waiting or who:
+        while pending and pending[0][0] <= t:
+            _, i, k = heapq.heappop(pending)
+            waiting.append((i, k))
+        used = int(np.sum((ctx + left + bs - 1) // bs)) if who else 0
+        while waiting and len(who) < config.max_batch:
+            i, k = waiting[0]
+            turn = conversations[i].turns[k]
+            need = -(-(kv[i] + turn.new_input_tokens + turn.output_tokens) // bs) + 1
+            if used + need > room and who:
+                break
+            waiting.pop(0)
+            if swap_s is not None and kv[i]:
+                t += swap_s(kv[i])  # the history's swap-in, waited for
+            kv[i] += turn.new_input_tokens
+            who.append((i, k))
+            left = np.append(left, max(turn.output_tokens, 1))
+            ctx = np.append(ctx, kv[i])
+            used += need
+        if not who:
+            t = pending[0][0]
+            continue
+        n = len(who)
+        steps = int(left.min())
+        step = cost.step_s(int(ctx.sum()) + n * (steps + 1) // 2, n)
+        if pending and not waiting:  # the next arrival may join the batch earlier
+            steps = max(1, min(steps, math.ceil((pending[0][0] - t) / step)))
+        t += steps * step
+        iterations += steps
+        queued += steps * len(waiting)
+        left -= steps
+        ctx += steps
+        done = np.flatnonzero(left <= 0)
+        for j in done.tolist():
+            i, k = who[j]
+            kv[i] = int(ctx[j])
+            if k + 1 < len(conversations[i].turns):
+                if swap_s is not None:
+                    t += swap_s(kv[i])  # the turn's swap-out, waited for
+                heapq.heappush(pending, (t + (think.expovariate(1 / config.think_s)
+                                              if config.think_s > 0 else 0.0), i, k + 1))
+        keep = left > 0
+        who = [w for w, k in zip(who, keep.tolist(), strict=True) if k]
+        left, ctx = left[keep], ctx[keep]
+    return iterations, t - first, queued
+
+
+def machine_speed(repeats: int = 3) -> float:
+    """This machine's speed at :func:`serve`'s kind of work relative to the reference
+    machine of the ``WALL_PER_*`` figures (2.0: twice as slow, e.g. busy): the median of
+    ``repeats`` timings of a fixed mix of loop-like Python, NumPy and copy work over its
+    time on the reference machine. About 0.1 s."""
+    from kvswitch.allocator import BlockGroupAllocator as _Allocator
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a = _Allocator(4096, initial_group_blocks=16)
+        rng = random.Random(0)
+        acc, table = 0.0, np.zeros(64, np.int64)
+        for k in range(3000):
+            seq = rng.randrange(64)
+            if seq in a and k % 3 == 0:
+                a.free(seq)
+            else:
+                try:
+                    ids = a.allocate(seq, 1 + k % 5)
+                except OutOfBlocksError:
+                    continue
+                table[seq] += len(ids)
+            acc += float(np.sum(table[:32])) + math.sqrt(k)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] / REFERENCE_SPEED_S
+
+
+#: :func:`machine_speed`'s workload on the reference machine (quiet), seconds.
+REFERENCE_SPEED_S = 0.06
+
+
+def estimate_run(conversations: list[Conversation], config: ServeConfig,
+                 mechanisms: Mechanisms | None = None, *, speed: float = 1.0) -> RunEstimate:
+    """An estimate of one :func:`serve` run, for saying how long a run will take before it
+    starts.
+
+    Modelled time and iterations come from a fluid replay of the trace through the batch
+    the GPU pool holds (:func:`_fluid_iterations`: arrivals, think times, the cost model's
+    step; queueing for the pool included; swaps, stalls and preemptions left out). Copies:
+    the turn-boundary swaps (every turn after the first swaps the history out and back
+    in; per block and region without block groups, about one extent per region with them).
+    Blocking swaps (``mechanisms`` without asynchronous swaps) stall the replay for their
+    link-modelled time, so their queueing shows. Wall time on the virtual clock: tokens
+    times mean batch and queued turns times the ``WALL_PER_*`` figures, times ``speed``
+    (:func:`machine_speed`); on the wall clock: the makespan over the time scale, or the
+    loop's Python overhead where it is longer, plus the pools' setup.
     """
     if not conversations:
         return RunEstimate(0.0, 0, 0.0)
     model = MODEL_PRESETS[config.model]
     cost = CostModel(model, GPU_PRESETS[config.gpu], config.efficiency)
-    arrivals = random.Random(config.seed + 1)
-    t = 0.0
-    starts = []
+    starts = _arrivals(conversations, config)
+    swap_s = None
+    if config.clock == "virtual" and mechanisms is not None and not mechanisms.async_swaps:
+        link = config.link or LINK_PRESETS[config.gpu]
+        region = model.region_block_bytes(config.block_size)
+
+        def swap_s(tokens: int) -> float:  # one extent per block, or one in all
+            blocks = -(-tokens // config.block_size)
+            extents = [region] * blocks if not mechanisms.block_groups else [region * blocks]
+            return CopyQueues(link, 1).schedule("out", extents, at=0.0,
+                                                repeat=model.num_regions)[1]
+    iterations, makespan, queued = _fluid_iterations(conversations, config, cost, starts,
+                                                     swap_s)
+    tokens = sum(t.output_tokens for c in conversations for t in c.turns)
+    boundaries = sum(len(c.turns) - 1 for c in conversations)
+    regions = model.num_regions
+    per_block = mechanisms is not None and not mechanisms.block_groups
+    copies = 0
     for c in conversations:
-        t += arrivals.expovariate(config.arrival_rate)
-        starts.append(c.arrival_s if c.arrival_s is not None else t)
-    first = min(starts)
-    out_tokens, prefill_s, ctx_weighted, arrival_bound = 0, 0.0, 0.0, 0.0
-    for start, c in zip(starts, conversations, strict=True):
-        kv, end = 0, start + config.think_s * (len(c.turns) - 1)
-        for turn in c.turns:
-            prefill_s += cost.step_s(0, 0, [(max(turn.new_input_tokens, 1), kv)])
-            kv += turn.new_input_tokens
-            out_tokens += turn.output_tokens
-            ctx_weighted += turn.output_tokens * (kv + turn.output_tokens / 2)
-            end += turn.output_tokens * cost.step_s(kv + turn.output_tokens // 2, 1)
-            kv += turn.output_tokens
-        arrival_bound = max(arrival_bound, end - first)
-    ctx = max(ctx_weighted / max(out_tokens, 1), 1.0)
-    room = config.gpu_blocks * (1 - config.watermark) * config.block_size
-    batch = max(1, min(config.max_batch, int(room / ctx), len(conversations)))
-    step = cost.step_s(int(batch * ctx), batch)
-    makespan = max(arrival_bound, prefill_s + out_tokens / batch * step)
-    iterations = int(makespan / step)
-    if config.backend == "cuda":
-        block_bytes = model.region_block_bytes(config.block_size) * model.num_regions
+        kv = 0
+        for turn in c.turns[:-1]:
+            kv += turn.new_input_tokens + turn.output_tokens
+            copies += 2 * regions * (-(-kv // config.block_size) if per_block else 1)
+    swaps = 2 * boundaries
+    if config.clock == "virtual":
+        batch = tokens / max(iterations, 1)
+        wall = speed * (tokens * batch * WALL_PER_TOKEN_BATCH_S + queued * WALL_PER_QUEUED_S)
     else:
-        region = model.region_block_bytes(config.block_size) / config.time_scale
-        block_bytes = max(16, round(region / 16) * 16) * model.num_regions
-    setup = (config.gpu_blocks + config.host_blocks) * block_bytes / SETUP_BYTES_PER_S
-    wall = max(makespan / config.time_scale, iterations * ITERATION_OVERHEAD_S) + setup
-    return RunEstimate(makespan, iterations, wall)
+        if config.backend == "cuda":
+            block_bytes = model.region_block_bytes(config.block_size) * regions
+        else:
+            region = model.region_block_bytes(config.block_size) / config.time_scale
+            block_bytes = max(16, round(region / 16) * 16) * regions
+        setup = (config.gpu_blocks + config.host_blocks) * block_bytes / SETUP_BYTES_PER_S
+        wall = max(makespan / config.time_scale, iterations * ITERATION_OVERHEAD_S) + setup
+    return RunEstimate(makespan, iterations, wall, tokens, copies, swaps, queued)
 
 
 def min_gpu_blocks(tokens: int, config: ServeConfig) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from kvswitch.host_pool import HostKVPool
 from kvswitch.layout import KVLayout
 from kvswitch.swap import AsyncSwapEngine
 
-__all__ = ["VirtualClock", "VirtualHandle", "VirtualSwapEngine"]
+__all__ = ["ModelledLayout", "VirtualClock", "VirtualHandle", "VirtualSwapEngine"]
 
 
 class VirtualClock:
@@ -107,39 +108,58 @@ def _block_ids(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
     return np.repeat(starts, lengths) + offsets
 
 
+@dataclass(frozen=True)
+class ModelledLayout:
+    """What a SwapManager reads of its engine's device layout, for the modelled GPU pool:
+    its blocks and regions (the copy calls it counts: extents x ``num_regions``), and the
+    bytes of one block of the executed pool (``bytes_copied``)."""
+
+    num_blocks: int
+    num_regions: int
+    bytes_per_block: int
+
+
 class VirtualSwapEngine:
     """The parts of :class:`~kvswitch.AsyncSwapEngine` a SwapManager uses, with real
     copies (host backend, inline) and link-modelled time (see the module).
 
+    The executed pools may have fewer regions than the modelled GPU (e.g. one stamp per
+    block): each executed extent copy stands for the ``num_regions`` copy calls of the
+    modelled pool, which the link model times and :attr:`device_layout` reports.
+
     Args:
-        device_layout: the GPU pool stand-in (host memory).
-        host_pool: the host pool.
+        device_layout: the executed GPU pool stand-in (host memory).
+        host_pool: the executed host pool.
         link: the link model.
         clock: the virtual clock (shared with the loop and the manager).
         num_workers: modelled worker streams (>= 0); 0 models inline copies: the submitting
             call waits for its job, as ``AsyncSwapEngine(num_workers=0)`` does.
-        region_bytes: the preset's bytes of one block in each region (what a copy of one
-            block moves on the modelled GPU), one entry per region of ``device_layout``.
+        num_regions: regions of the modelled pool (one copy call per extent and region).
+        region_block_bytes: the preset's bytes of one block in one region (what a copy of
+            one block moves on the modelled GPU).
 
     Raises:
-        ValueError: ``region_bytes`` not one positive entry per region, negative workers.
+        ValueError: a region count or size that is not positive, negative workers.
     """
 
     backend = "host"
 
     def __init__(self, device_layout: KVLayout, host_pool: HostKVPool, link: LinkModel,
-                 clock: VirtualClock, *, num_workers: int, region_bytes: list[int]) -> None:
-        if len(region_bytes) != device_layout.num_regions or min(region_bytes) <= 0:
-            raise ValueError(f"region_bytes needs one positive entry per region "
-                             f"({device_layout.num_regions}), got {len(region_bytes)}")
+                 clock: VirtualClock, *, num_workers: int, num_regions: int,
+                 region_block_bytes: int) -> None:
+        if num_regions < 1 or region_block_bytes < 1:
+            raise ValueError(f"num_regions and region_block_bytes must be positive, got "
+                             f"{num_regions} and {region_block_bytes}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self._real = AsyncSwapEngine(device_layout, host_pool, backend="host", num_workers=0)
+        self._layout = ModelledLayout(device_layout.num_blocks, num_regions,
+                                      device_layout.bytes_per_block)
         self.clock = clock
         self.link = link
         self.num_workers = num_workers
         self.queues = CopyQueues(link, max(num_workers, 1))
-        self._region_bytes = np.asarray(region_bytes, dtype=np.int64)
+        self._regions, self._region_bytes = num_regions, region_block_bytes
         self._gpu_busy = np.zeros(device_layout.num_blocks)  # end of the last job per block
         self._host_busy = np.zeros(host_pool.num_blocks)
         self._last_end = 0.0
@@ -149,8 +169,8 @@ class VirtualSwapEngine:
                    for d in ("out", "in", "migrate")}
 
     @property
-    def device_layout(self) -> KVLayout:
-        return self._real.device_layout
+    def device_layout(self) -> ModelledLayout:
+        return self._layout
 
     @property
     def host_pool(self) -> HostKVPool | KVLayout:
@@ -176,21 +196,22 @@ class VirtualSwapEngine:
         ready = max([float(self._gpu_busy[ids].max(initial=0.0)) for ids in gpu_ids]
                     + ([float(self._host_busy[host_ids].max(initial=0.0))]
                        if host_ids is not None else []))
-        copy_bytes = (lengths[:, None] * self._region_bytes[None, :]).reshape(-1)
-        start, end = self.queues.schedule(direction, copy_bytes, at=self.clock.now, ready=ready)
+        extent_bytes = lengths * self._region_bytes  # one copy per region of each
+        start, end = self.queues.schedule(direction, extent_bytes, at=self.clock.now,
+                                          ready=ready, repeat=self._regions)
         for ids in gpu_ids:
             self._gpu_busy[ids] = end
         if host_ids is not None:
             self._host_busy[host_ids] = end
         self._last_end = max(self._last_end, end)
         heapq.heappush(self._ends[direction], end)
-        nbytes = int(copy_bytes.sum())
+        nbytes, copies = int(extent_bytes.sum()) * self._regions, len(pairs) * self._regions
         n = self._n[direction]
         n["jobs"] += 1
-        n["copies"] += copy_bytes.size
+        n["copies"] += copies
         n["bytes"] += nbytes
         n["seconds"] += end - start
-        handle = VirtualHandle(self.clock, real, direction, nbytes, copy_bytes.size, start, end)
+        handle = VirtualHandle(self.clock, real, direction, nbytes, copies, start, end)
         if self.num_workers == 0:  # inline: the caller dispatches and waits
             self.clock.advance_to(end)
         return handle
@@ -239,8 +260,9 @@ class VirtualSwapEngine:
         self.clock.advance_to(self._last_end)
 
     def stats(self) -> dict[str, Any]:
-        """The real engine's counters (executed copies and bytes: ``num_jobs``,
-        ``num_copies``, ``bytes``, ...) without its wall times, plus the link model's:
+        """The real engine's counters (executed jobs, copies and bytes: ``num_jobs``,
+        ``num_copies``, ``bytes``, ...) without its wall times, plus the link model's
+        (modelled copy calls and the preset's bytes):
         ``link_s`` (seconds of swap jobs, first dispatch to last copy), ``link_copies``,
         ``link_bytes`` (the preset's bytes) and ``link_migration_s``."""
         real = self._real.stats()

@@ -28,5 +28,5 @@ from kvswitch.bench.vllm.serve import (
 )
 from kvswitch.bench.vllm.stamps import StampMismatch
 
-__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatch", "VllmConfiguration", "VllmServeResult",
-           "serve_vllm"]
+__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatch", "VllmConfiguration",
+           "VllmServeResult", "serve_vllm"]

@@ -186,9 +186,10 @@ class _Loop:
 
     def __init__(self, convs: list[Conversation], cfg: ServeConfig, conf: VllmConfiguration,
                  *, fail_load: int | None, kv_load_failure_policy: str,
-                 on_progress: Callable[[float], None] | None) -> None:
+                 on_progress: Callable[[float], None] | None,
+                 on_tokens: Callable[[int], None] | None = None) -> None:
         self.cfg, self.conf, self.convs = cfg, conf, convs
-        self.on_progress = on_progress
+        self.on_progress, self.on_tokens = on_progress, on_tokens
         model = MODEL_PRESETS[cfg.model]
         self.cost = CostModel(model, GPU_PRESETS[cfg.gpu], cfg.efficiency)
         self.clock = VirtualClock()
@@ -422,6 +423,8 @@ class _Loop:
                 iteration += 1
                 if self.on_progress is not None:
                     self.on_progress(clock.now - self.start)
+                if self.on_tokens is not None:
+                    self.on_tokens(r.tokens)
         finally:
             self._close()
         r.iterations = iteration
@@ -444,7 +447,8 @@ class _Loop:
 def serve_vllm(conversations: list[Conversation], config: ServeConfig,
                configuration: VllmConfiguration, *, fail_load: int | None = None,
                kv_load_failure_policy: str = "recompute",
-               on_progress: Callable[[float], None] | None = None) -> VllmServeResult:
+               on_progress: Callable[[float], None] | None = None,
+               on_tokens: Callable[[int], None] | None = None) -> VllmServeResult:
     """Replay ``conversations`` through vLLM's scheduler in one configuration.
 
     Args:
@@ -459,6 +463,8 @@ def serve_vllm(conversations: list[Conversation], config: ServeConfig,
             rescheduled) or ``"fail"`` (it finishes with an error).
         on_progress: called after every step with the virtual seconds since the first
             arrival.
+        on_tokens: called after every step with the tokens generated so far (ends at the
+            trace's output tokens).
 
     Returns:
         A :class:`VllmServeResult`.
@@ -477,4 +483,5 @@ def serve_vllm(conversations: list[Conversation], config: ServeConfig,
     if configuration.offload not in (None, "native", "kvswitch"):
         raise ValueError(f"unknown offload {configuration.offload!r}")
     return _Loop(conversations, config, configuration, fail_load=fail_load,
-                 kv_load_failure_policy=kv_load_failure_policy, on_progress=on_progress).run()
+                 kv_load_failure_policy=kv_load_failure_policy, on_progress=on_progress,
+                 on_tokens=on_tokens).run()

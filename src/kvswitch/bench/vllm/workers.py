@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +44,11 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.cpu.gpu_worker import compute_sub_block_ptrs
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
-from kvswitch.adapters.vllm.worker import KVSwitchOffloadingWorker, coalesce_pairs, expand_cpu_blocks
+from kvswitch.adapters.vllm.worker import (
+    KVSwitchOffloadingWorker,
+    coalesce_pairs,
+    expand_cpu_blocks,
+)
 from kvswitch.bench.link_model import CopyQueues, LinkModel
 from kvswitch.bench.virtual_clock import VirtualClock
 from kvswitch.bench.vllm.stamps import KVStamps, StampMismatch
