@@ -12,7 +12,11 @@
 #  2. vLLM 0.32.0's source distribution from PyPI's simple index, sha256-checked, for its
 #     tests/ (tests/vllm_support/fetch_sdist.py; pip download --no-binary would build vLLM's build
 #     requirements from source).
-#  3. kvswitch's vLLM tests (tests/test_vllm_*.py).
+#  3. kvswitch's vLLM tests (tests/test_vllm_*.py): the adapter, and `kvswitch bench --engine
+#     vllm` (tests/test_vllm_bench.py): a ~550-step trace through vLLM's own scheduler and
+#     offloading connector in every configuration, asserting every turn served, every load
+#     and every scheduled context checked, and an injected load failure taking vLLM's
+#     failure path.
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
 #     model they name: tests/vllm_support/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:
@@ -54,7 +58,7 @@ fetch_sdist() {
 }
 
 kvswitch_tests() {
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_adapter.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_*.py
 }
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.
