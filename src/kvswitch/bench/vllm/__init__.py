@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"kvswitch.bench.vllm needs vLLM ({e}); install it with: "
         f"pip install 'kvswitch[vllm]'") from e
 
+from kvswitch.bench.vllm import report
 from kvswitch.bench.vllm.serve import (
     VLLM_CONFIGURATIONS,
     WALL_S_PER_STEP,
@@ -29,4 +30,4 @@ from kvswitch.bench.vllm.serve import (
 from kvswitch.bench.vllm.stamps import StampMismatch
 
 __all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatch", "VllmConfiguration",
-           "VllmServeResult", "serve_vllm"]
+           "VllmServeResult", "report", "serve_vllm"]
