@@ -25,10 +25,13 @@ from kvswitch.bench.vllm import (  # noqa: E402
     serve_vllm,
 )
 from kvswitch.bench.vllm.stamps import KVStamps  # noqa: E402
+from kvswitch.bench.vllm.workers import VllmCpuWorkerStandIn  # noqa: E402
 from kvswitch.cli import main  # noqa: E402
 from kvswitch.trace import Conversation, Turn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
+import transfer_cases as cases  # noqa: E402
 from _cli import run_bench  # noqa: E402
 
 #: 10 conversations of 3 turns (150-298 new tokens, 24-45 output tokens each).
@@ -146,6 +149,16 @@ def test_a_block_with_the_wrong_kv_fails_the_context_check(monkeypatch):
     monkeypatch.setattr(KVStamps, "write", skip_one)
     with pytest.raises(StampMismatch, match="conversation 3"):
         serve_vllm(CONVERSATIONS, replace(CONFIG, gpu_blocks=600), VLLM_CONFIGURATIONS["vllm"])
+
+
+@pytest.mark.parametrize("gpu_to_cpu", [True, False])
+@pytest.mark.parametrize("bpc", cases.BLOCKS_PER_CHUNK_VALUES)
+def test_vllm_cpu_worker_stand_in_copies_as_vllms_worker(gpu_to_cpu, bpc):
+    """The native configuration's stand-in passes vLLM's own worker transfer cases (the
+    ones kvswitch's worker passes), byte for byte, one copy per block and tensor."""
+    cases.case_transfer("cpu", gpu_to_cpu, 512, bpc, worker_cls=VllmCpuWorkerStandIn)
+    cases.case_transfer_multi_group("cpu", gpu_to_cpu, 512, bpc,
+                                    worker_cls=VllmCpuWorkerStandIn)
 
 
 def test_stamps_round_trip_and_detect_a_moved_word():

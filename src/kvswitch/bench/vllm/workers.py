@@ -56,27 +56,30 @@ from kvswitch.bench.vllm.stamps import KVStamps, StampMismatch
 __all__ = ["NativeCPUOffloadingSpec", "TimedWorker", "VllmCpuWorkerStandIn", "copy_lengths"]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _group_pairs(gpu_spec: GPULoadStoreSpec, cpu_spec: LoadStoreSpec, blocks_per_chunk: int,
-                 ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]]:
-    """Per KV-cache group: its GPU block ids, the CPU block ids (GPU-block granularity,
-    ``chunk * blocks_per_chunk + j``) they pair with, and the chunks the group spans."""
+def _groups(gpu_spec: GPULoadStoreSpec, cpu_spec: LoadStoreSpec, blocks_per_chunk: int,
+            ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]]:
+    """Per KV-cache group of a job: its GPU block ids, the CPU chunk ids it spans (the
+    first ``ceil((skip + blocks) / blocks_per_chunk)`` left), and the blocks of its first
+    chunk to skip (``block_indices[g] % blocks_per_chunk``)."""
     assert isinstance(cpu_spec, BlockIDsLoadStoreSpec)
     gpu = np.asarray(gpu_spec.block_ids, dtype=np.int64)
     chunks = np.asarray(cpu_spec.block_ids, dtype=np.int64)
     out, g_off, c_off = [], 0, 0
     for size, index in zip(gpu_spec.group_sizes, gpu_spec.block_indices, strict=True):
         size, skip = int(size), int(index) % blocks_per_chunk
-        n_chunks = _cdiv(size + skip, blocks_per_chunk) if size else 0
-        out.append((gpu[g_off:g_off + size],
-                    expand_cpu_blocks(chunks[c_off:c_off + n_chunks], blocks_per_chunk, skip,
-                                      size), n_chunks))
+        n_chunks = -(-(size + skip) // blocks_per_chunk) if size else 0
+        out.append((gpu[g_off:g_off + size], chunks[c_off:c_off + n_chunks], skip))
         g_off += size
         c_off += n_chunks
     return out
+
+
+def _group_pairs(gpu_spec: GPULoadStoreSpec, cpu_spec: LoadStoreSpec, blocks_per_chunk: int,
+                 ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Per KV-cache group: its GPU block ids and the CPU block ids (GPU-block granularity,
+    ``chunk * blocks_per_chunk + j``) they pair with."""
+    return [(gpu, expand_cpu_blocks(chunks, blocks_per_chunk, skip, len(gpu)))
+            for gpu, chunks, skip in _groups(gpu_spec, cpu_spec, blocks_per_chunk)]
 
 
 def copy_lengths(worker: OffloadingWorker, gpu_spec: GPULoadStoreSpec,
@@ -86,7 +89,7 @@ def copy_lengths(worker: OffloadingWorker, gpu_spec: GPULoadStoreSpec,
     tensor) for kvswitch's worker, an extent being a run contiguous on both sides; one per
     (GPU block, layer tensor) for vLLM's workers."""
     lengths = []
-    for (gpu, cpu, _), refs in zip(_group_pairs(gpu_spec, cpu_spec, blocks_per_chunk),
+    for (gpu, cpu), refs in zip(_group_pairs(gpu_spec, cpu_spec, blocks_per_chunk),
                                    refs_per_group, strict=True):
         if not len(gpu):
             continue
@@ -133,17 +136,10 @@ class VllmCpuWorkerStandIn(OffloadingWorker):
               store: bool) -> bool:
         bpc = self.blocks_per_chunk
         num_bytes = 0
-        chunks = np.asarray(cpu_spec.block_ids, dtype=np.int64)  # type: ignore[attr-defined]
-        gpu_ids = np.asarray(gpu_spec.block_ids, dtype=np.int64)
-        g_off = c_off = 0
-        for g, (size, index) in enumerate(zip(gpu_spec.group_sizes, gpu_spec.block_indices,
-                                              strict=True)):
-            size, skip = int(size), int(index) % bpc
-            if size == 0:
+        for g, (gpu, cpu, skip) in enumerate(_groups(gpu_spec, cpu_spec, bpc)):
+            size = len(gpu)
+            if not size:
                 continue
-            n_chunks = _cdiv(size + skip, bpc)
-            gpu, cpu = gpu_ids[g_off:g_off + size], chunks[c_off:c_off + n_chunks]
-            g_off, c_off = g_off + size, c_off + n_chunks
             for ref in self.group_refs[g]:
                 gpu_ptr = np.empty(size, dtype=np.uint64)
                 cpu_ptr = np.empty(size, dtype=np.uint64)
@@ -295,7 +291,7 @@ class TimedWorker(OffloadingWorker):
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec,
                      dst_spec: LoadStoreSpec) -> bool:
         """Record the source blocks' checksums under their CPU blocks, then submit."""
-        for gpu, cpu, _ in _group_pairs(src_spec, dst_spec, self._bpc):
+        for gpu, cpu in _group_pairs(src_spec, dst_spec, self._bpc):
             self._stored.update(zip(cpu.tolist(), self.stamps.checksums(gpu).tolist(),
                                     strict=True))
         ok = self.inner.submit_store(job_id, src_spec, dst_spec)
@@ -320,7 +316,7 @@ class TimedWorker(OffloadingWorker):
     def _check_load(self, job: _Job, req_id: str) -> None:
         conversation = self._conversation_of(req_id)
         what = f"load job {job.job_id} of request {req_id}"
-        for (gpu, cpu, _), index in zip(_group_pairs(job.gpu_spec, job.cpu_spec, self._bpc),
+        for (gpu, cpu), index in zip(_group_pairs(job.gpu_spec, job.cpu_spec, self._bpc),
                                         job.gpu_spec.block_indices, strict=True):
             if not len(gpu):
                 continue
