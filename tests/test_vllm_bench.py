@@ -139,14 +139,15 @@ def test_a_block_with_the_wrong_kv_fails_the_context_check(monkeypatch):
     """The check before a request's first step is live: KV never written for one token
     of a conversation is found when vLLM hands that block over as computed (a pool large
     enough to keep the first turn's blocks in its prefix cache for the second)."""
-    write = KVStamps.write
+    write_many = KVStamps.write_many
 
-    def skip_one(self, conversation, block_table, start, end):
-        write(self, conversation, block_table, start, end)
-        if conversation == 3 and start <= 20 < end:  # token 20 of conversation 3: garbage
-            self.kv[:, block_table[20 // self.block_size], 20 % self.block_size] = 7
+    def garble_one(self, spans):
+        write_many(self, spans)
+        for conversation, block_table, start, end in spans:
+            if conversation == 3 and start <= 20 < end:  # token 20 of conversation 3
+                self.kv[:, block_table[20 // self.block_size], 20 % self.block_size] = 7
 
-    monkeypatch.setattr(KVStamps, "write", skip_one)
+    monkeypatch.setattr(KVStamps, "write_many", garble_one)
     with pytest.raises(StampMismatch, match="conversation 3"):
         serve_vllm(CONVERSATIONS, replace(CONFIG, gpu_blocks=600), VLLM_CONFIGURATIONS["vllm"])
 

@@ -111,6 +111,7 @@ class RunnerStandIn:
         outcome = StepOutcome(ModelRunnerOutput(req_ids=req_ids, req_id_to_index={}), 0.0)
         decode_ctx = decodes = 0
         prefills: list[tuple[int, int]] = []
+        writes: list[tuple[int, list[int], int, int]] = []
         for req_id in req_ids:
             r = self.requests[req_id]
             n, start = so.num_scheduled_tokens[req_id], computed_before[req_id]
@@ -121,7 +122,7 @@ class RunnerStandIn:
                 self.contexts_checked += 1
                 self.context_tokens_checked += start
                 r.checked = True
-            self.stamps.write(r.conversation, r.block_table, start, end)
+            writes.append((r.conversation, r.block_table, start, end))
             hwm = self.computed[r.conversation]
             outcome.recomputed_tokens += max(0, min(hwm, end) - start)
             self.computed[r.conversation] = max(hwm, end)
@@ -139,6 +140,7 @@ class RunnerStandIn:
                 r.generated += 1
                 outcome.sampled[req_id] = token
             sampled_rows.append(row)
+        self.stamps.write_many(writes)  # the step's KV, after every context was checked
         out = outcome.output
         out.req_id_to_index = {req_id: i for i, req_id in enumerate(req_ids)}
         out.sampled_token_ids = sampled_rows

@@ -221,7 +221,9 @@ class _Loop:
                 "cpu_bytes_to_use": cfg.host_blocks * page * layers,
                 "offload_prompt_only": False}
             if conf.offload == "kvswitch":
-                extra["kvswitch_num_workers"] = cfg.num_workers
+                # copies inline, as the main bench's virtual clock makes them: their time
+                # is the link model's, so copy threads would only add hand-offs
+                extra["kvswitch_num_workers"] = 0
             transfer = KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
                                         kv_connector_extra_config=extra,
                                         kv_load_failure_policy=kv_load_failure_policy)

@@ -76,12 +76,24 @@ class KVStamps:
     def write(self, conversation: int, block_table: list[int], start: int, end: int) -> None:
         """Stamp tokens ``[start, end)`` of ``conversation`` into their slots of
         ``block_table`` (token ``p`` in block ``block_table[p // block_size]``)."""
-        if end <= start:
+        self.write_many([(conversation, block_table, start, end)])
+
+    def write_many(self, spans: list[tuple[int, list[int], int, int]]) -> None:
+        """:meth:`write` of several ``(conversation, block_table, start, end)`` spans in
+        one tensor operation (a step's scheduled tokens)."""
+        blocks, slots, stamps = [], [], []
+        for conversation, block_table, start, end in spans:
+            if end <= start:
+                continue
+            pos = np.arange(start, end, dtype=np.int64)
+            blocks.append(np.asarray(block_table, dtype=np.int64)[pos // self.block_size])
+            slots.append(pos % self.block_size)
+            stamps.append(self._stamp(conversation, pos))
+        if not blocks:
             return
-        pos = np.arange(start, end, dtype=np.int64)
-        blocks = torch.as_tensor(np.asarray(block_table, dtype=np.int64)[pos // self.block_size])
-        slots = torch.from_numpy(pos % self.block_size)
-        self.kv[:, blocks, slots, :] = self._stamp(conversation, pos)[None, :, None] ^ self._salt
+        self.kv[:, torch.from_numpy(np.concatenate(blocks)),
+                torch.from_numpy(np.concatenate(slots)), :] = (
+            torch.cat(stamps)[None, :, None] ^ self._salt)
 
     def _expected(self, conversation: int, first_block: int, num_blocks: int) -> torch.Tensor:
         """``[layers, num_blocks, block_size, words]`` stamps of logical blocks
