@@ -394,6 +394,61 @@ class BlockGroupAllocator:
                 )
             self._core.free_blocks(sid, np.ascontiguousarray(ids, dtype=np.int32))
 
+    def claim(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
+        """Append the given blocks to ``seq_id``'s block table, in the order given.
+
+        For an engine that chooses a block id itself, e.g. a prefix-cache hit on a block
+        the allocator holds as free. Each block must be in no block table: in a free group
+        or in a reserved tail. A tail that holds one of them is cut at the first such block
+        (the part before it stays the tail; the rest becomes free); ``seq_id``'s own tail
+        is released. A sequence not seen before is created.
+
+        Args:
+            seq_id: the sequence (any hashable).
+            block_ids: integer array-like of shape ``[n]``, each id at most once.
+
+        Raises:
+            TypeError: ``block_ids`` is not integer.
+            ValueError: an id out of ``[0, num_blocks)``, given twice, or in a block table;
+                or per-block mode. (All: nothing changes.)
+        """
+        ids = np.asarray(block_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"block_ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise TypeError(f"block_ids must be integers, got dtype {ids.dtype}")
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_blocks:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"claim: block id {bad} is out of range [0, {self.num_blocks})")
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        with self._lock:
+            sid = self._ids.get(seq_id)
+            if sid is not None:
+                self._core.claim(sid, ids)
+                return
+            sid = self._next_id
+            self._core.claim(sid, ids)  # raises before any change
+            if ids.size:
+                self._next_id += 1
+                self._ids[seq_id] = sid
+
+    def release_reservation(self, seq_id: Hashable) -> int:
+        """Release ``seq_id``'s reserved tail (its blocks become free), keeping its table.
+
+        For a sequence that will not grow, e.g. a finished request whose blocks stay in an
+        engine's prefix cache.
+
+        Returns:
+            The tail's length, in blocks (0 when it had none).
+
+        Raises:
+            KeyError: unknown sequence.
+        """
+        with self._lock:
+            return self._core.release_reservation(self._sid(seq_id))
+
     # -- queries -----------------------------------------------------------------------
 
     def block_table(self, seq_id: Hashable) -> npt.NDArray[np.int32]:

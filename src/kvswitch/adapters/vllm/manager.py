@@ -21,7 +21,27 @@ from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 
 from kvswitch.allocator import BlockGroupAllocator
 
-__all__ = ["CHUNK_ORDERS", "DEFAULT_INITIAL_GROUP_CHUNKS", "KVSwitchOffloadingManager"]
+__all__ = [
+    "CHUNK_ORDERS",
+    "DEFAULT_INITIAL_GROUP_CHUNKS",
+    "GPU_BLOCK_RUN_METRICS",
+    "KVSwitchOffloadingManager",
+]
+
+#: Counters the manager adds to the connector's stats when a
+#: :class:`~kvswitch.adapters.vllm.BlockGroupScheduler` runs (its GPU pool's
+#: :class:`~kvswitch.adapters.vllm.BlockRunStats` since the previous stats): name ->
+#: (attribute, description).
+GPU_BLOCK_RUN_METRICS = {
+    "kvswitch:gpu_blocks_allocated": (
+        "blocks_allocated", "GPU blocks handed out by kvswitch's block-group pool."),
+    "kvswitch:gpu_block_runs_started": (
+        "runs_started", "GPU blocks handed out that did not continue their block "
+        "table's previous block (blocks per run = allocated / runs started)."),
+    "kvswitch:gpu_blocks_evicted_ahead": (
+        "evicted_ahead", "Cached GPU blocks evicted before vLLM's pool would have "
+        "(the block-group pool's lead)."),
+}
 
 #: Chunk orders: ``"groups"`` (block groups per request, the default) and ``"vllm"``
 #: (vLLM's own pool: fresh ids in order, then a LIFO free list; for comparisons and for
@@ -103,6 +123,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         # chunks in each request's allocator table (saves a locked query per free)
         self._held: dict[Hashable, int] = {}
         self._store_seq: Hashable = ""
+        self._gpu_pool: Any = None
         self._new_allocator()
 
     # -- the chunk pool ------------------------------------------------------------------
@@ -198,11 +219,24 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         if self._groups:
             self._new_allocator()
 
+    def bind_gpu_block_pool(self, pool: Any) -> None:
+        """Report ``pool``'s block runs (a :class:`~kvswitch.adapters.vllm.BlockGroupPool`;
+        its ``take_block_run_stats``) in :meth:`get_stats`, as the counters of
+        :data:`GPU_BLOCK_RUN_METRICS`. :class:`~kvswitch.adapters.vllm.BlockGroupScheduler`
+        calls it."""
+        self._gpu_pool = pool
+
     def get_stats(self) -> Any:
-        """vLLM's ``OffloadingConnectorStats`` for the period since the last call."""
+        """vLLM's ``OffloadingConnectorStats`` for the period since the last call, plus the
+        GPU pool's block runs when one is bound (:meth:`bind_gpu_block_pool`)."""
         if self._groups and self._allocator is not None:
             self._flush_frees()
             # vLLM's usage gauge reads these: allocated minus free-listed chunks
             self._num_allocated_chunks = self._allocator.num_used_blocks
             self._free_list = []
-        return super().get_stats()
+        stats = super().get_stats()
+        if self._gpu_pool is not None and stats is not None:
+            runs = self._gpu_pool.take_block_run_stats()
+            for name, (attr, _) in GPU_BLOCK_RUN_METRICS.items():
+                stats.increase_counter(name, getattr(runs, attr))
+        return stats

@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import vllm.v1.kv_offload.cpu.spec as _vllm_cpu_spec
-from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingManager, OffloadingWorker
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    OffloadingCounterMetadata,
+    OffloadingManager,
+    OffloadingMetricMetadata,
+    OffloadingWorker,
+)
 from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
 from kvswitch.adapters.vllm.manager import (
     DEFAULT_INITIAL_GROUP_CHUNKS,
+    GPU_BLOCK_RUN_METRICS,
     KVSwitchOffloadingManager,
 )
 from kvswitch.adapters.vllm.worker import KVSwitchOffloadingWorker
@@ -44,6 +51,17 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         Exception: ``cpu_bytes_to_use`` missing (as vLLM's spec).
         ValueError: ``canonical_layout`` requested.
     """
+
+    @classmethod
+    def build_metric_definitions(
+        cls, extra_config: dict[str, Any]
+    ) -> dict[str, OffloadingMetricMetadata]:
+        """vLLM's CPU offloading metrics plus kvswitch's GPU block-run counters
+        (:data:`~kvswitch.adapters.vllm.manager.GPU_BLOCK_RUN_METRICS`)."""
+        definitions = dict(super().build_metric_definitions(extra_config))
+        for name, (_, doc) in GPU_BLOCK_RUN_METRICS.items():
+            definitions[name] = OffloadingCounterMetadata(documentation=doc)
+        return definitions
 
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
