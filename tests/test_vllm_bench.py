@@ -73,9 +73,12 @@ def test_offloading_configurations_store_load_and_check_every_load(runs):
 
 
 def test_kvswitch_spec_and_worker_run_the_transfers(runs):
+    for name in ("vllm+kvswitch", "vllm+kvswitch+groups"):
+        assert (runs[name].spec_class, runs[name].worker_class) == (
+            "KVSwitchOffloadingSpec", "KVSwitchOffloadingWorker"), name
+    assert runs["vllm+kvswitch+groups"].scheduler_class == "BlockGroupScheduler"
+    assert runs["vllm+kvswitch"].scheduler_class == "Scheduler"
     r = runs["vllm+kvswitch"]
-    assert (r.spec_class, r.worker_class) == ("KVSwitchOffloadingSpec",
-                                              "KVSwitchOffloadingWorker")
     # the worker's own counters agree with the timed copies
     assert r.worker_stats["jobs"] == r.transfers.stores + r.transfers.loads
     assert r.worker_stats["copies"] == r.transfers.copies
@@ -98,11 +101,23 @@ def test_same_seed_same_figures(runs):
 def test_injected_load_failure_recomputes_and_nothing_else_changes(runs, name):
     """A failed load goes through vLLM's failure path (failed_recving, policy recompute):
     the request is rescheduled, every turn is still served, every other load checks."""
-    r = serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS[name], fail_load=2)
+    r = serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS[name], fail_load=3)
     clean = runs[name]
     t = r.transfers
     assert t.failed_loads == 1 and t.loads_checked == t.loads - 1
     assert (r.turns_served, r.failed_requests, r.tokens) == (clean.turns, 0, clean.tokens)
+
+
+def test_vllm_0_32_deadlocks_retrying_a_failed_load_that_needs_over_half_the_pool():
+    """vLLM 0.32's own failure path can deadlock (found by this bench): a request whose
+    asynchronous KV load failed stays in Scheduler._inflight_prefills with its blocks
+    freed, so its retry reserves its own remaining blocks on top of its request; when that
+    exceeds the free pool it is never admitted, and as the head of vLLM's KV-holding queue
+    it keeps every other request out. Here the third load's request (845 tokens, 53 of 80
+    blocks) fails under BlockGroupScheduler's block order; the bench stops and says why."""
+    with pytest.raises(RuntimeError, match=r"c2t2 failed a KV load .*_inflight_prefills"):
+        serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS["vllm+kvswitch+groups"],
+                   fail_load=2)
 
 
 def test_injected_load_failure_under_policy_fail_aborts_that_request_only(runs):

@@ -875,10 +875,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kvswitch: kvswitch's serving loop over a SwapManager; vllm: vLLM "
                         "0.32's own Scheduler and OffloadingConnector (needs "
                         "kvswitch[vllm]): vLLM as shipped (recompute), with its CPU "
-                        "offloading and with kvswitch's offloading spec, on the virtual clock")
+                        "offloading, with kvswitch's offloading spec, and with kvswitch's "
+                        "block-group scheduler too, on the virtual clock")
     b.add_argument("--configs", default=None,
                    help="comma-separated configurations to compare (default: all four; "
-                        "with --engine vllm: vllm, vllm+cpu, vllm+kvswitch); "
+                        "with --engine vllm: vllm, vllm+cpu, vllm+kvswitch, "
+                        "vllm+kvswitch+groups); "
                         "also groups-nocompact, groups+async-nocompact, full-nocompact: the "
                         "same without GPU-pool compaction; groups-noquantum, "
                         "groups+async-noquantum, full-noquantum: the same with a growth "

@@ -3,7 +3,8 @@ offloading connector, on the bench's virtual clock.
 
 What runs, per configuration (:data:`VLLM_CONFIGURATIONS`):
 
-* vLLM's ``Scheduler`` (``vllm/v1/core/sched/scheduler.py``) with the priority policy and
+* vLLM's ``Scheduler`` (``vllm/v1/core/sched/scheduler.py``, or the configuration's
+  ``scheduler_cls``: kvswitch's ``BlockGroupScheduler``) with the priority policy and
   prefix caching, its ``KVCacheManager`` allocating the GPU blocks. Priorities follow
   FastSwitch's pattern (:class:`~kvswitch.bench.priority.PriorityScheduler`, Markov or
   Random, updated every ``update_every`` steps): a request's vLLM priority is minus its
@@ -93,8 +94,9 @@ class VllmConfiguration:
         offload: ``None`` (vLLM as shipped: a preempted request recomputes), ``"native"``
             (vLLM's CPU offloading spec and manager) or ``"kvswitch"``
             (:class:`~kvswitch.adapters.vllm.KVSwitchOffloadingSpec`).
-        scheduler_cls: ``"module:Class"`` of a ``Scheduler`` subclass (vLLM's
-            ``scheduler_cls``), or None for vLLM's.
+        scheduler_cls: qualified name of a ``Scheduler`` subclass (vLLM's
+            ``scheduler_cls``, e.g. kvswitch's
+            :class:`~kvswitch.adapters.vllm.BlockGroupScheduler`), or None for vLLM's.
     """
 
     offload: str | None
@@ -106,6 +108,9 @@ VLLM_CONFIGURATIONS: dict[str, VllmConfiguration] = {
     "vllm": VllmConfiguration(None),
     "vllm+cpu": VllmConfiguration("native"),
     "vllm+kvswitch": VllmConfiguration("kvswitch"),
+    # kvswitch on both sides: the same spec, and GPU blocks from per-request block groups
+    "vllm+kvswitch+groups": VllmConfiguration(
+        "kvswitch", scheduler_cls="kvswitch.adapters.vllm.BlockGroupScheduler"),
 }
 
 #: Wall seconds per engine step, for the CLI's duration estimate: about what a step of
@@ -142,6 +147,7 @@ class VllmServeResult:
     transfers: TransferCounts = field(default_factory=TransferCounts)
     contexts_checked: int = 0  #: scheduled requests whose computed prefix was checked
     context_tokens_checked: int = 0
+    scheduler_class: str = ""  #: the scheduler vLLM's config selected
     spec_class: str = ""  #: the offloading spec vLLM instantiated
     worker_class: str = ""  #: the worker that copied
     worker_stats: dict = field(default_factory=dict)  #: kvswitch's worker counters
@@ -246,6 +252,7 @@ class _Loop:
         self.scheduler = scheduler_cls(
             self.vllm_config, kv_cache_config, StructuredOutputManager(self.vllm_config),
             block_size=bs, log_stats=True)
+        self.r.scheduler_class = type(self.scheduler).__qualname__
         hash_fn = get_hash_fn_by_name(cache_config.prefix_caching_hash_algo)
         init_none_hash(hash_fn)
         self.block_hasher = get_request_block_hasher(bs, hash_fn)
@@ -416,10 +423,7 @@ class _Loop:
                              if t is not None and t > clock.now]
                     idle += 1
                     if not nexts and idle > 2:
-                        raise RuntimeError(
-                            f"vLLM bench stalled at {clock.now:.3f} s: "
-                            f"{self.scheduler.get_num_unfinished_requests()} requests "
-                            f"unfinished and nothing to wait for")
+                        raise RuntimeError(self._stall_reason())
                     if nexts:
                         clock.advance_to(min(nexts))
                 iteration += 1
@@ -435,6 +439,24 @@ class _Loop:
         r.context_tokens_checked = self.runner.context_tokens_checked
         r.wall_s = time.perf_counter() - wall0
         return r
+
+    def _stall_reason(self) -> str:
+        """Why vLLM schedules nothing while requests are left and nothing is in flight."""
+        s = self.scheduler
+        text = (f"vLLM bench stalled at {self.clock.now:.3f} s: "
+                f"{s.get_num_unfinished_requests()} requests unfinished and nothing to wait for")
+        # vLLM 0.32 adds a request with an asynchronous KV load to Scheduler._inflight_prefills
+        # and, when the load fails, frees its blocks but keeps it there: its retry then
+        # reserves its own remaining blocks on top of what it asks for (read for this
+        # message only)
+        stuck = [r.request_id for r in s.kv_holding_waiting
+                 if r in getattr(s, "_inflight_prefills", ()) and not s._holds_kv_blocks(r)]
+        if stuck:
+            text += (f"; {', '.join(stuck)} failed a KV load and vLLM 0.32 kept it among its "
+                     f"in-flight prefills (Scheduler._inflight_prefills), whose reservation "
+                     f"now includes its own blocks: its retry cannot be admitted and, "
+                     f"holding the head of the KV-holding queue, blocks every other request")
+        return text
 
     def _close(self) -> None:
         if self.worker is not None:
