@@ -222,8 +222,9 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
             One ``(gpu_ids, cpu_ids)`` pair of int64 arrays per group.
 
         Raises:
-            TypeError: specs of the wrong type. ValueError: sizes that do not add up, or
-            block ids outside the GPU or CPU cache.
+            TypeError: specs of the wrong type.
+            ValueError: sizes that do not add up, or block ids outside the GPU or CPU
+                cache.
         """
         if not isinstance(gpu_spec, GPULoadStoreSpec):
             raise TypeError(f"expected a GPULoadStoreSpec, got {type(gpu_spec).__name__}")
