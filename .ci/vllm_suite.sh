@@ -58,7 +58,7 @@ fetch_sdist() {
 }
 
 kvswitch_tests() {
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_*.py
+  VLLM_TARGET_DEVICE=cpu "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_*.py
 }
 
 # vLLM's suites run from its source tree, with its tests/ package and conftest.
