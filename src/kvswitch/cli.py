@@ -609,8 +609,8 @@ def _bench(args: argparse.Namespace) -> int:
         samples[seed], configs[p, seed],
         CONFIGURATIONS["baseline"] if vllm_bench else known[name], speed=speed)
         for p, seed, name in runs}
-    wall = sum(g.iterations * vllm_bench.WALL_S_PER_STEP if vllm_bench else g.wall_s
-               for g in guesses.values())
+    wall = sum(g.iterations * vllm_bench.WALL_S_PER_STEP * speed if vllm_bench
+               else g.wall_s for g in guesses.values())
     where = (f"{wall:.0f} s: an estimate from the work the trace implies (tokens, batch, "
              f"queueing) at this machine's speed now ({speed:.2f}x the reference's time)"
              if clock == "virtual" else

@@ -113,9 +113,10 @@ VLLM_CONFIGURATIONS: dict[str, VllmConfiguration] = {
         "kvswitch", scheduler_cls="kvswitch.adapters.vllm.BlockGroupScheduler"),
 }
 
-#: Wall seconds per engine step, for the CLI's duration estimate: about what a step of
-#: the bench took on a 2-core development machine (scheduler, connector, stamps, copies).
-WALL_S_PER_STEP = 2.5e-3
+#: Wall seconds per engine step at the reference machine speed (``machine_speed() == 1``),
+#: for the CLI's duration estimate: the full run of docs/benchmarks.md took 12.8 ms per
+#: step (scheduler, connector, stamps, checks, copies) where the machine measured 1.49x.
+WALL_S_PER_STEP = 8.6e-3
 #: Vocabulary of the stand-in's tokens (Llama 2's size).
 VOCAB_SIZE = 32000
 #: int64 words per token and layer of the executed KV cache: a 16-token block of one layer
