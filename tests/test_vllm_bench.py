@@ -90,8 +90,12 @@ def test_kvswitch_spec_and_worker_run_the_transfers(runs):
     assert t.copies == 16 * (t.store_blocks + t.load_blocks)
 
 
-def test_same_seed_same_figures(runs):
+def test_same_seed_same_figures(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the run's model config goes
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
     again = serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS["vllm+kvswitch"])
+    assert list(tmp_path.iterdir()) == []  # and is removed
     first = runs["vllm+kvswitch"]
     assert again.ttft_s == first.ttft_s and again.tbt_s == first.tbt_s
     assert again.transfers == first.transfers

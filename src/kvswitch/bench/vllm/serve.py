@@ -37,6 +37,7 @@ import heapq
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -467,6 +468,7 @@ class _Loop:
         if self.kv is not None:
             self.kv.kv_connector.shutdown()
         self.scheduler.shutdown()
+        shutil.rmtree(self.model_dir, ignore_errors=True)
 
 
 def serve_vllm(conversations: list[Conversation], config: ServeConfig,
