@@ -13,8 +13,12 @@
 #     pip is configured with (pip's own default when none is): tests/vllm_support/
 #     fetch_sdist.py (pip download --no-binary would build vLLM's build requirements from
 #     source).
-#  3. kvswitch's vLLM tests (tests/test_vllm_*.py: the adapter, and the commands of
-#     docs/adapters/vllm.md parsed by vLLM's own argument parser).
+#  3. kvswitch's vLLM tests (tests/test_vllm_*.py): the adapter, the block-group scheduler,
+#     the commands of docs/adapters/vllm.md parsed by vLLM's own argument parser, and
+#     `kvswitch bench --engine vllm` (tests/test_vllm_bench.py): a ~550-step trace through
+#     vLLM's own scheduler and offloading connector in every configuration, asserting every
+#     turn served, every load and every scheduled context checked, and an injected load
+#     failure taking vLLM's failure path.
 #  4. vLLM's suites, unchanged, with the manager and spec substituted: cpu/test_manager.py,
 #     test_factory.py, kv_connector/unit/offloading_connector (a local config.json for the
 #     model they name: tests/vllm_support/hf_cache, HF_HUB_OFFLINE=1). Deselected, with reasons:

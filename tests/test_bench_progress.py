@@ -209,7 +209,8 @@ def test_one_repeat_keeps_the_json_of_before(tmp_path, capsys):
     assert "median" not in text
     data = json.loads(out.read_text())
     assert set(data) == {"config", "trace", "conversations", "configurations", "repeats",
-                         "granularity_histograms", "sources"}  # the last three are additions
+                         "granularity_histograms", "sources", "engine"}  # the last 4: additions
+    assert data["engine"] == "kvswitch"
     assert data["repeats"]["seeds"] == [0]
     for name, figures in data["configurations"].items():
         assert figures == data["repeats"]["configurations"][name][0]

@@ -7,6 +7,7 @@ traceback and before serve() is called; a valid invocation must run as before.
 import json
 import math
 import os
+import sys
 import types
 
 import pytest
@@ -380,3 +381,12 @@ def test_ablations_are_named_in_the_unknown_configuration_message(capsys, no_ser
     assert rc == 2
     assert "full-nocompact" in err and "groups+async-nocompact" in err
     assert "full-noquantum" in err
+
+
+def test_engine_vllm_without_vllm_is_one_clear_line(monkeypatch, capsys, no_serve):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    rc, out, err = run(capsys, "--engine", "vllm", "--conversations", "3", "--no-progress")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert err.startswith("kvswitch bench: error: --engine vllm needs vLLM 0.32")
+    assert "pip install 'kvswitch[vllm]'" in err

@@ -238,3 +238,89 @@ def test_spec_loads_through_vllm_factory():
     cls = OffloadingSpecFactory.get_spec_cls({
         "spec_name": "KVSwitchOffloadingSpec", "spec_module_path": "kvswitch.adapters.vllm"})
     assert cls is KVSwitchOffloadingSpec
+
+
+def _replicated_spec(rank, bpc, cpu_bytes, page, num_tensors, engine_id):
+    from vllm.v1.kv_offload.config import (
+        OffloadingCacheConfig,
+        OffloadingConfig,
+        OffloadingGroupConfig,
+        OffloadingModelConfig,
+        OffloadingParallelConfig,
+    )
+
+    from kvswitch.adapters.vllm import KVSwitchOffloadingSpec
+
+    return KVSwitchOffloadingSpec(OffloadingConfig(
+        groups=(OffloadingGroupConfig(16, ("layer",), 0),),
+        worker_kv_bytes_per_block=page * num_tensors, enable_kv_cache_events=False,
+        extra_config={"cpu_bytes_to_use": cpu_bytes}, engine_id=engine_id,
+        model=OffloadingModelConfig(name="mla-test", dtype="bfloat16"),
+        cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=bpc),
+        parallel=OffloadingParallelConfig(
+            rank=rank, world_size=8, tp_size=8, pp_size=1, pcp_size=1, dcp_size=1,
+            data_parallel_index=0, data_parallel_size=1, data_parallel_rank_local=None,
+            is_parallelism_agnostic=False),
+        replicated_layout=True))
+
+
+@pytest.mark.parametrize("bpc", [1, 2, 3])
+def test_replicated_layout_ranks_share_one_cpu_copy(bpc, monkeypatch):
+    """A replicated layout (one MLA KV copy for all tensor-parallel ranks), 8 ranks: all of
+    them map one shared region of at most cpu_bytes_to_use and allocate nothing private,
+    whatever the blocks per chunk (vLLM's spec holds 1x; each rank used to allocate the
+    whole budget privately when blocks_per_chunk > 1, 8x). What rank 0 stores, rank 7
+    loads."""
+    import os
+    import uuid
+
+    import vllm.v1.kv_offload.cpu.spec as vllm_cpu_spec
+    from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
+
+    from kvswitch.adapters.vllm import KVSwitchOffloadingSpec
+
+    # vLLM enables the replicated layout only where its workers share an mmap region
+    # (CUDA, XPU): that platform, simulated. One process plays the node's 8 ranks, so no
+    # barrier (it would unlink the file before the next rank opens it).
+    monkeypatch.setattr(KVSwitchOffloadingSpec, "_uses_shared_region", lambda self: True)
+    monkeypatch.setattr(vllm_cpu_spec, "SharedOffloadRegion",
+                        lambda **kw: SharedOffloadRegion(**{**kw, "barrier": None}))
+    page, num_tensors, cpu_bytes = 512, 2, 1 << 20
+    engine_id = f"kvswitch-test-{uuid.uuid4().hex}"
+    workers = []
+    try:
+        for rank in range(8):
+            spec = _replicated_spec(rank, bpc, cpu_bytes, page, num_tensors, engine_id)
+            assert spec.replicated_layout and spec.num_chunks > 0
+            caches = cases.make_caches(num_tensors, page, "cpu", [list(range(num_tensors))])
+            workers.append(spec.create_worker(caches))
+        private, files = 0, {}
+        for w in workers:
+            region = w._mmap_region
+            base = region.base_tensor.data_ptr() if region is not None else 0
+            for t in w.cpu_tensors:
+                inside = region is not None and base <= t.data_ptr() < base + \
+                    region.total_size_bytes
+                private += 0 if inside else t.untyped_storage().nbytes()
+            if region is not None:
+                files[os.fstat(region.fd).st_ino] = region.total_size_bytes
+        host_bytes = private + sum(files.values())
+        assert private == 0 and len(files) == 1, (private, files)
+        assert host_bytes <= cpu_bytes
+        # rank 0 stores GPU blocks 5..12 to chunks from 1; rank 7 loads them into 30..37
+        n = 8
+        first, last = workers[0], workers[7]
+        rng = torch.Generator().manual_seed(bpc)
+        for t in first.gpu_tensors:
+            t.copy_(torch.randint(-128, 128, t.shape, dtype=torch.int8, generator=rng))
+        chunks = CPULoadStoreSpec(list(range(1, 1 + -(-n // bpc))))
+        assert cases.run_job(first, True, GPULoadStoreSpec(
+            list(range(5, 5 + n)), group_sizes=(n,), block_indices=(0,)), chunks).success
+        assert cases.run_job(last, False, GPULoadStoreSpec(
+            list(range(30, 30 + n)), group_sizes=(n,), block_indices=(0,)), chunks).success
+        for src, dst in zip(first.gpu_tensors, last.gpu_tensors, strict=True):
+            assert torch.equal(src[5:5 + n], dst[30:30 + n])
+    finally:
+        for w in workers:
+            w.shutdown()
+    assert not os.path.exists(f"/dev/shm/vllm_offload_{engine_id}.mmap")

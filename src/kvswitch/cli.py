@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -312,6 +313,7 @@ _TIMED = {"swap_job_s": ("link-modelled", "measured"),
           "stall_s_measured": ("measured", "measured"),
           "gran_migrate_s": ("link-modelled", "cost-modelled"),
           "gran_migrate_wait_s_measured": ("measured", "measured"),
+          "link_s": ("link-modelled", "measured"),  # the vLLM bench's transfers
           "wall_s": ("measured", "measured")}
 _CLOCKED = ("ttft_", "tbt_", "throughput_tok_s", "makespan_s")
 
@@ -392,9 +394,11 @@ _PAIR_FORMATS = {"bpc": "{:,.1f}"}
 
 
 def _cell(f: dict[str, float], key: str, fmt: str,
-          spread: dict[str, list[float]] | None = None) -> str:
+          spread: dict[str, list[float]] | None = None,
+          pairs: dict[str, tuple[str, str]] | None = None) -> str:
     """One table cell; with ``spread`` (several seeds) ``median (min-max)``."""
-    keys, fmt = ((_PAIRS[fmt], _PAIR_FORMATS.get(fmt, "{:,.0f}")) if fmt in _PAIRS
+    pairs = _PAIRS if pairs is None else pairs
+    keys, fmt = ((pairs[fmt], _PAIR_FORMATS.get(fmt, "{:,.0f}")) if fmt in pairs
                  else ((key,), fmt))
     text = " / ".join(_number_text(f[k], fmt) for k in keys)
     if spread is None or all(math.isnan(f[k]) for k in keys):
@@ -406,17 +410,21 @@ def _cell(f: dict[str, float], key: str, fmt: str,
 
 def format_table(figures: dict[str, dict[str, float]],
                  spreads: dict[str, dict[str, list[float]]] | None = None,
-                 clock: str = "virtual") -> str:
+                 clock: str = "virtual", rows: list[tuple[str, str, str]] | None = None,
+                 pairs: dict[str, tuple[str, str]] | None = None) -> str:
     """The table of ``kvswitch bench``, each row labelled with its source on ``clock``
     ([`source`][]); with ``spreads`` (several seeds) every cell reads
-    ``median (min-max)``."""
-    width = max(len(r[0]) for r in ROWS)
-    cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None) for _, key, fmt in ROWS]
+    ``median (min-max)``. ``rows`` (label, key, format) and ``pairs`` (format -> two keys
+    shown as ``a / b``) default to the main bench's ([`ROWS`][], ``_PAIRS``)."""
+    rows, pairs = ROWS if rows is None else rows, _PAIRS if pairs is None else pairs
+    width = max(len(r[0]) for r in rows)
+    cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None, pairs)
+                 for _, key, fmt in rows]
              for n, f in figures.items()}
     cols = max(14, *(len(n) for n in figures), *(len(c) for col in cells.values() for c in col))
-    keys = [_PAIRS[fmt][0] if fmt in _PAIRS else key for _, key, fmt in ROWS]
+    keys = [pairs[fmt][0] if fmt in pairs else key for _, key, fmt in rows]
     lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures) + "  source"]
-    for i, (label, _, _) in enumerate(ROWS):
+    for i, (label, _, _) in enumerate(rows):
         lines.append(f"{label:<{width}}  " + "  ".join(f"{cells[n][i]:>{cols}}" for n in figures)
                      + f"  {source(keys[i], clock)}")
     return "\n".join(lines)
@@ -558,9 +566,39 @@ def _option_error(option: str, message: str) -> int:
     return 2
 
 
+def _load_vllm_bench():  # noqa: ANN202 - a module, imported only here
+    """``kvswitch.bench.vllm`` (imports vLLM), or None after a one-line error without it."""
+    # vLLM's warnings of experimental APIs and missing CUDA ops are not the bench's news
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        print(f"kvswitch bench: error: --engine vllm needs vLLM 0.32 ({e}); install it with "
+              f"pip install 'kvswitch[vllm]'", file=sys.stderr)
+        return None
+    import kvswitch.bench.vllm as vllm_bench
+
+    return vllm_bench
+
+
 def _bench(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    known = {**CONFIGURATIONS, **ABLATIONS}
+    vllm_bench = None
+    if args.engine == "vllm":
+        # the vLLM bench: CPU tensors on the virtual clock, one load point
+        for option, bad in (("--backend", args.backend != "host"), ("--plot", args.plot),
+                            ("--clock", args.clock == "wall"),
+                            ("--time-scale", getattr(args, "time_scale_given", False)),
+                            ("--load", args.load), ("--arrival-rate",
+                                                    len(args.arrival_rate) > 1)):
+            if bad:
+                return _option_error(option, "not available with --engine vllm")
+        if (vllm_bench := _load_vllm_bench()) is None:
+            return 2
+    known = (vllm_bench.VLLM_CONFIGURATIONS if vllm_bench
+             else {**CONFIGURATIONS, **ABLATIONS})
+    names = [n.strip() for n in (args.configs or ",".join(
+        vllm_bench.VLLM_CONFIGURATIONS if vllm_bench else CONFIGURATIONS)).split(",")
+        if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         print(f"kvswitch bench: unknown configuration(s) {unknown}; choose from "
@@ -675,9 +713,13 @@ def _bench(args: argparse.Namespace) -> int:
                for p, (rate, _) in enumerate(points) for seed in seeds}
     runs = [(p, seed, name) for p in range(len(points)) for seed in seeds for name in names]
     speed = machine_speed() if clock == "virtual" else 1.0
-    guesses = {(p, seed, name): estimate_run(samples[seed], configs[p, seed], known[name],
-                                             speed=speed) for p, seed, name in runs}
-    wall = sum(g.wall_s for g in guesses.values())
+    # the vLLM bench: the main loop's token and step counts; its own wall time per step
+    guesses = {(p, seed, name): estimate_run(
+        samples[seed], configs[p, seed],
+        CONFIGURATIONS["baseline"] if vllm_bench else known[name], speed=speed)
+        for p, seed, name in runs}
+    wall = sum(g.iterations * vllm_bench.WALL_S_PER_STEP * speed if vllm_bench
+               else g.wall_s for g in guesses.values())
     where = (f"{wall:.0f} s: an estimate from the work the trace implies (tokens, batch, "
              f"queueing) at this machine's speed now ({speed:.2f}x the reference's time)"
              if clock == "virtual" else
@@ -713,7 +755,8 @@ def _bench(args: argparse.Namespace) -> int:
             callbacks = ({"on_tokens": progress.advance} if virtual
                          else {"on_progress": progress.advance})
             try:
-                result = serve(samples[seed], configs[p, seed], known[name], **callbacks)
+                result = (vllm_bench.serve_vllm if vllm_bench else serve)(
+                    samples[seed], configs[p, seed], known[name], **callbacks)
             except ValueError as e:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 2
@@ -721,6 +764,9 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 1
             progress.finish(result.tokens if virtual else result.makespan_s)
+            if vllm_bench:
+                per_seed[name].append(vllm_bench.report.summarize(result, model.num_layers))
+                continue
             per_seed[name].append(summarize(result))
             histograms[name].append(result.granularity.get("histograms", {}))
     figures: dict[str, dict[str, float]] = {}
@@ -738,10 +784,13 @@ def _bench(args: argparse.Namespace) -> int:
                   f"capacity: {point['arrival_rate']:.3g} conversations/s ==")
         if spreads:
             print(f"Each cell: median (min-max) over seeds {', '.join(map(str, seeds))}.")
-        print(format_table(figures, spreads, clock))
+        report = vllm_bench.report if vllm_bench else None
+        print(format_table(figures, spreads, clock, *((report.ROWS, report.PAIRS) if report
+                                                      else ())))
         print()
-        if line := compare(figures):
-            print(line + (" (medians)" if spreads else ""))
+        for line in (report.compare(figures) if report else [compare(figures)]):
+            if line:
+                print(line + (" (medians)" if spreads else ""))
     if len(points) > 1:
         print()
         print(format_sweep(results, names))
@@ -750,7 +799,14 @@ def _bench(args: argparse.Namespace) -> int:
               "host backend, one 16-byte stamp per block, every swap-in's bytes checked"
               if virtual else
               f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
-    if virtual:
+    if vllm_bench:
+        used = link or LINK_PRESETS[args.gpu]
+        print(f"vLLM 0.32's Scheduler and OffloadingConnector; copies are real (CPU tensors "
+              f"holding per-token stamps, every load checked), their time the link model's "
+              f"({used.name}: one {used.dispatch_s * 1e6:.1f} us dispatch per job, "
+              f"{used.h2d_bytes_per_s / 1e9:.0f} GB/s per direction), model compute the cost "
+              f"model's: all times are on that virtual clock. See docs/benchmarks.md.")
+    elif virtual:
         used = link or LINK_PRESETS[args.gpu]
         print(f"Copies are real ({copies}); their time is the link model's ({used.name}: "
               f"{used.dispatch_s * 1e6:.1f} us dispatch per copy call, "
@@ -765,8 +821,8 @@ def _bench(args: argparse.Namespace) -> int:
             f"migrations). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
-            doc = {"config": asdict(config), "trace": args.trace or "bundled",
-                   "conversations": len(conversations)}
+            doc = {"engine": args.engine, "config": asdict(config),
+                   "trace": args.trace or "bundled", "conversations": len(conversations)}
             if len(points) == 1:
                 doc.update(_point_json(results[0], seeds))
             else:
@@ -774,6 +830,8 @@ def _bench(args: argparse.Namespace) -> int:
                 doc["sweep"] = [{"arrival_rate": r["arrival_rate"], "load": r["load"],
                                  **_point_json(r, seeds)} for r in results]
             doc["sources"] = sources(next(iter(figures.values())), clock)
+            if vllm_bench:  # no granularity probes in vLLM's loop
+                doc.pop("granularity_histograms", None)
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=2)
         if args.plot:
@@ -942,8 +1000,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
                    help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline; "
                         f"the virtual clock models as many copy streams)")
-    b.add_argument("--configs", default=",".join(CONFIGURATIONS),
-                   help="comma-separated configurations to compare (default: all four); "
+    b.add_argument("--engine", choices=("kvswitch", "vllm"), default="kvswitch",
+                   help="kvswitch: kvswitch's serving loop over a SwapManager; vllm: vLLM "
+                        "0.32's own Scheduler and OffloadingConnector (needs "
+                        "kvswitch[vllm]): vLLM as shipped (recompute), with its CPU "
+                        "offloading, with kvswitch's offloading spec, and with kvswitch's "
+                        "block-group scheduler too, on the virtual clock")
+    b.add_argument("--configs", default=None,
+                   help="comma-separated configurations to compare (default: all four; "
+                        "with --engine vllm: vllm, vllm+cpu, vllm+kvswitch, "
+                        "vllm+kvswitch+groups); "
                         "also groups-nocompact, groups+async-nocompact, full-nocompact: the "
                         "same without GPU-pool compaction; groups-noquantum, "
                         "groups+async-noquantum, full-noquantum: the same with a growth "

@@ -87,13 +87,15 @@ def check_bytes(worker: KVSwitchOffloadingWorker, gpu_to_cpu: bool, page: int,
         assert torch.equal(dst, expected), f"tensor {t}: destination bytes differ"
 
 
-def case_transfer(device: str, gpu_to_cpu: bool, page: int, bpc: int, seed: int = 0) -> None:
-    """vLLM's test_transfer: one group of NUM_TENSORS tensors, NUM_MAPPINGS chunks."""
+def case_transfer(device: str, gpu_to_cpu: bool, page: int, bpc: int, seed: int = 0,
+                  worker_cls=KVSwitchOffloadingWorker) -> None:
+    """vLLM's test_transfer: one group of NUM_TENSORS tensors, NUM_MAPPINGS chunks
+    (``worker_cls``: any worker taking ``(kv_caches, blocks_per_chunk=, num_cpu_chunks=)``
+    with ``gpu_tensors`` and ``cpu_tensors`` in vLLM's layout)."""
     rnd = random.Random(seed)
     rng = torch.Generator().manual_seed(seed)
     caches = make_caches(NUM_TENSORS, page, device, [list(range(NUM_TENSORS))])
-    worker = KVSwitchOffloadingWorker(caches, blocks_per_chunk=bpc,
-                                      num_cpu_chunks=NUM_CPU_CHUNKS)
+    worker = worker_cls(caches, blocks_per_chunk=bpc, num_cpu_chunks=NUM_CPU_CHUNKS)
     try:
         gpu_blocks = rnd.sample(range(NUM_GPU_BLOCKS), NUM_MAPPINGS * bpc)
         cpu_chunks = rnd.sample(range(NUM_CPU_CHUNKS), NUM_MAPPINGS)
@@ -119,15 +121,14 @@ def case_transfer(device: str, gpu_to_cpu: bool, page: int, bpc: int, seed: int 
 
 
 def case_transfer_multi_group(device: str, gpu_to_cpu: bool, page: int, bpc: int,
-                              seed: int = 0) -> None:
+                              seed: int = 0, worker_cls=KVSwitchOffloadingWorker) -> None:
     """vLLM's test_transfer_multi_group: 3 groups of 2 tensors; group 0 aligned, group 1
     empty, group 2 starting ``bpc - 1`` blocks into its first chunk."""
     rnd = random.Random(seed)
     rng = torch.Generator().manual_seed(seed)
     groups = [[0, 1], [2, 3], [4, 5]]
     caches = make_caches(6, page, device, groups)
-    worker = KVSwitchOffloadingWorker(caches, blocks_per_chunk=bpc,
-                                      num_cpu_chunks=NUM_CPU_CHUNKS)
+    worker = worker_cls(caches, blocks_per_chunk=bpc, num_cpu_chunks=NUM_CPU_CHUNKS)
     try:
         chunks_per_group = [NUM_MAPPINGS_PER_GROUP, 0, NUM_MAPPINGS_PER_GROUP]
         gpu_all = rnd.sample(range(NUM_GPU_BLOCKS), sum(chunks_per_group) * bpc)

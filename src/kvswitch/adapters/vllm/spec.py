@@ -93,13 +93,18 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         Where vLLM's CPU spec shares one mmap region between the worker ranks of a node
         (CUDA, XPU), so does this one: the region is created as vLLM creates it
         (``SharedOffloadRegion``, read from vLLM's spec module at call time) and the
-        worker's CPU tensors are views of it. Elsewhere (e.g. CPU-only tests) each worker
-        allocates private CPU tensors; so does every rank with ``blocks_per_chunk > 1``
-        (a chunk's GPU-sized sub-blocks in the region's strided rows have no uniform
-        block stride for a [`KVLayout`][]).
+        worker's CPU tensors are views of it. With a replicated layout (one MLA KV copy
+        shared by all tensor-parallel ranks) every rank maps the same single copy, sized
+        by ``cpu_bytes_to_use`` whatever the blocks per chunk, as vLLM's spec does. With
+        per-rank copies and ``blocks_per_chunk > 1`` each rank allocates private CPU
+        tensors of its share instead (a chunk's GPU-sized sub-blocks in the rank's slot of
+        the region's rows have no uniform block stride for a
+        [`KVLayout`][kvswitch.KVLayout]); so does every rank where vLLM's spec does not share
+        a region (e.g. CPU-only tests).
         """
         mmap_region = None
-        if self._uses_shared_region() and self.num_chunks > 0 and self.blocks_per_chunk == 1:
+        if self._uses_shared_region() and self.num_chunks > 0 and (
+                self.blocks_per_chunk == 1 or self.replicated_layout):
             rank = 0 if self.replicated_layout else self.config.parallel.rank
             mmap_region = _vllm_cpu_spec.SharedOffloadRegion(
                 engine_id=self.config.engine_id,

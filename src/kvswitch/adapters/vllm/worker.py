@@ -126,13 +126,25 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
         pin_memory: page-lock the CPU tensors (default: when the KV tensors are on CUDA).
         num_workers: C++ copy threads per engine.
         mmap_region: vLLM's ``SharedOffloadRegion`` to take the CPU tensors from (as
-            vLLM's worker does on CUDA) when ``blocks_per_chunk == 1`` (a chunk's
-            sub-blocks in its strided rows are not one uniform block stride); else, or
-            when None, private tensors.
+            vLLM's worker does on CUDA), or None: private tensors. With
+            ``blocks_per_chunk == 1`` the tensors are this rank's slot of each row
+            (vLLM's layout, ``create_next_worker_view``). With more blocks per chunk the
+            region must be one copy for all ranks (a replicated layout, rows holding no
+            other rank's slot): each tensor is then a contiguous
+            ``[num_cpu_chunks, page * blocks_per_chunk]`` range of it, one after another
+            (a chunk's sub-blocks in strided rows have no uniform block stride), and every
+            rank mapping the region sees the same bytes.
 
     Raises:
         ValueError: a bad ``blocks_per_chunk``, a data reference larger than its tensor's
-            page, or a data reference with a canonical-layout mapping (not supported).
+            page.
+
+    The data references' ``mapping`` (vLLM 0.32's connector derives a canonical page
+    mapping for every layer it can, whether or not ``canonical_layout`` is requested)
+    describes vLLM's canonical host layout; this worker copies the direct layout, as
+    vLLM's own worker does without ``canonical_layout``, and ignores it
+    ([`KVSwitchOffloadingSpec`][kvswitch.adapters.vllm.KVSwitchOffloadingSpec] refuses
+    ``canonical_layout``).
     """
 
     def __init__(self, kv_caches: CanonicalKVCaches, blocks_per_chunk: int,
@@ -150,13 +162,25 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
             on_cuda = on_cuda or view.is_cuda
             gpu_views.append(view)
         pin = on_cuda if pin_memory is None else bool(pin_memory)
+        region_bytes = self.num_cpu_chunks * sum(v.shape[1] for v in gpu_views) * blocks_per_chunk
+        if mmap_region is not None and blocks_per_chunk > 1 \
+                and region_bytes > mmap_region.total_size_bytes:
+            raise ValueError(f"the shared region holds {mmap_region.total_size_bytes} bytes; "
+                             f"{self.num_cpu_chunks} chunks of these tensors need "
+                             f"{region_bytes}")
+        offset = 0
         for view in gpu_views:
             page = view.shape[1] * blocks_per_chunk
-            if mmap_region is not None and blocks_per_chunk == 1:  # vLLM's shared region
-                cpu_tensors.append(mmap_region.create_next_worker_view(page))
-            else:
+            if mmap_region is None:
                 cpu_tensors.append(torch.zeros((self.num_cpu_chunks, page), dtype=torch.int8,
                                                device="cpu", pin_memory=pin))
+            elif blocks_per_chunk == 1:  # this rank's slot of every row, as vLLM's worker
+                cpu_tensors.append(mmap_region.create_next_worker_view(page))
+            else:  # the whole region is the one copy: tensor after tensor
+                size = self.num_cpu_chunks * page
+                cpu_tensors.append(mmap_region.base_tensor[offset:offset + size]
+                                   .view(self.num_cpu_chunks, page))
+                offset += size
         self._mmap_region = mmap_region
         self.gpu_tensors = gpu_views
         self.cpu_tensors = cpu_tensors
@@ -168,10 +192,6 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
                 continue
             dev, host = [], []
             for ref in refs:
-                if ref.mapping is not None:
-                    raise ValueError(
-                        f"group {g}: canonical-layout mappings are not supported by the "
-                        f"kvswitch worker (leave 'canonical_layout' off)")
                 gpu, cpu = gpu_views[ref.tensor_idx], cpu_tensors[ref.tensor_idx]
                 if ref.page_size_bytes > gpu.shape[1]:
                     raise ValueError(
@@ -356,6 +376,9 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
             if engine is not None:
                 engine.close()
         if self._mmap_region is not None:
+            # the views and layouts over the region go first, so that it can unmap
+            self.engines = [None] * len(self.engines)
+            self.cpu_tensors = []
             self._mmap_region.cleanup()
             self._mmap_region = None
 
