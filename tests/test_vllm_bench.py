@@ -21,7 +21,7 @@ from kvswitch.adapters.vllm import KVSwitchOffloadingWorker  # noqa: E402
 from kvswitch.bench.serve import ServeConfig  # noqa: E402
 from kvswitch.bench.vllm import (  # noqa: E402
     VLLM_CONFIGURATIONS,
-    StampMismatch,
+    StampMismatchError,
     serve_vllm,
 )
 from kvswitch.bench.vllm.stamps import KVStamps  # noqa: E402
@@ -150,7 +150,7 @@ def test_a_load_of_the_wrong_blocks_fails_the_run(monkeypatch):
             monkeypatch.setattr(KVSwitchOffloadingWorker, "plan", plan)
 
     monkeypatch.setattr(KVSwitchOffloadingWorker, "submit_load", submit_load)
-    with pytest.raises(StampMismatch, match="load job"):
+    with pytest.raises(StampMismatchError, match="load job"):
         serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS["vllm+kvswitch"])
 
 
@@ -167,7 +167,7 @@ def test_a_block_with_the_wrong_kv_fails_the_context_check(monkeypatch):
                 self.kv[:, block_table[20 // self.block_size], 20 % self.block_size] = 7
 
     monkeypatch.setattr(KVStamps, "write_many", garble_one)
-    with pytest.raises(StampMismatch, match="conversation 3"):
+    with pytest.raises(StampMismatchError, match="conversation 3"):
         serve_vllm(CONVERSATIONS, replace(CONFIG, gpu_blocks=600), VLLM_CONFIGURATIONS["vllm"])
 
 
@@ -186,9 +186,9 @@ def test_stamps_round_trip_and_detect_a_moved_word():
     s.write(5, [3, 6, 1], 0, 10)
     s.check(5, [3, 6, 1], 10, "test")
     s.check_blocks(5, [3, 6], 0, "test")
-    with pytest.raises(StampMismatch):
+    with pytest.raises(StampMismatchError):
         s.check_blocks(5, [6, 3], 0, "test")  # swapped blocks
-    with pytest.raises(StampMismatch):
+    with pytest.raises(StampMismatchError):
         s.check(4, [3, 6, 1], 10, "test")  # another conversation's
     sums = s.checksums([3, 6])
     s.kv[1, 6, 2, [0, 1]] = s.kv[1, 6, 2, [1, 0]].clone()  # two words of one layer swapped

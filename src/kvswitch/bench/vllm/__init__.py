@@ -27,7 +27,7 @@ from kvswitch.bench.vllm.serve import (
     VllmServeResult,
     serve_vllm,
 )
-from kvswitch.bench.vllm.stamps import StampMismatch
+from kvswitch.bench.vllm.stamps import StampMismatchError
 
-__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatch", "VllmConfiguration",
+__all__ = ["VLLM_CONFIGURATIONS", "WALL_S_PER_STEP", "StampMismatchError", "VllmConfiguration",
            "VllmServeResult", "report", "serve_vllm"]

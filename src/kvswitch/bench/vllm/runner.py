@@ -100,7 +100,7 @@ class RunnerStandIn:
         """Run one scheduled step (writes stamps, checks contexts, samples tokens).
 
         Raises:
-            StampMismatch: a request's computed prefix does not hold its KV.
+            StampMismatchError: a request's computed prefix does not hold its KV.
         """
         self._update_states(so)
         computed_before = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}

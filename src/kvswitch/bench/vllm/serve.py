@@ -499,7 +499,7 @@ def serve_vllm(conversations: list[Conversation], config: ServeConfig,
 
     Raises:
         ValueError: a conversation larger than the GPU pool, or bad sizes.
-        StampMismatch: a block vLLM used or loaded does not hold its request's KV.
+        StampMismatchError: a block vLLM used or loaded does not hold its request's KV.
         RuntimeError: the run stalled (a bug: nothing to wait for, requests left).
     """
     if conversations:

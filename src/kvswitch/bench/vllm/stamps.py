@@ -22,13 +22,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["KVStamps", "StampMismatch"]
+__all__ = ["KVStamps", "StampMismatchError"]
 
 #: Positions fit 20 bits (the stamps of one conversation: up to ~1M tokens).
 _POSITION_BITS = 20
 
 
-class StampMismatch(AssertionError):
+class StampMismatchError(AssertionError):
     """A GPU block does not hold the KV its request expects (a correctness failure)."""
 
 
@@ -105,7 +105,7 @@ class KVStamps:
 
     def check(self, conversation: int, block_table: list[int], num_tokens: int,
               what: str) -> None:
-        """Raise [`StampMismatch`][] unless tokens ``[0, num_tokens)`` of the
+        """Raise [`StampMismatchError`][] unless tokens ``[0, num_tokens)`` of the
         conversation hold their stamps in ``block_table``."""
         if num_tokens <= 0:
             return
@@ -116,13 +116,13 @@ class KVStamps:
             got = self.kv[:, block_table[full], :tail, :]
             want = self._expected(conversation, full, 1)[:, 0, :tail, :]
             if not torch.equal(got, want):
-                raise StampMismatch(f"{what}: the last, partial block (logical block {full}, "
+                raise StampMismatchError(f"{what}: the last, partial block (logical block {full}, "
                                     f"GPU block {block_table[full]}) of conversation "
                                     f"{conversation} does not hold its KV")
 
     def check_blocks(self, conversation: int, gpu_blocks: list[int] | npt.NDArray[np.int64],
                      first_block: int, what: str) -> None:
-        """Raise [`StampMismatch`][] unless GPU blocks ``gpu_blocks`` hold, whole, the
+        """Raise [`StampMismatchError`][] unless GPU blocks ``gpu_blocks`` hold, whole, the
         conversation's logical blocks ``first_block, first_block + 1, ...``."""
         ids = torch.as_tensor(np.asarray(gpu_blocks, dtype=np.int64))
         if ids.numel() == 0:
@@ -132,7 +132,7 @@ class KVStamps:
         ok = (got == want).flatten(2).all(dim=2).all(dim=0)
         if not bool(ok.all()):
             bad = int(torch.nonzero(~ok)[0, 0])
-            raise StampMismatch(
+            raise StampMismatchError(
                 f"{what}: GPU block {int(ids[bad])} does not hold logical block "
                 f"{first_block + bad} of conversation {conversation} "
                 f"({int((~ok).sum())} of {ids.numel()} blocks differ)")

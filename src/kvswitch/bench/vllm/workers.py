@@ -3,7 +3,8 @@
 Every store and load the ``OffloadingConnector`` submits is really copied by the
 configuration's worker: kvswitch's
 [`KVSwitchOffloadingWorker`][kvswitch.adapters.vllm.KVSwitchOffloadingWorker] (host
-backend, one copy per extent and layer tensor) or, for vLLM's native CPU offloading, vLLM's ``CPUOffloadingWorker`` where it can run (CUDA or XPU KV caches) and otherwise
+backend, one copy per extent and layer tensor) or, for vLLM's native CPU offloading,
+vLLM's ``CPUOffloadingWorker`` where it can run (CUDA or XPU KV caches) and otherwise
 [`VllmCpuWorkerStandIn`][], which issues vLLM's copies (one per GPU block and layer
 tensor, at the addresses vLLM's ``compute_sub_block_ptrs`` gives) on CPU tensors.
 
@@ -51,7 +52,7 @@ from kvswitch.adapters.vllm.worker import (
 )
 from kvswitch.bench.link_model import CopyQueues, LinkModel
 from kvswitch.bench.virtual_clock import VirtualClock
-from kvswitch.bench.vllm.stamps import KVStamps, StampMismatch
+from kvswitch.bench.vllm.stamps import KVStamps, StampMismatchError
 
 __all__ = ["NativeCPUOffloadingSpec", "TimedWorker", "VllmCpuWorkerStandIn", "copy_lengths"]
 
@@ -239,7 +240,7 @@ class TimedWorker(OffloadingWorker):
             garbage and it is reported in [`failed_loads`][]; None: no injection.
 
     Raises (from [`get_finished`][]):
-        StampMismatch: a loaded block does not hold its checksum or its stamps.
+        StampMismatchError: a loaded block does not hold its checksum or its stamps.
         RuntimeError: a store failed (vLLM 0.32's connector has no path for it).
     """
 
@@ -324,7 +325,7 @@ class TimedWorker(OffloadingWorker):
             got = self.stamps.checksums(gpu)
             if not np.array_equal(got, stored):
                 bad = int(np.flatnonzero(got != stored)[0])
-                raise StampMismatch(f"{what}: GPU block {int(gpu[bad])} does not hold the "
+                raise StampMismatchError(f"{what}: GPU block {int(gpu[bad])} does not hold the "
                                     f"bytes stored in CPU block {int(cpu[bad])}")
             self.stamps.check_blocks(conversation, gpu, int(index), what)
             self.counts.blocks_checked += len(gpu)
