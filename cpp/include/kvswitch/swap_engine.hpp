@@ -197,6 +197,14 @@ class AsyncSwapEngine {
     /// with a `before` stream on a backend that defers_before() waits for the dispatch,
     /// so it blocks until resumed.
     void set_paused(bool paused);
+    /// Test hook (paused engine): lets the workers take the queued job `id` and the queued
+    /// jobs it depends on, directly or through others (every queued job when `id` is 0),
+    /// ahead of the rest, in submission order; the others stay held. Returns the ids it
+    /// released (none when the job is not queued). What runs is exactly what the engine
+    /// orders before the job, so a dependency it failed to record shows as a job that runs
+    /// before one it must follow (kvswitch.testing holds jobs this way and releases each
+    /// when the code under test waits for it).
+    std::vector<std::uint64_t> release_held(std::uint64_t id);
 
   private:
     std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
