@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_manager_failures import BS, make, read, write
+from test_manager_failures import BS, make, write
 
 from kvswitch import BlockGroupAllocator, SwapError
 from kvswitch.testing import HeldEngine
