@@ -610,6 +610,12 @@ void AsyncSwapEngine::set_paused(bool paused) {
     work_cv_.notify_all();
 }
 
+void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
+    std::lock_guard<std::mutex> lock(submit_mu_);
+    fail_next_ = n;
+    fail_message_ = std::move(message);
+}
+
 std::vector<std::uint64_t> AsyncSwapEngine::release_held(std::uint64_t id) {
     std::vector<std::uint64_t> ids;
     {
@@ -633,12 +639,6 @@ std::vector<std::uint64_t> AsyncSwapEngine::release_held(std::uint64_t id) {
     }
     work_cv_.notify_all();
     return ids;
-}
-
-void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
-    std::lock_guard<std::mutex> lock(submit_mu_);
-    fail_next_ = n;
-    fail_message_ = std::move(message);
 }
 
 namespace {
