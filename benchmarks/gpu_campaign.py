@@ -669,8 +669,9 @@ def render_markdown(c: dict[str, Any]) -> str:
         L += ["", "## kvswitch bench --backend cuda (short run)", "",
               f"`{b.get('command', '')}`: exit status {b.get('returncode')}"]
         for name, f in (b.get("figures") or {}).items():
+            job_s = f.get("swap_job_s", f.get("swap_job_s_measured"))  # key before issue 26
             L.append(f"- {name}: {f.get('swap_outs', '?')} swap-outs, "
-                     f"{_f(f.get('swap_job_s_measured'), '{:.3f}')} s of swap jobs, stall "
+                     f"{_f(job_s, '{:.3f}')} s of swap jobs, stall "
                      f"{_f(f.get('stall_s_measured'), '{:.3f}')} s (measured)")
     L += ["", "## Targets (issue; on H100/H200)", ""]
     L += _table(["target", "threshold", "measured", "result", "detail"],

@@ -13,8 +13,8 @@ from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, serve
 from kvswitch.cli import main
 from kvswitch.trace import Conversation, Turn, load_trace, sample
 
-# Fast settings: small pools that still preempt, a time scale that sleeps little.
-FAST = ServeConfig(model="small", gpu="a10", gpu_blocks=800, host_blocks=4000, time_scale=2000,
+# Fast settings: small pools that still preempt (virtual clock: nothing is slept).
+FAST = ServeConfig(model="small", gpu="a10", gpu_blocks=800, host_blocks=4000,
                    think_s=2.0, update_every=10, arrival_rate=4.0, seed=1)
 
 
@@ -63,7 +63,7 @@ def test_mechanisms_change_what_they_should(results):
 
 
 def test_a_small_host_pool_falls_back_to_recompute(convs):
-    cfg = ServeConfig(model="small", gpu_blocks=800, host_blocks=300, time_scale=2000,
+    cfg = ServeConfig(model="small", gpu_blocks=800, host_blocks=300,
                       think_s=2.0, update_every=10, arrival_rate=4.0, seed=1)
     r = serve(convs, cfg, CONFIGURATIONS["full"])
     assert r.recomputed_tokens > 0 and r.dropped_copies > 0
@@ -163,16 +163,22 @@ def test_priorities_stay_in_range_and_known(pattern, seed, seqs, served):
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--conversations", "6", "--model", "small", "--gpu-blocks", "800",
-                 "--host-blocks", "4000", "--time-scale", "2000", "--think-s", "2",
+                 "--host-blocks", "4000", "--think-s", "2",
                  "--arrival-rate", "4", "--json", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    for label in ("copies issued", "TTFT P99.9", "TBT P99.9", "throughput", "(s, measured)",
-                  "modelled clock", "full vs baseline"):
+    for label in ("copies issued", "TTFT P99.9", "TBT P99.9", "throughput", "full vs baseline"):
         assert label in text
+    rows = {line.split("  ")[0]: line.split()[-1] for line in text.splitlines() if line}
+    assert rows["copies issued"] == "counted"
+    assert rows["stall on swaps (s)"] == "link-modelled"
+    assert rows["TTFT P99 (s)"] == "cost+link-modelled"
+    assert rows["wall time (s)"] == "measured"
     data = json.loads(out.read_text())
     figures = data["configurations"]
     assert list(figures) == list(CONFIGURATIONS)
-    assert data["config"]["time_scale"] == 2000
+    assert data["config"]["clock"] == "virtual"
+    assert data["sources"]["ttft_p99_s"] == "cost+link-modelled"
+    assert set(data["sources"]) == set(figures["full"])
     for f in figures.values():
         assert f["swap_out_blocks"] == f["swap_out_blocks_copied"] + f["swap_out_blocks_reused"]
         assert f["gran_swap_out_copies"] * f["gran_swap_out_blocks_per_copy"] == pytest.approx(
@@ -192,7 +198,7 @@ def test_bench_cli_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
     assert main(["bench", "--conversations", "3", "--model", "small", "--gpu-blocks", "800",
-                 "--host-blocks", "4000", "--time-scale", "2000", "--configs", "baseline,full",
+                 "--host-blocks", "4000", "--configs", "baseline,full",
                  "--plot", str(png), "--no-progress"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -212,7 +218,12 @@ def test_serve_checks_the_backend_before_any_work(convs):
     with pytest.raises(ValueError, match="backend must be 'host' or 'cuda'"):
         serve(convs, ServeConfig(backend="tpu"), CONFIGURATIONS["full"])
     with pytest.raises(ValueError, match="time_scale must be 1"):
-        serve(convs, ServeConfig(backend="cuda", time_scale=40), CONFIGURATIONS["full"])
+        serve(convs, ServeConfig(backend="cuda", clock="wall", time_scale=40),
+              CONFIGURATIONS["full"])
+    with pytest.raises(ValueError, match="wall clock only"):
+        serve(convs, ServeConfig(backend="cuda", time_scale=1), CONFIGURATIONS["full"])
+    with pytest.raises(ValueError, match="clock must be"):
+        serve(convs, ServeConfig(clock="sundial"), CONFIGURATIONS["full"])
 
 
 def test_serve_on_cuda_without_a_gpu_raises_a_clear_error(convs):
@@ -220,7 +231,7 @@ def test_serve_on_cuda_without_a_gpu_raises_a_clear_error(convs):
 
     if not cuda_unavailable_reason():
         pytest.skip("this machine has a CUDA GPU")
-    cfg = ServeConfig(backend="cuda", time_scale=1, model="small", gpu_blocks=800,
+    cfg = ServeConfig(backend="cuda", clock="wall", time_scale=1, model="small", gpu_blocks=800,
                       host_blocks=100)
     with pytest.raises(RuntimeError, match="the cuda backend needs a CUDA GPU: "):
         serve(convs[:1], cfg, CONFIGURATIONS["full"])

@@ -18,7 +18,7 @@ from kvswitch.cli import RunProgress, aggregate, format_table, main
 from kvswitch.trace import load_trace, sample
 
 TINY = ["--conversations", "3", "--model", "small", "--gpu-blocks", "800", "--host-blocks",
-        "4000", "--time-scale", "2000", "--think-s", "1", "--arrival-rate", "4",
+        "4000", "--think-s", "1", "--arrival-rate", "4",
         "--configs", "baseline,full"]
 
 
@@ -99,9 +99,18 @@ def test_estimate_run_is_sane():
     # Arrivals ten times sparser: the arrival bound dominates and the run gets longer.
     slow = estimate_run(convs, ServeConfig(arrival_rate=0.1))
     assert slow.makespan_s > e.makespan_s
-    # Half the time scale: about twice the wall time (modelled time unchanged).
-    half = estimate_run(convs, ServeConfig(time_scale=20))
-    assert half.makespan_s == e.makespan_s and half.wall_s > e.wall_s
+    # Wall clock, half the time scale: about twice the wall time (modelled time unchanged).
+    wall = estimate_run(convs, ServeConfig(clock="wall"))
+    half = estimate_run(convs, ServeConfig(clock="wall", time_scale=20))
+    assert half.makespan_s == wall.makespan_s and half.wall_s > wall.wall_s
+    # Virtual clock: the tokens are exact; per-block copies cost more; a slower machine
+    # takes longer.
+    assert e.tokens == sum(t.output_tokens for c in convs for t in c.turns)
+    base = estimate_run(convs, ServeConfig(), CONFIGURATIONS["baseline"])
+    full = estimate_run(convs, ServeConfig(), CONFIGURATIONS["full"])
+    assert base.copies > 10 * full.copies and base.wall_s > full.wall_s
+    assert estimate_run(convs, ServeConfig(), CONFIGURATIONS["full"], speed=2.0).wall_s == \
+        pytest.approx(2 * full.wall_s)
 
 
 # -- one progress bar ------------------------------------------------------------------------
@@ -200,7 +209,7 @@ def test_one_repeat_keeps_the_json_of_before(tmp_path, capsys):
     assert "median" not in text
     data = json.loads(out.read_text())
     assert set(data) == {"config", "trace", "conversations", "configurations", "repeats",
-                         "granularity_histograms"}  # the last two are additions
+                         "granularity_histograms", "sources"}  # the last three are additions
     assert data["repeats"]["seeds"] == [0]
     for name, figures in data["configurations"].items():
         assert figures == data["repeats"]["configurations"][name][0]
@@ -229,12 +238,12 @@ def test_aggregate_and_table_with_nan():
     figures = {n: dict.fromkeys(
         ["swap_outs", "swap_out_blocks", "swap_out_blocks_copied", "swap_out_blocks_reused",
          "swap_in_blocks", "copies", "blocks_per_copy", "preset_bytes_moved",
-         "swap_job_s_measured", "us_per_copy_measured", "stall_s_measured", "ttft_p50_s",
+         "swap_job_s", "us_per_copy", "stall_s", "ttft_p50_s",
          "ttft_p95_s", "ttft_p99_s", "ttft_p999_s", "tbt_p999_s", "throughput_tok_s",
          "priority_preemptions", "pool_full_preemptions", "recomputed_tokens", "conflicts",
          "sync_swap_in_decisions", "async_swap_in_decisions", "wall_s",
          "gran_swap_out_blocks_per_copy", "gran_swap_in_blocks_per_copy", "gran_migrations",
-         "gran_migrated_blocks", "gran_migrate_s_modelled"], 1.0)
+         "gran_migrated_blocks", "gran_migrate_s"], 1.0)
         for n in CONFIGURATIONS}
     figures["full"]["tbt_p999_s"] = float("nan")
     spreads = {n: {k: [0.5, 2.0] for k in f} for n, f in figures.items()}

@@ -17,9 +17,10 @@ from kvswitch.bench.serve import CONFIGURATIONS, ServeConfig, min_gpu_blocks, se
 from kvswitch.cli import build_parser, main
 from kvswitch.trace import Conversation, Turn, load_trace, sample
 
-# Sizes of tests/test_bench.py: small pools that still preempt, a time scale that sleeps little.
-FAST = ["--model", "small", "--gpu-blocks", "800", "--host-blocks", "4000",
-        "--time-scale", "2000", "--no-progress"]
+# Sizes of tests/test_bench.py: small pools that still preempt (virtual clock: nothing slept).
+FAST = ["--model", "small", "--gpu-blocks", "800", "--host-blocks", "4000", "--no-progress"]
+# The wall clock at a time scale that sleeps little.
+WALL = ["--clock", "wall", "--time-scale", "2000"]
 
 
 class Started(Exception):
@@ -63,6 +64,10 @@ BAD = [
     ("--arrival-rate", "nan", "must be a finite number > 0"),
     ("--arrival-rate", "inf", "must be a finite number > 0"),
     ("--arrival-rate", "fast", "must be a number"),
+    ("--arrival-rate", "1,,2", "separated by commas"),
+    ("--load", "0", "must be a finite number > 0"),
+    ("--load", "1,-2", "must be a finite number > 0"),
+    ("--clock", "sundial", "invalid choice"),
     ("--think-s", "-1", "must be a finite number >= 0, got -1"),
     ("--think-s", "nan", "must be a finite number >= 0"),
     ("--think-s", "inf", "must be a finite number >= 0"),
@@ -100,7 +105,9 @@ def test_bad_option_is_one_line_exit_2_before_any_work(option, value, message, c
 ACCEPTED = [
     ("--conversations", "1", 1),
     ("--seed", "-7", -7),
-    ("--arrival-rate", "1e-3", 1e-3),
+    ("--arrival-rate", "1e-3", [1e-3]),
+    ("--arrival-rate", "0.5, 1,2", [0.5, 1.0, 2.0]),
+    ("--load", "0.5,1.2", [0.5, 1.2]),
     ("--think-s", "0", 0.0),
     ("--update-every", "1", 1),
     ("--gpu-blocks", str(2**31 - 1), 2**31 - 1),
@@ -121,9 +128,10 @@ def test_defaults_are_unchanged():
     a, d = build_parser().parse_args(["bench"]), ServeConfig()
     assert (a.conversations, a.seed, a.arrival_rate, a.think_s, a.pattern, a.update_every,
             a.model, a.gpu, a.gpu_blocks, a.host_blocks, a.time_scale, a.workers) == (
-        1000, d.seed, d.arrival_rate, d.think_s, d.pattern, d.update_every, d.model, d.gpu,
-        d.gpu_blocks, d.host_blocks, d.time_scale, d.num_workers)
+        cli.DEFAULT_CONVERSATIONS, d.seed, [d.arrival_rate], d.think_s, d.pattern,
+        d.update_every, d.model, d.gpu, d.gpu_blocks, d.host_blocks, d.time_scale, d.num_workers)
     assert a.json is None and a.plot is None
+    assert a.clock is None and a.link_model is None and a.load is None  # virtual, --gpu's
 
 
 def test_conversations_0_prints_no_table_of_nan(capsys, no_serve):
@@ -262,7 +270,7 @@ def test_undefined_percentiles_print_as_n_a_not_nan(tmp_path, capsys):
     assert "nan" not in out
     assert "P99.9 TBT n/a of baseline" in out
     tbt = [line for line in out.splitlines() if line.startswith("TBT P99.9")]
-    assert tbt[0].split()[-2:] == ["n/a", "n/a"]
+    assert tbt[0].split()[-3:-1] == ["n/a", "n/a"]
 
 
 # -- --backend (host: today's behaviour; cuda: real GPU pools, checked before any work) ------
@@ -278,8 +286,8 @@ def test_backend_defaults_to_host_and_keeps_the_time_scale():
 
 def test_backend_host_runs_as_before(tmp_path, capsys):
     out_json = tmp_path / "out.json"
-    rc, out, err = run(capsys, *FAST, "--conversations", "3", "--configs", "baseline,full",
-                       "--backend", "host", "--json", str(out_json))
+    rc, out, err = run(capsys, *FAST, *WALL, "--conversations", "3", "--configs",
+                       "baseline,full", "--backend", "host", "--json", str(out_json))
     assert rc == 0, err
     assert "host backend" in err and "full vs baseline" in out
     assert "each block carries 1/2000 of the preset's bytes" in out
@@ -326,7 +334,7 @@ def test_backend_cuda_runs_at_time_scale_1(monkeypatch, capsys):
         with pytest.raises(Started):
             main(["bench", "--backend", "cuda", "--conversations", "3", "--no-progress", *extra])
         assert seen["config"].backend == "cuda" and seen["config"].time_scale == 1
-    assert "time scale 1; cuda backend" in capsys.readouterr().err
+    assert "wall clock (time scale 1); cuda backend" in capsys.readouterr().err
 
 
 def test_unknown_backend_is_an_option_error(capsys, no_serve):

@@ -25,13 +25,16 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from kvswitch.bench.cost_model import GPU_PRESETS, MODEL_PRESETS
+from kvswitch.bench.link_model import LINK_PRESETS, link_model_from_campaign
 from kvswitch.bench.serve import (
     ABLATIONS,
     CONFIGURATIONS,
     ServeConfig,
     ServeResult,
+    capacity_rate,
     cuda_unavailable_reason,
     estimate_run,
+    machine_speed,
     min_gpu_blocks,
     serve,
 )
@@ -41,6 +44,11 @@ GIB = 1 << 30
 INT32_MAX = (1 << 31) - 1  # block counts reach the C++ allocator as int32
 MAX_WORKERS = 64  # what the C++ swap engine accepts
 MAX_REPEATS = 100
+#: Conversations of a plain ``kvswitch bench``: about 2 minutes for the four configurations
+#: on a 2-core VM (2:01 measured, docs/benchmarks.md), at the bundled trace's pool capacity
+#: (1/s is load 1.0: every configuration preempts); ``--conversations 1000`` is the paper's
+#: size (about 3 minutes).
+DEFAULT_CONVERSATIONS = 700
 
 
 # -- option types: a bad value ends in argparse's one-line error (exit status 2) before any
@@ -75,6 +83,16 @@ def _number(*, positive: bool) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return x
     return parse
+
+
+def _numbers(text: str) -> list[float]:
+    """argparse type: a comma-separated list of finite numbers > 0 (e.g. ``0.5,1,2``)."""
+    parse = _number(positive=True)
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"must be numbers > 0 separated by commas, got "
+                                         f"{text!r}")
+    return [parse(t) for t in items]
 
 
 def _output_path(text: str) -> str:
@@ -189,16 +207,20 @@ class RunProgress:
         self.bar.refresh()
 
 
-def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
-    """The figures ``kvswitch bench`` prints for one configuration (JSON-ready)."""
+def summarize(result: ServeResult) -> dict[str, float]:
+    """The figures ``kvswitch bench`` prints for one configuration (JSON-ready); where
+    each comes from: :func:`sources`."""
     m = result.manager
     moved = m["copied_blocks"] + m["swap_in_blocks"]
     extents = m["swap_out_extents"] + m["swap_in_extents"]
+    virtual = result.clock == "virtual"
+    # Swap job time: the link model's, or the engine's measured job time (wall clock).
+    job_s = result.engine.get("link_s" if virtual else "seconds", 0.0)
 
     def pct(values: list[float], q: float) -> float:
         return float(np.percentile(values, q)) if values else float("nan")
 
-    return {
+    figures = {
         "swap_outs": m["swap_outs"],
         "swap_out_blocks": m["swap_out_blocks"],
         "swap_out_blocks_copied": m["copied_blocks"],
@@ -208,11 +230,9 @@ def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
         "blocks_per_copy": moved / extents if extents else 0.0,
         "preset_bytes_moved": moved * result.preset_block_bytes,
         "executed_bytes_moved": m["bytes_copied"],
-        "swap_job_s_measured": result.engine.get("seconds", 0.0),
-        "us_per_copy_measured": (1e6 * result.engine.get("seconds", 0.0) / m["copies"]
-                                 if m["copies"] else 0.0),
-        "stall_s_measured": result.stall_measured_s,
-        "stall_s": result.stall_measured_s * time_scale,
+        "swap_job_s": job_s,
+        "us_per_copy": 1e6 * job_s / m["copies"] if m["copies"] else 0.0,
+        "stall_s": result.stall_s,
         "ttft_p50_s": pct(result.ttft_s, 50),
         "ttft_p95_s": pct(result.ttft_s, 95),
         "ttft_p99_s": pct(result.ttft_s, 99),
@@ -233,10 +253,41 @@ def summarize(result: ServeResult, time_scale: float) -> dict[str, float]:
         # extents at swap-out, swap-in extents, reserved-tail splits, free groups over time.
         **{f"gran_{k}": v for k, v in result.granularity.items() if k != "histograms"},
     }
+    if not virtual:
+        figures["stall_s_measured"] = result.stall_measured_s
+    return figures
 
 
-# (label, key, format); "measured" = wall-clock on this machine, "modelled clock" = the
-# modelled compute plus measured stalls times the time scale.
+#: Where a figure comes from, per clock: "counted" (events of the run: copies, blocks,
+#: preemptions; the same on a GPU), "link-modelled" (the link model), "cost-modelled" (the
+#: cost model), "cost+link-modelled" (the virtual clock: both), "measured" (this machine's
+#: wall clock), "modelled clock" (the wall clock's: cost model + measured stalls x scale).
+_TIMED = {"swap_job_s": ("link-modelled", "measured"),
+          "us_per_copy": ("link-modelled", "measured"),
+          "stall_s": ("link-modelled", "measured x time scale"),
+          "stall_s_measured": ("measured", "measured"),
+          "gran_migrate_s": ("link-modelled", "cost-modelled"),
+          "gran_migrate_wait_s_measured": ("measured", "measured"),
+          "wall_s": ("measured", "measured")}
+_CLOCKED = ("ttft_", "tbt_", "throughput_tok_s", "makespan_s")
+
+
+def source(key: str, clock: str) -> str:
+    """Where the figure ``key`` of :func:`summarize` comes from on ``clock``."""
+    virtual = clock == "virtual"
+    if key in _TIMED:
+        return _TIMED[key][0 if virtual else 1]
+    if key.startswith(_CLOCKED):
+        return "cost+link-modelled" if virtual else "modelled clock"
+    return "counted"
+
+
+def sources(figures: dict[str, float], clock: str) -> dict[str, str]:
+    """``{key: source}`` for every figure (see :func:`source`)."""
+    return {k: source(k, clock) for k in figures}
+
+
+# (label, key, format); the table adds each row's source (see :func:`source`).
 ROWS = [
     ("swap-outs (preemptions + turn ends)", "swap_outs", "{:,.0f}"),
     ("swap-out blocks", "swap_out_blocks", "{:,.0f}"),
@@ -248,17 +299,17 @@ ROWS = [
     ("  swap-out / swap-in", "gran_swap_out_blocks_per_copy", "bpc"),
     ("migrations (GPU-pool compaction)", "gran_migrations", "{:,.0f}"),
     ("  blocks moved device to device", "gran_migrated_blocks", "{:,.0f}"),
-    ("  their HBM time (s, modelled; on the clock)", "gran_migrate_s_modelled", "{:,.2f}"),
+    ("  their time (s, on the clock)", "gran_migrate_s", "{:,.2f}"),
     ("KV moved, preset bytes (GiB)", "preset_bytes_moved", "gib"),
-    ("swap job time (s, measured)", "swap_job_s_measured", "{:,.2f}"),
-    ("  per copy (us, measured)", "us_per_copy_measured", "{:,.2f}"),
-    ("stall on swaps (s, measured)", "stall_s_measured", "{:,.2f}"),
-    ("TTFT P50 (s, modelled clock)", "ttft_p50_s", "{:,.3f}"),
-    ("TTFT P95 (s, modelled clock)", "ttft_p95_s", "{:,.3f}"),
-    ("TTFT P99 (s, modelled clock)", "ttft_p99_s", "{:,.3f}"),
-    ("TTFT P99.9 (s, modelled clock)", "ttft_p999_s", "{:,.3f}"),
-    ("TBT P99.9 (s, modelled clock)", "tbt_p999_s", "{:,.3f}"),
-    ("throughput (tokens/s, modelled clock)", "throughput_tok_s", "{:,.0f}"),
+    ("swap job time (s)", "swap_job_s", "{:,.2f}"),
+    ("  per copy (us)", "us_per_copy", "{:,.2f}"),
+    ("stall on swaps (s)", "stall_s", "{:,.2f}"),
+    ("TTFT P50 (s)", "ttft_p50_s", "{:,.3f}"),
+    ("TTFT P95 (s)", "ttft_p95_s", "{:,.3f}"),
+    ("TTFT P99 (s)", "ttft_p99_s", "{:,.3f}"),
+    ("TTFT P99.9 (s)", "ttft_p999_s", "{:,.3f}"),
+    ("TBT P99.9 (s)", "tbt_p999_s", "{:,.3f}"),
+    ("throughput (tokens/s)", "throughput_tok_s", "{:,.0f}"),
     ("preemptions (priority / pool full)", "preemptions", "pp"),
     ("recomputed tokens (host pool full)", "recomputed_tokens", "{:,.0f}"),
     ("conflicts waited for", "conflicts", "{:,.0f}"),
@@ -310,16 +361,20 @@ def _cell(f: dict[str, float], key: str, fmt: str,
 
 
 def format_table(figures: dict[str, dict[str, float]],
-                 spreads: dict[str, dict[str, list[float]]] | None = None) -> str:
-    """The table of ``kvswitch bench``; with ``spreads`` (several seeds) every cell reads
+                 spreads: dict[str, dict[str, list[float]]] | None = None,
+                 clock: str = "virtual") -> str:
+    """The table of ``kvswitch bench``, each row labelled with its source on ``clock``
+    (:func:`source`); with ``spreads`` (several seeds) every cell reads
     ``median (min-max)``."""
     width = max(len(r[0]) for r in ROWS)
     cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None) for _, key, fmt in ROWS]
              for n, f in figures.items()}
     cols = max(14, *(len(n) for n in figures), *(len(c) for col in cells.values() for c in col))
-    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures)]
+    keys = [_PAIRS[fmt][0] if fmt in _PAIRS else key for _, key, fmt in ROWS]
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{cols}}" for n in figures) + "  source"]
     for i, (label, _, _) in enumerate(ROWS):
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{cells[n][i]:>{cols}}" for n in figures))
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{cells[n][i]:>{cols}}" for n in figures)
+                     + f"  {source(keys[i], clock)}")
     return "\n".join(lines)
 
 
@@ -422,11 +477,34 @@ def _bench(args: argparse.Namespace) -> int:
             print("kvswitch bench: --plot needs matplotlib (pip install 'kvswitch[plot]')",
                   file=sys.stderr)
             return 2
-    time_scale = args.time_scale
+    clock = args.clock or ("wall" if args.backend == "cuda" else "virtual")
+    time_scale_given = getattr(args, "time_scale_given", False)
+    if args.backend == "cuda" and clock != "wall":
+        return _option_error("--clock", "--backend cuda runs on the wall clock only (its "
+                                        "copies are timed on the GPU): use --clock wall")
+    if clock == "virtual" and time_scale_given:
+        return _option_error("--time-scale", "applies to --clock wall only (the virtual "
+                                             "clock sleeps nothing)")
+    if clock == "wall" and args.link_model:
+        return _option_error("--link-model", "applies to the virtual clock only (--clock "
+                                             "wall measures its copies)")
+    link = None
+    if args.link_model:
+        if args.link_model in LINK_PRESETS:
+            link = LINK_PRESETS[args.link_model]
+        else:
+            try:
+                link = link_model_from_campaign(
+                    args.link_model, d2d_bytes_per_s=LINK_PRESETS[args.gpu].d2d_bytes_per_s)
+            except (OSError, ValueError) as e:
+                return _option_error("--link-model", f"neither a preset ("
+                                     f"{', '.join(LINK_PRESETS)}) nor a usable GPU campaign "
+                                     f"file: {e}")
+    time_scale = args.time_scale if clock == "wall" else ServeConfig().time_scale
     if args.backend == "cuda":
         # Real block bytes over the real link: only real time makes sense (checked before
         # the GPU so that the option error is the same on every machine).
-        if getattr(args, "time_scale_given", False) and time_scale != 1:
+        if time_scale_given and time_scale != 1:
             print(f"kvswitch bench: error: argument --time-scale: --backend cuda copies the "
                   f"preset's real block bytes in real time, so it must be 1, got "
                   f"{time_scale:g}", file=sys.stderr)
@@ -449,9 +527,9 @@ def _bench(args: argparse.Namespace) -> int:
     conversations = samples[args.seed]
     config = ServeConfig(
         model=args.model, gpu=args.gpu, gpu_blocks=args.gpu_blocks,
-        host_blocks=args.host_blocks, arrival_rate=args.arrival_rate, think_s=args.think_s,
-        pattern=args.pattern, update_every=args.update_every, time_scale=time_scale,
-        num_workers=args.workers, seed=args.seed, backend=args.backend)
+        host_blocks=args.host_blocks, arrival_rate=args.arrival_rate[0], think_s=args.think_s,
+        pattern=args.pattern, update_every=args.update_every, clock=clock, link=link,
+        time_scale=time_scale, num_workers=args.workers, seed=args.seed, backend=args.backend)
     # serve() refuses a pool too small for a conversation; say it here, before any run
     # (every seed samples its own conversations).
     big = max((c for convs in samples.values() for c in convs), key=lambda c: c.total_tokens)
@@ -461,85 +539,142 @@ def _bench(args: argparse.Namespace) -> int:
               f"these conversations (the largest, {big.conversation_id!r}, holds "
               f"{big.total_tokens:,} tokens of KV), got {args.gpu_blocks:,}", file=sys.stderr)
         return 2
+    # Load points: arrival rates given, or fractions of the pool's capacity (the first
+    # seed's sample sets the rate, the same for every seed).
+    capacity = capacity_rate(conversations, config)
+    if args.load:
+        points = [(f * capacity, f) for f in args.load]
+    else:
+        points = [(rate, rate / capacity) for rate in args.arrival_rate]
+    timed = [c.arrival_s is not None for c in conversations]
+    if any(timed) and len(points) > 1:
+        print("kvswitch bench: the trace gives arrival times (arrival_s): the load points "
+              "change only conversations without one", file=sys.stderr)
     model = MODEL_PRESETS[args.model]
+    link_text = (f"link model {(link or LINK_PRESETS[args.gpu]).name}" if clock == "virtual"
+                 else f"time scale {time_scale:g}")
+    rates = ", ".join(f"{r:.3g}/s (load {f:.2g})" for r, f in points)
     print(
         f"kvswitch bench: {len(conversations)} conversations from "
-        f"{args.trace or 'the bundled ShareGPT trace'}, Poisson {args.arrival_rate:g}/s, "
+        f"{args.trace or 'the bundled ShareGPT trace'}, Poisson {rates}, "
         f"think time {args.think_s:g} s; {args.model} on {args.gpu} (cost model); GPU pool "
         f"{args.gpu_blocks:,} blocks ({args.gpu_blocks * model.kv_bytes_per_token * 16 / GIB:.1f}"
         f" GiB of preset KV), host pool {args.host_blocks:,} blocks; {args.pattern} priorities "
-        f"every {args.update_every} iterations; time scale {time_scale:g}; {args.backend} "
+        f"every {args.update_every} iterations; {clock} clock ({link_text}); {args.backend} "
         f"backend", file=sys.stderr)
-    configs = {seed: replace(config, seed=seed) for seed in seeds}
-    guesses = {seed: estimate_run(samples[seed], configs[seed]) for seed in seeds}
-    estimates = {seed: g.makespan_s for seed, g in guesses.items()}
-    runs = [(name, seed) for seed in seeds for name in names]
-    modelled = sum(estimates[seed] for _, seed in runs)
-    wall = sum(guesses[seed].wall_s for _, seed in runs)
+    configs = {(p, seed): replace(config, seed=seed, arrival_rate=rate)
+               for p, (rate, _) in enumerate(points) for seed in seeds}
+    runs = [(p, seed, name) for p in range(len(points)) for seed in seeds for name in names]
+    speed = machine_speed() if clock == "virtual" else 1.0
+    guesses = {(p, seed, name): estimate_run(samples[seed], configs[p, seed], known[name],
+                                             speed=speed) for p, seed, name in runs}
+    wall = sum(g.wall_s for g in guesses.values())
+    where = (f"{wall:.0f} s: an estimate from the work the trace implies (tokens, batch, "
+             f"queueing) at this machine's speed now ({speed:.2f}x the reference's time)"
+             if clock == "virtual" else
+             f"an estimate from the cost model: about "
+             f"{_duration(sum(g.makespan_s for g in guesses.values()) / len(runs))} of "
+             f"modelled time per run at time scale {time_scale:g}, plus loop overhead and "
+             f"pool setup; swap stalls come on top")
+    point_text = f" x {len(points)} load points" if len(points) > 1 else ""
     print(f"kvswitch bench: {len(names)} configuration(s) x {len(seeds)} seed(s) "
-          f"({', '.join(map(str, seeds))}) = {len(runs)} run(s); expected duration about "
-          f"{_duration(wall)} (an estimate from the cost model: about "
-          f"{_duration(modelled / len(runs))} of modelled time per run at time scale "
-          f"{time_scale:g}, plus loop overhead and pool setup; swap stalls come on top)",
-          file=sys.stderr)
+          f"({', '.join(map(str, seeds))}){point_text} = {len(runs)} run(s); expected "
+          f"duration about {_duration(wall)} ({where})", file=sys.stderr)
 
+    # Progress: on the virtual clock in tokens (known exactly in advance; wall time goes
+    # with them), on the wall clock in modelled seconds (they advance at about the time
+    # scale per wall second).
+    virtual = clock == "virtual"
+    sizes = [float(guesses[run].tokens if virtual else guesses[run].makespan_s) for run in runs]
     if args.no_progress:
         bar = _NoProgress()
     else:
         from tqdm import tqdm
 
+        unit = "tokens" if virtual else "modelled s"
         # smoothing=0: the ETA uses the average rate of the whole run so far (pool setup
         # included), not the last few updates.
-        bar = tqdm(total=modelled, unit="s", unit_scale=False, file=sys.stderr, smoothing=0,
+        bar = tqdm(total=sum(sizes), unit="s", unit_scale=False, file=sys.stderr,
+                   smoothing=0,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
-                              "modelled s [{elapsed}<{remaining}]")
-    per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    histograms: dict[str, list[dict]] = {name: [] for name in names}  # per seed (issue 14)
+                              f"{unit} [{{elapsed}}<{{remaining}}]")
+    results: list[dict] = []  # one per load point
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    histograms: dict[str, list[dict]] = {}
     with bar:
-        progress = RunProgress(bar, [estimates[seed] for _, seed in runs])
-        for i, (name, seed) in enumerate(runs):
-            progress.start(i, f"{name} seed {seed} ({i + 1}/{len(runs)})")
+        progress = RunProgress(bar, sizes)
+        for i, (p, seed, name) in enumerate(runs):
+            if i == 0 or runs[i - 1][0] != p:
+                per_seed = {n: [] for n in names}
+                histograms = {n: [] for n in names}  # per seed (issue 14)
+                results.append({"arrival_rate": points[p][0], "load": points[p][1],
+                                "per_seed": per_seed, "histograms": histograms})
+            at = f" load {points[p][1]:.2g}" if len(points) > 1 else ""
+            progress.start(i, f"{name} seed {seed}{at} ({i + 1}/{len(runs)})")
+            callbacks = ({"on_tokens": progress.advance} if virtual
+                         else {"on_progress": progress.advance})
             try:
-                result = serve(samples[seed], configs[seed], known[name],
-                               on_progress=progress.advance)
+                result = serve(samples[seed], configs[p, seed], known[name], **callbacks)
             except ValueError as e:
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 2
             except RuntimeError as e:  # the cuda backend: no device, no pinned memory
                 print(f"kvswitch bench: {e}", file=sys.stderr)
                 return 1
-            progress.finish(result.makespan_s)
-            per_seed[name].append(summarize(result, time_scale))
+            progress.finish(result.tokens if virtual else result.makespan_s)
+            per_seed[name].append(summarize(result))
             histograms[name].append(result.granularity.get("histograms", {}))
-    if len(seeds) == 1:
-        figures = {name: runs_[0] for name, runs_ in per_seed.items()}
-        spreads = None
-    else:
-        both = {name: aggregate(runs_) for name, runs_ in per_seed.items()}
-        figures = {name: m for name, (m, _) in both.items()}
-        spreads = {name: r for name, (_, r) in both.items()}
-        print(f"Each cell: median (min-max) over seeds {', '.join(map(str, seeds))}.")
-    print(format_table(figures, spreads))
-    print()
-    if line := compare(figures):
-        print(line + (" (medians)" if spreads else ""))
+    figures: dict[str, dict[str, float]] = {}
+    for k, point in enumerate(results):
+        if len(seeds) == 1:
+            figures = {name: runs_[0] for name, runs_ in point["per_seed"].items()}
+            spreads = None
+        else:
+            both = {name: aggregate(runs_) for name, runs_ in point["per_seed"].items()}
+            figures = {name: m for name, (m, _) in both.items()}
+            spreads = {name: r for name, (_, r) in both.items()}
+        point["figures"], point["spreads"] = figures, spreads
+        if len(points) > 1:
+            print(f"{'' if k == 0 else chr(10)}== load {point['load']:.2g} of the pool's "
+                  f"capacity: {point['arrival_rate']:.3g} conversations/s ==")
+        if spreads:
+            print(f"Each cell: median (min-max) over seeds {', '.join(map(str, seeds))}.")
+        print(format_table(figures, spreads, clock))
+        print()
+        if line := compare(figures):
+            print(line + (" (medians)" if spreads else ""))
+    if len(points) > 1:
+        print()
+        print(format_sweep(results, names))
     copies = ("cuda backend: GPU 0 <-> pinned host memory, the preset's real block bytes"
               if args.backend == "cuda" else
+              "host backend, one 16-byte stamp per block, every swap-in's bytes checked"
+              if virtual else
               f"host backend; each block carries 1/{time_scale:g} of the preset's bytes")
-    print(
-        f"Copies are real ({copies}); model compute is "
-        f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
-        f"compute + measured swap stalls x {time_scale:g} + modelled HBM time of "
-        f"migrations). See docs/benchmarks.md.")
+    if virtual:
+        used = link or LINK_PRESETS[args.gpu]
+        print(f"Copies are real ({copies}); their time is the link model's ({used.name}: "
+              f"{used.dispatch_s * 1e6:.1f} us dispatch per copy call, "
+              f"{used.h2d_bytes_per_s / 1e9:.0f} GB/s per direction), model compute the cost "
+              f"model's: TTFT, TBT and throughput are on that virtual clock, the same on any "
+              f"machine. See docs/benchmarks.md.")
+    else:
+        print(
+            f"Copies are real ({copies}); model compute is "
+            f"modelled and slept; TTFT, TBT and throughput are on the modelled clock (modelled "
+            f"compute + measured swap stalls x {time_scale:g} + modelled HBM time of "
+            f"migrations). See docs/benchmarks.md.")
     try:  # checked before the run, but the directory may have changed since
         if args.json:
             doc = {"config": asdict(config), "trace": args.trace or "bundled",
-                   "conversations": len(conversations), "configurations": figures,
-                   "repeats": {"seeds": seeds, "configurations": per_seed},
-                   # log2 bins: entry k counts values in [2**k, 2**(k+1)); one per seed
-                   "granularity_histograms": histograms}
-            if spreads:
-                doc["range"] = spreads
+                   "conversations": len(conversations)}
+            if len(points) == 1:
+                doc.update(_point_json(results[0], seeds))
+            else:
+                doc["capacity_rate"] = capacity
+                doc["sweep"] = [{"arrival_rate": r["arrival_rate"], "load": r["load"],
+                                 **_point_json(r, seeds)} for r in results]
+            doc["sources"] = sources(next(iter(figures.values())), clock)
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=2)
         if args.plot:
@@ -549,6 +684,50 @@ def _bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _point_json(point: dict, seeds: list[int]) -> dict:
+    """The JSON of one load point: figures, each seed's, histograms, and the range."""
+    doc = {"configurations": point["figures"],
+           "repeats": {"seeds": seeds, "configurations": point["per_seed"]},
+           # log2 bins: entry k counts values in [2**k, 2**(k+1)); one per seed
+           "granularity_histograms": point["histograms"]}
+    if point["spreads"]:
+        doc["range"] = point["spreads"]
+    return doc
+
+
+def preemptions_start(results: list[dict]) -> str:
+    """Where priority preemptions start along a load sweep, per configuration."""
+    parts = []
+    for name in results[0]["figures"]:
+        loads = [r["load"] for r in results if r["figures"][name]["priority_preemptions"] > 0]
+        parts.append(f"{name} at load {min(loads):.2g}" if loads else f"{name}: none")
+    return "priority preemptions start: " + "; ".join(parts)
+
+
+def format_sweep(results: list[dict], names: list[str]) -> str:
+    """The load sweep in one table: per load point, priority preemptions and P99 TTFT per
+    configuration, and full vs baseline P99 TTFT; then where preemptions start."""
+    head = ["load", "conv/s", *(f"preempt {n}" for n in names),
+            *(f"P99 TTFT {n} (s)" for n in names)]
+    ratio = "full" in names and "baseline" in names
+    if ratio:
+        head.append("full/baseline P99 TTFT")
+    rows = []
+    for r in results:
+        f = r["figures"]
+        row = [f"{r['load']:.2g}", f"{r['arrival_rate']:.3g}",
+               *(f"{f[n]['priority_preemptions']:,.0f}" for n in names),
+               *(_number_text(f[n]["ttft_p99_s"], "{:,.3f}") for n in names)]
+        if ratio:
+            b = f["baseline"]["ttft_p99_s"]
+            row.append(f"{f['full']['ttft_p99_s'] / b:.2f}x" if b else "n/a")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join([*lines, preemptions_start(results)])
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -582,13 +761,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace", default=None,
                    help="CSV with conversation_id, turn, new_input_tokens, output_tokens and "
                         "optional arrival_s (default: the bundled ShareGPT trace)")
-    b.add_argument("--conversations", type=_integer(1), default=1000,
+    b.add_argument("--conversations", type=_integer(1), default=DEFAULT_CONVERSATIONS,
                    help="conversations sampled from the trace (>= 1; all of them when it "
                         "holds fewer)")
     b.add_argument("--seed", type=int, default=d.seed, help="random seed (any integer)")
-    b.add_argument("--arrival-rate", type=_number(positive=True), default=d.arrival_rate,
-                   help="Poisson conversation arrivals per second (> 0; ignored where the "
-                        "trace has arrival_s)")
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--arrival-rate", type=_numbers, default=[d.arrival_rate],
+                      metavar="RATE[,RATE...]",
+                      help="Poisson conversation arrivals per second (> 0; ignored where the "
+                           "trace has arrival_s); several, comma-separated, sweep the load")
+    load.add_argument("--load", type=_numbers, default=None, metavar="F[,F...]",
+                      help="arrivals as fractions of the GPU pool's capacity (the decode rate "
+                           "of the batch the pool holds, over the output tokens per "
+                           "conversation; above 1 queues grow and priority updates preempt); "
+                           "several, comma-separated, sweep the load and report where "
+                           "priority preemptions start")
     b.add_argument("--think-s", type=_number(positive=False), default=d.think_s,
                    help="mean think time between a turn's end and the next turn, seconds "
                         "(exponential; >= 0, 0 = none)")
@@ -604,10 +791,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "largest sampled conversation: checked before the run)")
     b.add_argument("--host-blocks", type=_integer(1, INT32_MAX), default=d.host_blocks,
                    help="host pool size, blocks of 16 tokens (1 to 2^31-1)")
+    b.add_argument("--clock", choices=("virtual", "wall"), default=None,
+                   help="virtual (default): model steps from the cost model, copies' time "
+                        "from the link model; the same figures on any machine. wall: scaled "
+                        "real time, measured copies and stalls (the only clock of --backend "
+                        "cuda, its default there)")
+    b.add_argument("--link-model", default=None, metavar="PRESET|CAMPAIGN.json",
+                   help=f"the virtual clock's link model: a preset ({', '.join(LINK_PRESETS)})"
+                        f" or a GPU campaign's campaign.json (benchmarks/gpu_campaign.py); "
+                        f"default: the preset of --gpu")
     b.add_argument("--time-scale", type=_number(positive=True), default=d.time_scale,
                    action=_GivenNumber,
-                   help="run this many times faster than the modelled system (> 0; 1 = real "
-                        "time; --backend cuda always runs at 1)")
+                   help="--clock wall: run this many times faster than the modelled system "
+                        "(> 0; 1 = real time; --backend cuda always runs at 1)")
     b.add_argument("--backend", choices=("host", "cuda"), default=d.backend,
                    help="host: both pools in host memory, copies with memcpy (scaled by "
                         "--time-scale); cuda: device pool on GPU 0 (PyTorch tensors), "
@@ -615,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default pools of llama-3-8b take 20 GiB of GPU memory and 60 GiB "
                         "of pinned host memory: size them with --gpu-blocks/--host-blocks)")
     b.add_argument("--workers", type=_integer(0, MAX_WORKERS), default=d.num_workers,
-                   help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline)")
+                   help=f"swap engine worker threads (0 to {MAX_WORKERS}; 0 = copy inline; "
+                        f"the virtual clock models as many copy streams)")
     b.add_argument("--configs", default=",".join(CONFIGURATIONS),
                    help="comma-separated configurations to compare (default: all four); "
                         "also groups-nocompact, groups+async-nocompact, full-nocompact: the "

@@ -66,8 +66,9 @@ SwapInPolicy = Literal["adaptive", "async", "sync"]
 
 @dataclass(frozen=True)
 class SwapManagerStats:
-    """Counters since the manager was made. Blocks are KV blocks; times are wall seconds
-    measured with ``time.perf_counter`` in the calling thread.
+    """Counters since the manager was made. Blocks are KV blocks; times are seconds of the
+    manager's ``clock`` measured in the calling thread: wall seconds
+    (``time.perf_counter``) unless a clock was given.
 
     ``swap_out_blocks == copied_blocks + reused_blocks`` always holds.
     """
@@ -199,6 +200,9 @@ class SwapManager:
             ``"failed"`` are left out, possibly leaving it empty). Paged attention must read
             these ids from then on. The same changes are also kept for
             :meth:`take_block_table_changes`.
+        clock: the clock the wait times of :meth:`stats` are read from (seconds; default
+            ``time.perf_counter``). ``kvswitch bench`` passes its virtual clock, whose time
+            a wait on a :class:`~kvswitch.bench.virtual_clock.VirtualSwapEngine` advances.
 
     Raises:
         TypeError: ``block_size`` or ``window`` not an int; ``reuse``, ``async_swap_out``,
@@ -235,6 +239,7 @@ class SwapManager:
         compaction_max_moved: float = DEFAULT_COMPACTION_MAX_MOVED,
         on_block_tables_changed: Callable[[dict[Hashable, npt.NDArray[np.int32]]], None]
         | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         block_size = as_count(block_size, "block_size", maximum=INT32_MAX)
         window = as_count(window, "window")
@@ -268,6 +273,7 @@ class SwapManager:
         self.compaction = compaction
         self.compaction_max_moved = compaction_max_moved
         self.on_block_tables_changed = on_block_tables_changed
+        self._clock: Callable[[], float] = clock if clock is not None else time.perf_counter
         # Sequences whose block table a compaction changed since take_block_table_changes
         # (a dict used as an ordered set; the tables are read when taken).
         self._table_changes: dict[Hashable, None] = {}
@@ -320,10 +326,10 @@ class SwapManager:
             self._check_not_failed(seq_id)
             new = self.gpu.allocate(seq_id, num_blocks)
             if self.engine.num_workers and self._unfinished_jobs():
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 if self.engine.wait_blocks(new):
                     self._n["conflicts"] += 1
-                    self._t["conflict_wait_s"] += time.perf_counter() - t0
+                    self._t["conflict_wait_s"] += self._clock() - t0
             return new
 
     def block_table(self, seq_id: Hashable) -> npt.NDArray[np.int32]:
@@ -402,9 +408,9 @@ class SwapManager:
             # copies read blocks it never wrote.
             migration = self._failed_migration(seq_id)
             if migration is None and handle is not None and not self.async_swap_out:
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 _quiet_wait(handle)
-                self._t["swap_out_wait_s"] += time.perf_counter() - t0
+                self._t["swap_out_wait_s"] += self._clock() - t0
                 if not handle.error:
                     handle = None
                 else:  # it failed with such a migration still in flight, or on its own
@@ -628,12 +634,12 @@ class SwapManager:
                 self._n["async_decisions"] += 1
                 return ready
             self._n["sync_decisions"] += 1
-            t0 = time.perf_counter()
+            t0 = self._clock()
             for s in pending:
                 handle = self._swapping_in[s].handle
                 if handle is not None:
                     _quiet_wait(handle)
-            self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            self._t["swap_in_wait_s"] += self._clock() - t0
             return ready + self._finish_swap_ins()
 
     def take_failed(self) -> dict[Hashable, SwapError]:
@@ -697,9 +703,9 @@ class SwapManager:
                 raise ValueError(f"sequence {seq_id!r} is not swapping in{state}")
             handle = self._swapping_in[seq_id].handle
             if handle is not None and not handle.done():
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 _quiet_wait(handle)
-                self._t["swap_in_wait_s"] += time.perf_counter() - t0
+                self._t["swap_in_wait_s"] += self._clock() - t0
             record = self._swapping_in.pop(seq_id)
             if handle is not None and handle.error:
                 error = self._fail_swap_in(seq_id, record)
@@ -828,9 +834,9 @@ class SwapManager:
         """Wait for every queued copy (counted as swap-in wait time); failed asynchronous
         swap-outs are then ``"failed"``."""
         with self._lock:
-            t0 = time.perf_counter()
+            t0 = self._clock()
             self.engine.synchronize()
-            self._t["swap_in_wait_s"] += time.perf_counter() - t0
+            self._t["swap_in_wait_s"] += self._clock() - t0
             self._reap_swap_outs()
             self._reap_migrations()
 
@@ -935,9 +941,9 @@ class SwapManager:
         self._table_changes.update(dict.fromkeys(moved))
         self._migrations.append((handle, dict.fromkeys(moved)))
         if before is None:
-            t0 = time.perf_counter()
+            t0 = self._clock()
             _quiet_wait(handle)
-            self._t["migrate_wait_s"] += time.perf_counter() - t0
+            self._t["migrate_wait_s"] += self._clock() - t0
             self._reap_migrations()
         if self.on_block_tables_changed is not None:
             # Running ones only: a failed migration (waited for above) failed the others.
@@ -1087,9 +1093,9 @@ class SwapManager:
         job of this one, which would fail with it."""
         for record in (self._swapping_in.get(seq_id), self._swapped.get(seq_id)):
             if record is not None and record.handle is not None and not record.handle.done():
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 _quiet_wait(record.handle)
-                self._t["swap_in_wait_s"] += time.perf_counter() - t0
+                self._t["swap_in_wait_s"] += self._clock() - t0
 
     def _check_not_failed(self, seq_id: Hashable) -> None:
         """A failed sequence refuses work: with its SwapError while that is unreported

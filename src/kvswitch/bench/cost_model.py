@@ -19,7 +19,8 @@ default) is an assumption, not a measurement: the fraction of peak that kernels 
 Sources: model shapes from the models' published ``config.json`` (Meta Llama 3 8B,
 Llama 3.2 1B, Qwen2.5 32B on the Hugging Face Hub); peak figures from NVIDIA's datasheets
 (A10: 600 GB/s GDDR6, 125 TFLOPS dense BF16; A100 80GB SXM: 2,039 GB/s, 312 TFLOPS;
-H200 SXM: 4.8 TB/s, 989 TFLOPS).
+H100 SXM: 3.35 TB/s, 989 TFLOPS; H200 SXM: 4.8 TB/s, 989 TFLOPS). The copies' time comes
+from the link model (:mod:`kvswitch.bench.link_model`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ GPU_PRESETS: dict[str, GpuPreset] = {
     for p in (
         GpuPreset("a10", 600e9, 125e12),
         GpuPreset("a100", 2039e9, 312e12),
+        GpuPreset("h100", 3.35e12, 989e12),
         GpuPreset("h200", 4.8e12, 989e12),
     )
 }
