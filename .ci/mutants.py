@@ -92,27 +92,27 @@ MUTANTS = [
            " return true;\n", "", MACHINES),
     # -- a wait removed ----------------------------------------------------------------------
     Mutant("wait_swap_in() returns without waiting for the copies", M,
-           "            if handle is not None and not handle.done():\n"
-           "                t0 = time.perf_counter()\n                _quiet_wait(handle)\n"
-           "                self._t[\"swap_in_wait_s\"] += time.perf_counter() - t0\n"
+           "                _quiet_wait(handle)\n"
+           "                self._t[\"swap_in_wait_s\"] += self._clock() - t0\n"
            "            record = self._swapping_in.pop(seq_id)",
+           "                pass\n"
+           "                self._t[\"swap_in_wait_s\"] += self._clock() - t0\n"
            "            record = self._swapping_in.pop(seq_id)", MACHINES),
     Mutant("decide() (synchronous) does not wait for pending swap-ins", M,
            "                if handle is not None:\n                    _quiet_wait(handle)\n"
            "            self._t[\"swap_in_wait_s\"]",
            "                pass\n            self._t[\"swap_in_wait_s\"]",
            MACHINES + ["tests/test_manager.py::TestBlockingManagerMachine"]),
-    Mutant("(C++) a job does not wait for its dependencies to be issued", E,
-           "        dep.cv.wait(lock, [&] { return dep.state != JobState::kQueued; });\n",
-           "", ENGINE + MACHINES),
+    Mutant("a blocking swap_out() returns before its copies end", M,
+           "            if migration is None and handle is not None and not self.async_swap_out:\n"
+           "                t0 = self._clock()\n                _quiet_wait(handle)",
+           "            if migration is None and handle is not None and not self.async_swap_out:\n"
+           "                t0 = self._clock()",
+           MACHINES + ["tests/test_manager.py::TestBlockingManagerMachine"]),
     # -- a dependency removed ----------------------------------------------------------------
     Mutant("(C++) conflicts() without host-pool ordering", E,
            "    return (a.writes_host() || b.writes_host()) && "
            "overlaps(a.host_spans, b.host_spans);", "    return false;", MACHINES + ENGINE),
-    Mutant("(C++) a read of host blocks a failed job was writing runs (no read-after-write)", E,
-           "        if (!hw.empty() && overlaps(hw, host_reads)) {\n            raw = true;",
-           "        if (!hw.empty() && overlaps(hw, host_reads)) {\n            raw = false;",
-           MACHINES + ENGINE),
     # -- a validity invalidation removed -----------------------------------------------------
     Mutant("a failed async swap-out leaves its CPU copy valid", M,
            "        self.tracker.fail(record.plan)  # its copies are invalid; the rest is "
@@ -121,6 +121,14 @@ MUTANTS = [
            "                self.tracker.fail(out.plan)", "                pass",
            MACHINES + MANAGER),
     # -- a failure propagation removed -------------------------------------------------------
+    Mutant("(C++) a read of device blocks a failed job was writing runs", E,
+           "        if (!dw.empty() && overlaps(dw, dev_reads)) {\n            raw = true;",
+           "        if (!dw.empty() && overlaps(dw, dev_reads)) {\n            raw = false;",
+           ENGINE + MACHINES),
+    Mutant("(C++) a read of host blocks a failed job was writing runs (no read-after-write)", E,
+           "        if (!hw.empty() && overlaps(hw, host_reads)) {\n            raw = true;",
+           "        if (!hw.empty() && overlaps(hw, host_reads)) {\n            raw = false;",
+           MACHINES + ENGINE),
     Mutant("a failed swap-in is reported running", M,
            "            if handle is not None and handle.error:\n"
            "                self._fail_swap_in(s, record)",
@@ -253,6 +261,11 @@ def main() -> int:
     mutants = [m for m in MUTANTS
                if m.control or not args.only or any(t in m.name for t in args.only)]
     mutants.sort(key=lambda m: (not m.control, m.cpp))  # control first, C++ last
+    for m in mutants:  # every snippet still applies, before minutes are spent
+        n = (ROOT / m.path).read_text().count(m.old)
+        if n != 1:
+            sys.exit(f"mutants: {m.name!r}: its snippet occurs {n} times in {m.path} "
+                     "(want 1): update the mutant")
     scratch = Scratch(args.workdir)
     if any(m.cpp for m in mutants):
         scratch.start_cpp_build()
