@@ -855,7 +855,8 @@ class SwapManager:
     def close(self) -> None:
         """Finish queued copies and close the engine. Serialised with the other methods
         (it takes the manager's lock): a call running in another thread finishes first, and
-        a later one raises :class:`~kvswitch.EngineClosedError` having changed nothing."""
+        a later call that would queue copies raises :class:`~kvswitch.EngineClosedError`
+        having changed nothing."""
         with self._lock:
             self.engine.close()
 
