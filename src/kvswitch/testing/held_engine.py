@@ -49,6 +49,9 @@ class HeldEngine:
     methods and attributes are passed through. Install it on a manager with
     ``manager.engine = HeldEngine(manager.engine)`` before any job is submitted.
 
+    For the host backend, or CUDA jobs without ``before=``: a submit with a ``before``
+    stream waits for the job's dispatch, which a held job never gets.
+
     Raises:
         ValueError: the engine runs jobs in the calling thread (``num_workers == 0``).
     """
