@@ -1,10 +1,11 @@
 """vLLM with kvswitch as its KV offloading spec: preempted and repeated prompts reload
 their KV from CPU blocks that kvswitch stores in per-request contiguous extents.
 
-Needs vLLM 0.32 (``pip install 'kvswitch[vllm]'``) and a CUDA GPU. It downloads nothing:
-the model is a small random-weight Llama (``load_format="dummy"``) described by a local
-``config.json`` written to a temporary directory, and prompts are token ids
-(``skip_tokenizer_init=True``). Where there is no GPU (or no vLLM) it says why and exits 0.
+Needs vLLM 0.32 (``pip install ".[vllm]"`` from a kvswitch checkout) and a CUDA GPU.
+It downloads nothing: the model is a small random-weight Llama (``load_format="dummy"``)
+described by a local ``config.json`` written to a temporary directory, and prompts are
+token ids (``skip_tokenizer_init=True``). Where there is no GPU (or no vLLM) it says why
+and exits 0.
 
 Not yet run on a GPU (written and checked on a CPU-only machine, where it exits 0).
 
@@ -39,11 +40,11 @@ def why_not() -> str | None:
     try:
         import torch
     except ImportError:
-        return "torch is not installed (pip install 'kvswitch[vllm]')"
+        return "torch is not installed (pip install '.[vllm]' from a kvswitch checkout)"
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        return f"vLLM is not installed ({e}); pip install 'kvswitch[vllm]'"
+        return f"vLLM is not installed ({e}); pip install '.[vllm]' from a kvswitch checkout"
     if not torch.cuda.is_available():
         return ("no CUDA GPU: vLLM's OffloadingConnector moves KV between GPU and CPU "
                 "memory, so this example needs a GPU. The adapter's transfer path is "

@@ -53,6 +53,8 @@ COUNTER_NAMES = [
     "proc_legacy_flag", "proc_other_flag", "ctx_synchronize", "batch_prefer_overlap",
     "events_blocking_sync", "stream_is_capturing_calls", "stale_flag_writes",
     "memcpy_2d_dtod", "batch_dtod_copies",
+    "captured_ops", "capture_violations", "proc_stub_resolutions", "sticky_refusals",
+    "pageable_sync_calls",
 ]
 
 # Environment variables that change the fake's behaviour: not inherited by run_with_fake's
@@ -112,6 +114,8 @@ PRELUDE_CTYPES = textwrap.dedent('''
         "fake_set_capturing": (None, u64, c_int),
         "fake_pending_waits_satisfied": (c_int, u64),
         "fake_fail": (c_int, c_char_p, c_long, c_long),
+        "fake_fault_copy": (None, c_long, c_int),
+        "fake_proc_requests": (c_long, c_char_p, c_long),
         # driver API
         "cuInit": (c_int, c_uint),
         "cuDriverGetVersion": (c_int, POINTER(c_int)),
@@ -126,6 +130,10 @@ PRELUDE_CTYPES = textwrap.dedent('''
         "cuDeviceTotalMem_v2": (c_int, POINTER(c_size_t), c_int),
         "cuDevicePrimaryCtxRetain": (c_int, POINTER(c_void_p), c_int),
         "cuDevicePrimaryCtxRelease_v2": (c_int, c_int),
+        "cuDevicePrimaryCtxReset_v2": (c_int, c_int),
+        "cuThreadExchangeStreamCaptureMode": (c_int, POINTER(c_int)),
+        "cuStreamBeginCapture_v2": (c_int, H, c_int),
+        "cuStreamEndCapture": (c_int, H, POINTER(c_void_p)),
         "cuCtxSetCurrent": (c_int, H),
         "cuCtxGetCurrent": (c_int, POINTER(c_void_p)),
         "cuCtxGetStreamPriorityRange": (c_int, POINTER(c_int), POINTER(c_int)),
@@ -165,8 +173,11 @@ PRELUDE_CTYPES = textwrap.dedent('''
     C = lib.fake_counters().contents
 
     SUCCESS, INVALID_VALUE, INVALID_CONTEXT, INVALID_HANDLE = 0, 1, 201, 400
-    NOT_FOUND, NOT_READY, UNKNOWN = 500, 600, 999
+    NOT_FOUND, NOT_READY, ILLEGAL_ADDRESS, UNKNOWN = 500, 600, 700, 999
+    CAPTURE_UNSUPPORTED, CAPTURE_INVALIDATED, CAPTURED_EVENT = 900, 901, 907
     EVENT_BLOCKING_SYNC, EVENT_DISABLE_TIMING = 0x1, 0x2
+    MODE_GLOBAL, MODE_THREAD_LOCAL, MODE_RELAXED = 0, 1, 2  # CUstreamCaptureMode
+    SIZE_MAX = 2**64 - 1
 
     def check(r, what="driver call"):
         if r != SUCCESS:
@@ -237,12 +248,38 @@ PRELUDE_CTYPES = textwrap.dedent('''
         assert not t.is_alive(), "the call did not finish"
         return t.result
 
+    def capture_mode(mode):
+        """Sets this thread's capture interaction mode; returns the previous one."""
+        m = c_int(mode)
+        check(lib.cuThreadExchangeStreamCaptureMode(byref(m)), "cuThreadExchangeStreamCaptureMode")
+        return m.value
+
+    def end_capture(stream):
+        """(CUresult, graph handle or None) of cuStreamEndCapture."""
+        g = c_void_p()
+        r = lib.cuStreamEndCapture(stream, byref(g))
+        return r, g.value
+
+    def proc_requests():
+        """The cuGetProcAddress requests so far as (name, version) pairs, in call order."""
+        n = lib.fake_proc_requests(None, 0)
+        b = ctypes.create_string_buffer(n + 1)
+        lib.fake_proc_requests(b, n + 1)
+        return [(x.split("@")[0], int(x.split("@")[1]))
+                for x in b.value.decode().split("\\n") if x]
+
     def about_to_block():
         """For run_expecting_hang: the next call is the one that must hang."""
         print("FAKE-BLOCKING", flush=True)
 
     CTX = use_context()
 ''').replace("__COUNTER_NAMES__", repr(COUNTER_NAMES))
+
+
+def fake_env(fake_dir: Path, **env: str) -> dict[str, str]:
+    """The environment of a subprocess that loads the fake: this one's, without the
+    variables that change the fake, with LD_LIBRARY_PATH pointing at it, plus `env`."""
+    return _env(fake_dir, env)
 
 
 def _env(fake_dir: Path, env: dict[str, str]) -> dict[str, str]:

@@ -12,8 +12,19 @@ only fail if the fake is wrong.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
-from _fake_cuda import CXX, build_fake_driver, run_expecting_hang, run_with_fake
+from _fake_cuda import (
+    CXX,
+    PRELUDE_CTYPES,
+    build_fake_driver,
+    fake_env,
+    run_expecting_hang,
+    run_with_fake,
+)
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
@@ -330,7 +341,8 @@ def test_failure_injection_skips_then_fails_count_calls(fake):
         dsts, srcs, sizes = (u64 * 1)(b), (u64 * 1)(a), (c_size_t * 1)(8)
         attr, idx, fail = MemcpyAttributes(srcAccessOrder=1), c_size_t(0), c_size_t(5)
         args = (dsts, srcs, sizes, 1, byref(attr), byref(idx), 1, byref(fail), s)
-        assert lib.cuMemcpyBatchAsync(*args) == UNKNOWN and fail.value == 0
+        # an error about no copy in particular: failIdx is SIZE_MAX (cuda.h)
+        assert lib.cuMemcpyBatchAsync(*args) == UNKNOWN and fail.value == SIZE_MAX
         assert lib.cuMemcpyBatchAsync(*args) == SUCCESS and C.batch_calls == 1
         assert lib.fake_fail(b"cuNoSuchCall", 0, 1) == INVALID_VALUE
         names = {r: error_name(r) for r in (0, 1, 201, 400, 600, 999, 9999, 2)}
@@ -457,7 +469,9 @@ def test_proc_address_versions_and_flags(fake):
             fn, status = c_void_p(), c_int(-1)
             r = lib.cuGetProcAddress_v2(name.encode(), byref(fn), version, flags, byref(status))
             return fn.value if r == SUCCESS else None
-        assert proc("cuStreamWaitValue32", 11060) is None
+        # below 11070 the v1 memory operations: a stub kvswitch must never get
+        assert proc("cuStreamWaitValue32", 11060) == sym("fake_stub_cuStreamMemOp_v1")
+        assert C.proc_stub_resolutions == 1
         assert proc("cuStreamWaitValue32", 11070) == sym("cuStreamWaitValue32_v2")
         assert proc("cuStreamWriteValue32", 12000) == sym("cuStreamWriteValue32_v2")
         assert proc("cuMemcpyBatchAsync", 12070) is None
@@ -543,4 +557,183 @@ def test_many_threads_many_streams(fake):
         assert not errors and not any(t.is_alive() for t in ts), errors
         assert bytes(buf(data[N], 64)) == bytes(range(64))
         assert C.memcpy_async == N * ROUNDS and C.event_record == N * ROUNDS
+    ''')
+
+
+# -- issue 22: fidelity of the fake (each case fails on a fake without that behaviour) ------
+
+def test_proc_address_resolves_each_abi_by_the_version_asked_for(fake):
+    """cuMemcpyBatchAsync has two ABIs: 12.8/12.9 (with failIdx) for versions in [12080,
+    13000), 13.0's 8-argument one from 13000. A driver answers the newer one to a request
+    at 13000 without complaint, so the fake answers a stub (counted, aborts if called)."""
+    run_with_fake(fake, '''
+        def proc(name, version):
+            fn, status = c_void_p(), c_int(-1)
+            r = lib.cuGetProcAddress_v2(name.encode(), byref(fn), version, 1, byref(status))
+            return (fn.value, status.value) if r == SUCCESS else (None, status.value)
+        v1 = sym("cuMemcpyBatchAsync")
+        assert proc("cuMemcpyBatchAsync", 12080) == (v1, 0)
+        assert proc("cuMemcpyBatchAsync", 12090) == (v1, 0)
+        assert C.proc_stub_resolutions == 0
+        assert proc("cuMemcpyBatchAsync", 13000) == (sym("fake_stub_cuMemcpyBatchAsync_v2"), 0)
+        assert proc("cuMemcpyBatchAsync", 13010)[0] == sym("fake_stub_cuMemcpyBatchAsync_v2")
+        assert C.proc_stub_resolutions == 2
+        assert proc("cuMemcpyBatchAsync", 13020)[1] == 2  # above the driver: not sufficient
+        assert proc("cuThreadExchangeStreamCaptureMode", 11000)[0] == sym(
+            "cuThreadExchangeStreamCaptureMode")
+        assert proc_requests()[-2:] == [("cuMemcpyBatchAsync", 13020),
+                                        ("cuThreadExchangeStreamCaptureMode", 11000)]
+    ''', FAKE_CUDA_DRIVER_VERSION="13010")
+
+
+def test_the_13_0_batch_abi_stub_stops_the_process_loudly(fake):
+    r = subprocess.run([sys.executable, "-c", PRELUDE_CTYPES + textwrap.dedent('''
+        fn, status = c_void_p(), c_int()
+        check(lib.cuGetProcAddress_v2(b"cuMemcpyBatchAsync", byref(fn), 13000, 1, byref(status)))
+        ctypes.CFUNCTYPE(c_int)(fn.value)()
+    ''')], env=fake_env(fake, FAKE_CUDA_DRIVER_VERSION="13000"), capture_output=True,
+        text=True, timeout=60)
+    assert r.returncode != 0 and "ABI (8 arguments, no failIdx)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("api", ["memcpy", "2d", "batch"])
+def test_pageable_copies_are_synchronous_inside_the_call(fake, api):
+    """Neither end page-locked: the call drains the stream's earlier work and runs the copy
+    before it returns (a GPU stages it through a bounce buffer); a pinned copy returns
+    while its stream is still gated."""
+    run_with_fake(fake, f'''
+        s = new_stream()
+        a, b = ctypes.create_string_buffer(b"p" * 64, 64), ctypes.create_string_buffer(64)
+        src, dst = ctypes.addressof(a), ctypes.addressof(b)
+        def copy(dst, src):
+            if "{api}" == "memcpy":
+                return lib.cuMemcpyAsync(dst, src, 64, s)
+            if "{api}" == "2d":
+                m = Memcpy2D(srcMemoryType=4, srcDevice=src, srcPitch=64, dstMemoryType=4,
+                             dstDevice=dst, dstPitch=64, WidthInBytes=64, Height=1)
+                return lib.cuMemcpy2DAsync_v2(byref(m), s)
+            attr, idx, fail = MemcpyAttributes(srcAccessOrder=1), c_size_t(0), c_size_t(0)
+            return lib.cuMemcpyBatchAsync((u64 * 1)(dst), (u64 * 1)(src), (c_size_t * 1)(64),
+                                          1, byref(attr), byref(idx), 1, byref(fail), s)
+        gate = lib.fake_gate_close(s)
+        t = in_thread(copy, dst, src)
+        assert_blocked(t)  # waits for the gate ahead of it on the stream
+        assert b.raw == bytes(64)
+        lib.fake_gate_open(gate)
+        assert assert_finishes(t) == SUCCESS
+        assert b.raw == b"p" * 64  # copied when the call returned
+        assert C.pageable_sync_calls == 1 and C.pageable_copies == 1
+        pin = pinned(64)
+        gate = lib.fake_gate_close(s)
+        check(copy(pin, src))  # one end page-locked: asynchronous
+        assert bytes(buf(pin, 64)) == bytes(64) and C.pageable_sync_calls == 1
+        lib.fake_gate_open(gate)
+        check(lib.cuStreamSynchronize(s))
+        assert bytes(buf(pin, 64)) == b"p" * 64
+    ''')
+
+
+def test_a_global_capture_prohibits_unsafe_calls_in_global_mode_threads(fake):
+    """cuda.h (cuThreadExchangeStreamCaptureMode): while a thread captures in GLOBAL mode,
+    another thread in GLOBAL mode may not make a potentially unsafe call (it fails with
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and the capture is invalidated); one in RELAXED
+    or THREAD_LOCAL mode may. Work enqueued on the capturing stream is not run."""
+    run_with_fake(fake, '''
+        cap, other = new_stream(), new_stream()
+        e = new_event()
+        check(lib.cuEventRecord(e, other))
+        check(lib.cuStreamSynchronize(other))  # e complete: its queries answer SUCCESS
+        a, b = pinned(16), pinned(16)
+        buf(a, 16)[:] = b"c" * 16
+        def unsafe_calls():  # each a "potentially unsafe" call
+            return [lib.cuEventQuery(e), lib.cuEventSynchronize(e),
+                    lib.cuStreamSynchronize(other)]
+        for mode in (MODE_RELAXED, MODE_THREAD_LOCAL):
+            check(lib.cuStreamBeginCapture_v2(cap, MODE_GLOBAL))
+            t = in_thread(lambda m=mode: (capture_mode(m), unsafe_calls())[1])
+            assert assert_finishes(t) == [SUCCESS] * 3, (mode, t.result)
+            status = c_int()
+            check(lib.cuStreamIsCapturing(cap, byref(status)))
+            assert status.value == 1  # still active
+            assert end_capture(cap)[0] == SUCCESS
+        check(lib.cuStreamBeginCapture_v2(cap, MODE_GLOBAL))
+        check(lib.cuMemcpyAsync(b, a, 16, cap))  # into the graph: not run
+        t = in_thread(unsafe_calls)  # a new thread starts in GLOBAL mode
+        assert assert_finishes(t) == [CAPTURE_UNSUPPORTED] * 3, t.result
+        status = c_int()
+        check(lib.cuStreamIsCapturing(cap, byref(status)))
+        assert status.value == 2  # invalidated
+        assert end_capture(cap) == (CAPTURE_INVALIDATED, None)
+        assert C.capture_violations == 3 and C.captured_ops == 1
+        check(lib.cuStreamSynchronize(cap))
+        assert bytes(buf(b, 16)) == bytes(16)
+        # the capturing thread itself, and an event recorded inside the capture
+        check(lib.cuStreamBeginCapture_v2(cap, MODE_THREAD_LOCAL))
+        assert lib.cuStreamSynchronize(other) == CAPTURE_UNSUPPORTED
+        assert end_capture(cap)[0] == CAPTURE_INVALIDATED
+        check(lib.cuStreamBeginCapture_v2(cap, MODE_RELAXED))
+        captured = new_event()
+        check(lib.cuEventRecord(captured, cap))
+        assert lib.cuStreamSynchronize(other) == SUCCESS  # a relaxed capture allows it
+        assert lib.cuEventQuery(captured) == CAPTURED_EVENT  # even in relaxed mode
+        r, graph = end_capture(cap)
+        assert r == SUCCESS and graph
+        assert capture_mode(MODE_GLOBAL) == MODE_GLOBAL  # this thread's mode unchanged
+    ''')
+
+
+def test_a_fault_is_sticky_until_the_context_is_reset(fake):
+    """A copy that faults when it executes (an illegal address) leaves every later call
+    that uses the context failing with that error, blocked waits included, until
+    cuDevicePrimaryCtxReset; calls that do not use it keep working."""
+    run_with_fake(fake, '''
+        s = new_stream()
+        a, b, c = pinned(16), pinned(16), pinned(16)
+        buf(a, 16)[:] = b"f" * 16
+        e = new_event(EVENT_BLOCKING_SYNC)
+        lib.fake_fault_copy(1, ILLEGAL_ADDRESS)  # the second copy to execute faults
+        gate = lib.fake_gate_close(s)
+        check(lib.cuMemcpyAsync(b, a, 16, s))
+        check(lib.cuMemcpyAsync(c, a, 16, s))  # enqueued fine: the fault shows later
+        check(lib.cuEventRecord(e, s))
+        t = in_thread(lib.cuEventSynchronize, e)
+        assert_blocked(t)
+        lib.fake_gate_open(gate)
+        assert assert_finishes(t) == ILLEGAL_ADDRESS  # a blocked wait returns the error
+        assert bytes(buf(b, 16)) == b"f" * 16 and bytes(buf(c, 16)) == bytes(16)
+        for _ in range(2):  # every call, not once
+            assert lib.cuEventQuery(e) == ILLEGAL_ADDRESS
+            assert lib.cuStreamSynchronize(s) == ILLEGAL_ADDRESS
+            assert lib.cuMemcpyAsync(c, a, 16, s) == ILLEGAL_ADDRESS
+            assert lib.cuEventRecord(e, s) == ILLEGAL_ADDRESS
+            assert lib.cuStreamCreate(byref(c_void_p()), 0) == ILLEGAL_ADDRESS
+        assert error_name(ILLEGAL_ADDRESS) == "CUDA_ERROR_ILLEGAL_ADDRESS"
+        n = c_int()
+        check(lib.cuDeviceGetCount(byref(n)))  # no context used
+        assert C.sticky_refusals >= 10
+        check(lib.cuDevicePrimaryCtxReset_v2(0))
+        check(lib.cuStreamSynchronize(s))
+        check(lib.cuMemcpyAsync(c, a, 16, s))
+        check(lib.cuStreamSynchronize(s))
+        assert bytes(buf(c, 16)) == b"f" * 16
+    ''')
+
+
+def test_batch_fail_idx_names_the_copy_or_none(fake):
+    run_with_fake(fake, '''
+        s = new_stream()
+        a, b = pinned(64), pinned(64)
+        attr, idx, fail = MemcpyAttributes(srcAccessOrder=1), c_size_t(0), c_size_t(7)
+        def batch(dsts, n=3):
+            return lib.cuMemcpyBatchAsync((u64 * n)(*dsts), (u64 * n)(a, a + 16, a + 32),
+                                          (c_size_t * n)(16, 16, 16), n, byref(attr),
+                                          byref(idx), 1, byref(fail), s)
+        assert batch([b, 0, b + 32]) == INVALID_VALUE and fail.value == 1  # that copy
+        assert batch([b, b + 16, b + 32]) == SUCCESS
+        lib.fake_fail(b"cuMemcpyBatchAsync", 0, 1)
+        assert batch([b, b + 16, b + 32]) == UNKNOWN and fail.value == SIZE_MAX  # no copy
+        assert lib.cuMemcpyBatchAsync((u64 * 1)(b), (u64 * 1)(a), (c_size_t * 1)(16), 1,
+                                      byref(attr), byref(idx), 1, byref(fail),
+                                      None) == INVALID_VALUE  # the legacy NULL stream
+        assert fail.value == SIZE_MAX
     ''')

@@ -150,15 +150,23 @@ def test_pytest_outcomes_from_verbose_output_and_junit(tmp_path):
     assert any("'a': 1" in v[0] for v in j["reports"].values())
 
 
-def _results(ceiling_out=50.0, eng=48.0, loop=2.0, ratio=1.7, p50=12.0, slow=0.02):
+def _results(ceiling_out=50.0, eng=48.0, loop=2.0, ratio=1.7, p50=12.0, slow=0.02,
+             migrate=900.0):
     engine = [{"direction": d, "extent": e, "workers": w, "gbps_wall": eng if e >= 20 else 30.0}
               for d in ("out", "in") for e in (1, 4, 20, 60) for w in (1, 2)]
+    raw = [{"direction": d, "extent": e, "api": "memcpy", "gbps_gpu": loop, "copies": 7680,
+            "per_block": e > 1} for d in ("out", "in") for e in (1, 20, 60)]
+    raw += [{"direction": d, "extent": 20, "api": "memcpy", "gbps_gpu": 45.0, "copies": 384,
+             "per_block": False} for d in ("out", "in")]  # one copy per extent: not the loop
     return {
         "ceiling": {"gbps_out": ceiling_out, "gbps_in": 50.0, "bytes": 2 * G.GIB, "warmup": 3,
                     "repeats": 20, "gbps_both": 90.0, "ratio_both": 1.8},
         "engine": {"rows": engine, "jobs": 8, "seq_blocks": 120, "rounds": 5},
-        "raw_api": {"rows": [{"direction": d, "extent": 1, "api": "memcpy", "gbps_gpu": loop,
-                              "copies": 7680} for d in ("out", "in")], "seq_blocks": 120},
+        "raw_api": {"rows": raw, "seq_blocks": 120},
+        "migrate": {"rows": [{"what": "engine.migrate", "extent": e, "gbps_wall": migrate}
+                             for e in (1, 20)]
+                    + [{"what": "torch index_copy_ (SM kernels)", "extent": 20,
+                        "gbps_wall": 5.0}]},
         "bidirectional": {"rows": [{"extent": 60, "workers": 4, "ratio": ratio,
                                     "gbps_both": 80.0, "gbps_out": 47.0, "gbps_in": 46.0}]},
         "submit_latency": {"rows": [{"direction": "out", "held": False, "extents": 64,
@@ -168,17 +176,26 @@ def _results(ceiling_out=50.0, eng=48.0, loop=2.0, ratio=1.7, p50=12.0, slow=0.0
     }
 
 
+LOOP = "group swaps (extents >= 20) vs per-block cuMemcpyAsync loop, same bytes, {}"
+
+
 def test_targets_pass_fail_and_not_measured():
     t = {x.name: x for x in G.evaluate_targets(_results())}
-    assert len(t) == 7 and all(x.passed for x in t.values()), t
+    info = [x for x in t.values() if x.informational]
+    assert len(t) == 10 and len(info) == 2 and all(x.passed is None for x in info)
+    assert all(x.passed for x in t.values() if not x.informational), t
+    # the granularity target compares extents >= 20 with the per-block loop over them
+    assert t[LOOP.format("out")].measured == "24.0x"
+    assert t["engine vs per-block loop at single-block extents, out"].measured == "15.0x"
     t = {x.name: x for x in G.evaluate_targets(
-        _results(ceiling_out=60.0, loop=4.0, ratio=1.5, p50=25.0, slow=0.08))}
+        _results(ceiling_out=60.0, loop=20.0, ratio=1.5, p50=25.0, slow=0.08, migrate=400.0))}
     assert t["group swaps (extents >= 20) vs one large copy, out"].passed is False
     assert t["group swaps (extents >= 20) vs one large copy, in"].passed is True
-    assert t["engine vs per-block cuMemcpyAsync loop, 16-token blocks, out"].measured == "7.5x"
-    assert not any(x.passed for n, x in t.items() if "group swaps" not in n)
+    assert t[LOOP.format("in")].measured == "2.4x" and t[LOOP.format("in")].passed is False
+    assert t["migrate (20-block extents) vs the PCIe ceiling"].measured == "8.0x"
+    assert not any(x.passed for n, x in t.items() if "one large copy" not in n)
     empty = G.evaluate_targets({})
-    assert len(empty) == 7 and all(x.passed is None for x in empty)
+    assert len(empty) == 8 and all(x.passed is None for x in empty)
     assert all(x.measured == "not measured" for x in empty)
 
 
@@ -190,7 +207,7 @@ def test_markdown_and_json_end_with_the_targets(tmp_path):
                 "results": _results()}
     G.write_outputs(tmp_path, campaign)
     data = json.loads((tmp_path / "campaign.json").read_text())
-    assert len(data["targets"]) == 7 and data["results"]["ceiling"]["gbps_out"] == 50.0
+    assert len(data["targets"]) == 10 and data["results"]["ceiling"]["gbps_out"] == 50.0
     md = (tmp_path / "campaign.md").read_text()
     assert md.rstrip().splitlines()[-1].startswith("| GEMM slowdown during swaps")
     assert md.index("## Targets") > md.index("## Ceiling") > md.index("## Steps")
@@ -400,6 +417,23 @@ def test_measurement_drivers_end_to_end_on_the_fake_driver(fake_driver, tmp_path
                     assert r["copies"] == len(pairs) * g.num_regions
                     assert r["bytes"] == g.seq_blocks * g.block_bytes
                     results["raw_api"]["rows"].append(r)
+                # vLLM's loop over the same blocks: one copy per block and region
+                r = G.raw_case(p, pairs, d, "memcpy", warmup=1, repeats=2, check=True,
+                               per_block=True)
+                assert r["verify"] == "ok" and r["per_block"], r
+                assert r["copies"] == g.seq_blocks * g.num_regions
+                assert r["bytes"] == g.seq_blocks * g.block_bytes
+        # migrations: sources and destinations disjoint, bytes verified on the device
+        results["migrate"] = {{"rows": []}}
+        with G.new_engine(p, 2) as eng:
+            for ext in (1, 4):
+                jobs = G.migrate_jobs(rng, g.pool_blocks, ext, 2, g.seq_blocks)
+                src, dst = G.expand(np.concatenate(jobs))
+                assert not set(src.tolist()) & set(dst.tolist())
+                r = G.migrate_case(eng, jobs, rounds=2, warmup=1, pools=p)
+                assert r["verify"] == "ok" and r["bytes"] == 2 * g.seq_blocks * g.block_bytes
+                results["migrate"]["rows"].append(r)
+            assert eng.stats()["num_migrations"] == 2 * 2 * (1 + 1 + 2)  # 2 extents
         # the verification catches a copy that did not happen
         pairs = G.make_jobs(rng, g.pool_blocks, g.pool_blocks, 1, 1, g.seq_blocks)[0]
         G.poison("out", p, pairs)
@@ -443,93 +477,51 @@ def test_measurement_drivers_end_to_end_on_the_fake_driver(fake_driver, tmp_path
     ''')
     passed = json.loads(next(line for line in out.splitlines()
                              if line.startswith("TARGETS"))[len("TARGETS"):])
-    assert len(passed) == 7 and passed[-1] is None  # no GEMM on the fake
+    assert len(passed) == 10 and passed[-1] is None  # no GEMM on the fake
     md = (tmp_path / "campaign.md").read_text()
     for heading in ("## Raw copy APIs", "## AsyncSwapEngine", "## Both directions at once",
-                    "## Call time of swap_out", "## Targets"):
+                    "## Call time of swap_out", "## Migration", "## Targets"):
         assert heading in md
     assert "| ok |" in md
 
 
-def test_campaign_steps_with_torch_on_the_cpu_and_the_fake_driver(fake_driver, tmp_path):
-    """The torch-facing steps (pools of bf16 tensors, ceiling buffers, byte checks through
-    torch, the tests/cuda and bench runners, the environment record, GEMMs beside swaps)
-    with torch CPU tensors standing in for device memory and stand-ins for the few
-    torch.cuda calls (device properties, events). Nothing timed is checked."""
+def test_the_dry_run_runs_every_step_end_to_end_on_the_fake_driver(fake_driver, tmp_path):
+    """``gpu_campaign.py --dry-run``: the whole campaign as on a GPU machine (versions line,
+    tests/cuda, ceiling, pools, raw APIs, engine, migrate, both directions, call time,
+    GEMMs beside swaps, pageable pool, outputs), at toy sizes, torch CPU tensors standing
+    in for device memory, kvswitch's cuda backend on the fake driver. It must end within
+    its stated time (DRY_RUN_STATED_S, docs/benchmarks.md) with every step ok, every byte
+    check ok, and at most 7 files in the output folder (a GPU machine returns 8). Nothing
+    timed is checked."""
     pytest.importorskip("torch")
     out_dir = tmp_path / "out"
-    run_fake(fake_driver, f'''
-        import torch
-        G.DEVICE = "cpu"
-
-        def relabel(layout):
-            regions = [dataclasses.replace(r, device=("cuda", 0)) for r in layout.regions]
-            return K.KVLayout(regions, keepalive=(layout,))
-        G.device_layout = relabel
-        argv = ["--out", {str(out_dir)!r}, "--repeats", "2", "--call-repeats", "4",
-                "--ceiling-gib", str(1 / 1024), "--bench-timeout-s", "60"]
-        args = G.parse_args(argv)
-        args.geometry = g
-        c = G.Campaign(args, argv)
-        c.consumer_stream = lambda: 0x77
-
-        class Props:
-            name, major, minor, total_memory, multi_processor_count = "Fake", 9, 0, 2**34, 132
-
-        class Event:  # torch.cuda.Event on the host clock
-            def __init__(self, enable_timing=False):
-                self.t = None
-            def record(self, stream=None):
-                self.t = __import__("time").perf_counter()
-            def synchronize(self):
-                pass
-            def elapsed_time(self, other):
-                return (other.t - self.t) * 1e3
-        torch.cuda.get_device_properties = lambda i: Props()
-        torch.cuda.device_count = lambda: 1
-        torch.cuda.Event = Event
-        torch.cuda.current_stream = lambda: None
-        node, numa = G.gpu_numa_node()
-        c.step("environment", lambda: G.step_environment(c, numa), need_s=0)
-        env = c.data["env"]
-        assert c.torch is torch and env["gpu"]["name"] == "Fake", c.data["steps"]
-        assert env["attributes"]["driver_version"] == 12080 and env["driver"]["available"]
-        assert env["before_wait_option"] in (True, False) and env["numa_binding"] == "none"
-        args.gemm_n, args.gemm_s, args.gemm_rounds = 64, 0.01, 2
-        c.step("tests", lambda: G.run_tests(c), need_s=0)
-        c.step("ceiling", lambda: G.step_ceiling(c), need_s=0)
-        c.pools = G.make_gpu_pools(c, g.pool_blocks)
-        assert isinstance(c.pools.dev, G.TorchRegions) and c.pools.host.pinned
-        for name, fn in [("raw_api", G.step_raw), ("engine", G.step_engine),
-                         ("bidirectional", G.step_bidirectional),
-                         ("submit_latency", G.step_submit_latency), ("gemm", G.step_gemm),
-                         ("pageable", G.step_pageable), ("bench_cli", G.step_bench_cli)]:
-            c.step(name, lambda fn=fn: fn(c), need_s=0)
-        c.step("over budget", lambda: 1 / 0, need_s=1e9)
-        steps = {{k: v["status"] for k, v in c.data["steps"].items()}}
-        print("STEPS", json.dumps(steps))
-        assert steps["over budget"] == "skipped"
-        for k in ("environment", "tests", "ceiling", "raw_api", "engine", "bidirectional",
-                  "submit_latency", "gemm", "pageable"):
-            assert steps[k] == "ok", (k, c.data["steps"][k])
-        res = c.data["results"]
-        t = res["tests"]
-        assert t["runner"] == "pytest tests/cuda" and t["failed"] == 0 and t["skipped"] >= 2, t
-        ce = res["ceiling"]
-        assert ce["verify_out"] == ce["verify_in"] == "ok" and ce["bytes"] == 1 << 20
-        assert len(ce["gpu_s_out"]) == 20 and ce["ratio_both"] > 0
-        checks = [r.get("verify") for k in ("raw_api", "engine", "bidirectional", "pageable")
-                  for r in res[k]["rows"] if "verify" in r] + [res["gemm"]["verify"]]
-        assert len(res["gemm"]["with_s"]) == 2 and "slowdown" in res["gemm"]
-        assert checks and set(checks) == {{"ok"}}, checks
-        assert res["pageable"]["pinned"] is False
-        assert len(res["raw_api"]["rows"]) == 2 * len(g.extents) * 2  # both APIs
-        assert {{r["workers"] for r in res["engine"]["rows"]}} == set(g.workers)
-        # no GPU for the CLI: the step fails with kvswitch bench's own one-line reason
-        assert steps["bench_cli"] == "error"
-        assert "needs a CUDA GPU" in c.data["steps"]["bench_cli"]["error"]
-    ''')
+    env = dict(os.environ, LD_LIBRARY_PATH=str(fake_driver))
+    env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    try:
+        r = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out_dir)],
+                           env=env, capture_output=True, text=True, cwd=ROOT,
+                           timeout=G.DRY_RUN_STATED_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the dry run took more than its stated {G.DRY_RUN_STATED_S} s\n"
+                    f"{(e.stderr or b'')[-3000:]!r}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("[campaign] python ") and "kvswitch" in first and "commit" in first
     data = json.loads((out_dir / "campaign.json").read_text())
-    assert (out_dir / "campaign.md").read_text().count("## ") >= 6
-    assert (out_dir / "tests_cuda.log").exists() and (out_dir / "tests_cuda.xml").exists()
-    assert len(data["targets"]) == 7
+    steps = {k: v["status"] for k, v in data["steps"].items()}
+    assert steps == {k: "ok" for k in ("environment", "tests", "ceiling", "setup", "raw_api",
+                                       "engine", "migrate", "bidirectional", "submit_latency",
+                                       "gemm", "pageable")}, data["steps"]
+    res = data["results"]
+    assert res["tests"]["runner"] == "pytest tests/cuda" and res["tests"]["failed"] == 0
+    checks = [row.get("verify") for k in ("raw_api", "engine", "bidirectional", "pageable",
+                                         "migrate") for row in res[k]["rows"] if "verify" in row]
+    assert checks and set(checks) == {"ok"}, checks
+    assert any(row.get("per_block") for row in res["raw_api"]["rows"])
+    assert {row["what"] for row in res["migrate"]["rows"]} == {
+        "engine.migrate", "torch index_copy_ (SM kernels)"}
+    assert res["pageable"]["pinned"] is False and res["gemm"]["verify"] == "ok"
+    assert len(data["targets"]) == 10
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert len(files) <= 7 and {"campaign.json", "campaign.md", "tests_cuda.log"} <= set(files)
+    assert r.stdout.rstrip().splitlines()[-1].startswith("| GEMM slowdown during swaps")

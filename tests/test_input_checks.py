@@ -330,7 +330,7 @@ def test_testing_without_hypothesis_names_the_extra():
             "try:\n    import kvswitch.testing\n"
             "except ImportError as e:\n    print('ImportError:', e)\n")
     r = run_python(code)
-    assert 'ImportError: kvswitch.testing needs hypothesis: pip install "kvswitch[test]"' \
+    assert 'ImportError: kvswitch.testing needs hypothesis: pip install "hypothesis>=6.100"' \
         in r.stdout
 
 

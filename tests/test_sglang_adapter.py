@@ -1,7 +1,7 @@
 """kvswitch as SGLang's HiCache host pool, against SGLang's real pools on the CPU (MHA, and
 MLA at the end).
 
-Needs sglang (``pip install 'kvswitch[sglang]'``; .ci/sglang_suite.sh); skipped without it.
+Needs sglang (``pip install ".[sglang]"``; .ci/sglang_suite.sh); skipped without it.
 The device pool is SGLang's ``MHATokenToKVPool(device="cpu")``, the host pool kvswitch's
 subclass of SGLang's ``MHATokenToKVPoolHost``; bytes are read back through SGLang's own
 accessors (``get_key_buffer``/``get_value_buffer`` on the device, ``get_data_page`` on the
@@ -272,12 +272,12 @@ def test_a_failed_copy_raises():
     try:
         slots = host.alloc(2 * page_size)
         src = slots_of([3, 4], page_size)
-        backup_engine, *load_engines = host.kvswitch.engines
-        backup_engine._engine._fail_next_jobs(1, "simulated copy failure")
+        engine = host.kvswitch.engine
+        engine._engine._fail_next_jobs(1, "simulated copy failure")
         with pytest.raises(SwapError, match="simulated copy failure"):
             host.backup_from_device_all_layer(device, slots, src, "direct")
-        load_engines[1]._engine._fail_next_jobs(1, "simulated load failure")
         host.load_to_device_per_layer(device, slots, src, 0, "direct")
+        engine._engine._fail_next_jobs(1, "simulated load failure")
         with pytest.raises(SwapError, match="simulated load failure"):
             host.load_to_device_per_layer(device, slots, src, 1, "direct")
     finally:
@@ -303,9 +303,15 @@ def test_per_layer_loads_are_separate_jobs():
         assert not same_bytes(device.get_key_buffer(1)[dst], device.get_key_buffer(1)[src])
         for layer in range(1, LAYERS):
             host.load_to_device_per_layer(device, slots, dst, layer, "direct")
-        # One job on each layer's own engine, none on another layer's.
-        _, *load_engines = host.kvswitch.engines
-        assert [e.stats()["num_jobs"] for e in load_engines] == [1] * LAYERS
+        # One engine for the pool: one backup job and one load job per layer, each over
+        # that layer's regions only (its K and V).
+        t = host.kvswitch
+        handles = t.layer_handles
+        assert t.engine.stats()["num_jobs"] == 1 + LAYERS
+        extents = handles[0].num_copies // 2
+        assert [h.num_copies for h in handles] == [2 * extents] * LAYERS
+        assert [t.layer_regions(i) for i in range(LAYERS)] == [range(2 * i, 2 * i + 2)
+                                                               for i in range(LAYERS)]
         assert same_bytes(device_tokens(device, dst), device_tokens(device, src))
         # Layers past the target layers are skipped, as in SGLang's own pool.
         host.load_to_device_per_layer(device, slots, dst, LAYERS, "direct")

@@ -137,3 +137,31 @@ def test_load_coalesces_once_per_batch_and_forgets_it_after_the_last_layer():
         np.testing.assert_array_equal(device[layer][0][[5, 6, 7, 9]].numpy(),
                                       host[layer][[0, 1, 2, 8]].numpy())
     assert t.stats()["load_extents"] == 3 * 2
+
+
+def test_counters_are_logged_at_the_first_backup_and_load_then_at_most_every_interval(
+        monkeypatch, caplog):
+    """What a server's log shows (docs/adapters/sglang.md, "You should see"): one INFO line
+    at the first backup, one at the first load, then the counters at most every
+    STATS_LOG_INTERVAL_S (the clock is stepped by hand, nothing is timed)."""
+    from kvswitch.adapters.sglang import transfer as transfer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(transfer_module, "_now", lambda: clock[0])
+    t, _, _ = _transfer(layers=2)
+    lines = lambda: [r.getMessage() for r in caplog.records  # noqa: E731
+                     if r.name == transfer_module.__name__]
+    with caplog.at_level("INFO", logger=transfer_module.__name__):
+        t.backup(np.arange(4), np.arange(8, 12))
+        assert len(lines()) == 1 and "(first backup): 1 backup(s) device -> host" in lines()[0]
+        t.load(np.arange(4), np.arange(8, 12), 0)
+        assert len(lines()) == 2 and "(first load)" in lines()[1]
+        assert "1 layer load(s) host -> device (1 extents, 1 copies, 64 bytes)" in lines()[1]
+        t.load(np.arange(4), np.arange(8, 12), 1)
+        t.backup(np.arange(4), np.arange(8, 12))
+        assert len(lines()) == 2  # within the interval: quiet
+        clock[0] += transfer_module.STATS_LOG_INTERVAL_S
+        t.backup(np.arange(4), np.arange(8, 12))
+        assert len(lines()) == 3
+        assert "3 backup(s)" in lines()[2] and "2 layer load(s)" in lines()[2]
+    t.close()

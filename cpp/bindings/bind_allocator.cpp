@@ -114,6 +114,14 @@ void bind_allocator(nb::module_& m) {
             },
             "seq_id"_a, "block_ids"_a)
         .def(
+            "claim",
+            [](BlockGroupAllocator& a, SeqId seq, BlockIdsIn ids) {
+                a.claim(seq, ids.data(), ids.shape(0));
+            },
+            "seq_id"_a, "block_ids"_a)
+        .def("release_reservation",
+             nb::overload_cast<SeqId>(&BlockGroupAllocator::release_reservation), "seq_id"_a)
+        .def(
             "block_table",
             [](const BlockGroupAllocator& a, SeqId seq) {
                 const auto& table = a.block_table(seq);

@@ -246,7 +246,8 @@ void bind_swap(nb::module_& m) {
         .def(
             "submit",
             [](AsyncSwapEngine& e, int direction, Pairs pairs, int after_kind,
-               std::uintptr_t after_handle, int before_kind, std::uintptr_t before_handle) {
+               std::uintptr_t after_handle, int before_kind, std::uintptr_t before_handle,
+               std::int64_t region_begin, std::int64_t region_end) {
                 if (pairs.shape(1) != 3)
                     throw std::invalid_argument("pairs must have shape [n, 3], got [" +
                                                 std::to_string(pairs.shape(0)) + ", " +
@@ -254,11 +255,17 @@ void bind_swap(nb::module_& m) {
                 const Direction dir = direction_of(direction);
                 const StreamRef after = stream_ref(after_kind, after_handle);
                 const StreamRef before = stream_ref(before_kind, before_handle);
+                if (region_begin < 0 || region_end < -1)
+                    throw std::invalid_argument("regions must not be negative");
+                RegionRange regions;  // region_end -1: to the last region
+                regions.begin = static_cast<std::size_t>(region_begin);
+                if (region_end >= 0) regions.end = static_cast<std::size_t>(region_end);
                 nb::gil_scoped_release release;
-                return e.submit(dir, pairs.data(), pairs.shape(0), after, before);
+                return e.submit(dir, pairs.data(), pairs.shape(0), after, before, regions);
             },
             "direction"_a, "pairs"_a, "after_kind"_a = 0, "after_handle"_a = 0,
-            "before_kind"_a = 0, "before_handle"_a = 0)
+            "before_kind"_a = 0, "before_handle"_a = 0, "region_begin"_a = 0,
+            "region_end"_a = -1)
         .def(
             "check",
             [](const AsyncSwapEngine& e, int direction, int after_kind,
@@ -313,7 +320,9 @@ void bind_swap(nb::module_& m) {
              })
         .def("_release_held", &AsyncSwapEngine::release_held, "job_id"_a)
         .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a)
-        .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a);
+        .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a)
+        .def("_set_max_poll_us", &AsyncSwapEngine::set_max_poll_us, "us"_a)
+        .def_prop_ro("_max_poll_us", &AsyncSwapEngine::max_poll_us);
 
     // ---------------------------------------------------------------- cuda driver
     m.def("cuda_unavailable_reason", &cuda_unavailable_reason, "ordinal"_a = 0,

@@ -288,20 +288,27 @@ BlockId BlockGroupAllocator::free(SeqId seq) {
     return released;
 }
 
-void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t n) {
-    Sequence& s = known(seq);
+std::unordered_set<BlockId> BlockGroupAllocator::distinct_ids(const char* caller,
+                                                              const BlockId* ids,
+                                                              std::size_t n) const {
     std::unordered_set<BlockId> chosen;
     chosen.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
         const BlockId b = ids[i];
         if (b < 0 || b >= num_blocks_)
-            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
-                                        " is out of range [0, " +
+            throw std::invalid_argument(std::string(caller) + ": block id " +
+                                        std::to_string(b) + " is out of range [0, " +
                                         std::to_string(num_blocks_) + ")");
         if (!chosen.insert(b).second)
-            throw std::invalid_argument("free_blocks: block id " + std::to_string(b) +
-                                        " is given twice");
+            throw std::invalid_argument(std::string(caller) + ": block id " +
+                                        std::to_string(b) + " is given twice");
     }
+    return chosen;
+}
+
+void BlockGroupAllocator::free_blocks(SeqId seq, const BlockId* ids, std::size_t n) {
+    Sequence& s = known(seq);
+    const std::unordered_set<BlockId> chosen = distinct_ids("free_blocks", ids, n);
     std::size_t found = 0;
     for (BlockId b : s.table) found += chosen.count(b);
     if (found != chosen.size()) {
@@ -358,6 +365,65 @@ BlockId BlockGroupAllocator::reserve(SeqId seq, BlockId n) {
     carve_free(it, take);
     set_reservation(seq, s, Extent{start, s.reserved.length + take});
     return take;
+}
+
+BlockId BlockGroupAllocator::release_reservation(SeqId seq) {
+    Sequence& s = known(seq);
+    const BlockId length = s.reserved.length;
+    release_reservation(seq, s);
+    return length;
+}
+
+void BlockGroupAllocator::claim(SeqId seq, const BlockId* ids, std::size_t n) {
+    if (per_block_mode())
+        throw std::invalid_argument("claim: not available in per-block mode");
+    const std::unordered_set<BlockId> chosen = distinct_ids("claim", ids, n);
+    // Every id must lie in a free group or a reserved tail (not in a block table).
+    auto in_free_group = [&](BlockId b) {
+        auto it = free_by_start_.upper_bound(b);
+        if (it == free_by_start_.begin()) return false;
+        --it;
+        return b < it->first + it->second;
+    };
+    // The tails that hold a chosen id: (seq, first chosen id in it).
+    std::unordered_map<SeqId, BlockId> cut;
+    for (const auto& [length, owner] : reserved_by_length_) {
+        const Extent r = seqs_.at(owner).reserved;
+        for (BlockId b : chosen)
+            if (b >= r.start && b < r.end()) {
+                auto [it, fresh] = cut.emplace(owner, b);
+                if (!fresh) it->second = std::min(it->second, b);
+            }
+    }
+    for (BlockId b : chosen) {
+        if (in_free_group(b)) continue;
+        bool in_tail = false;
+        for (const auto& [owner, first] : cut) {
+            const Extent r = seqs_.at(owner).reserved;
+            in_tail = in_tail || (b >= r.start && b < r.end());
+        }
+        if (!in_tail)
+            throw std::invalid_argument("claim: block id " + std::to_string(b) +
+                                        " is in a block table");
+    }
+    if (n == 0) return;
+
+    // Validated: now change state. Cut tails first, so every chosen id is in a free group.
+    for (const auto& [owner, first] : cut) {
+        Sequence& v = seqs_.at(owner);
+        const Extent r = v.reserved;
+        set_reservation(owner, v, Extent{r.start, first - r.start});
+        insert_free(first, r.end() - first);
+    }
+    Sequence& s = seqs_[seq];
+    // seq's own tail must stay right after its last block; the claimed blocks come after it.
+    release_reservation(seq, s);
+    for (std::size_t i = 0; i < n; ++i) {
+        take_free_range(ids[i], 1);
+        BlockId sink;  // append_run reports the ids; the caller has them already
+        BlockId* out = &sink;
+        append_run(s, ids[i], 1, out);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 #include "kvswitch/cuda_backend.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -19,7 +22,17 @@ using namespace kvswitch::cu;
 
 namespace {
 constexpr std::size_t kNumFlags = 4096;  // before= wait flags (one per in-flight job)
+
+/// The events a job uses. kEnd: timed and blocking-sync (a worker waits on it and must
+/// sleep, not spin a core). kStart: timed only (nothing waits on it; it only gives
+/// cuEventElapsedTime its start). kPlain: ordering only (after=, consumer marks).
+enum class EventKind : int { kEnd = 0, kStart = 1, kPlain = 2 };
+constexpr unsigned event_flags(EventKind k) {
+    return k == EventKind::kEnd     ? CU_EVENT_BLOCKING_SYNC
+           : k == EventKind::kStart ? CU_EVENT_DEFAULT
+                                    : CU_EVENT_DISABLE_TIMING;
 }
+}  // namespace
 
 struct CudaBackend::Shared {
     const CudaDriver& d;
@@ -29,8 +42,8 @@ struct CudaBackend::Shared {
     int lowest_priority = 0;
 
     std::mutex mu;
-    std::vector<CUevent> timed_events;
-    std::vector<CUevent> plain_events;
+    std::vector<CUevent> events[3];  // free events by EventKind
+    std::vector<CUevent>& plain_events = events[static_cast<int>(EventKind::kPlain)];
 
     // before= flags (BeforeWait::kFlag): device-mapped pinned words; values only increase
     // (cuStreamWaitValue32 compares cyclically: (int32_t)(*flag - value) >= 0).
@@ -71,10 +84,10 @@ struct CudaBackend::Shared {
         flags_dev = 0;
     }
 
-    CUevent get_event(bool timed) {
+    CUevent get_event(EventKind kind) {
         {
             std::lock_guard<std::mutex> lock(mu);
-            auto& pool = timed ? timed_events : plain_events;
+            auto& pool = events[static_cast<int>(kind)];
             if (!pool.empty()) {
                 CUevent e = pool.back();
                 pool.pop_back();
@@ -83,24 +96,21 @@ struct CudaBackend::Shared {
         }
         CUevent e = nullptr;
         ScopedContext scope(d, ctx);
-        // Timed events bracket jobs and workers block on them: blocking sync, so a waiting
-        // worker sleeps instead of spinning a core.
-        d.check(d.cuEventCreate(&e, timed ? CU_EVENT_BLOCKING_SYNC : CU_EVENT_DISABLE_TIMING),
-                "cuEventCreate");
+        d.check(d.cuEventCreate(&e, event_flags(kind)), "cuEventCreate");
         return e;
     }
-    void put_event(CUevent e, bool timed) noexcept {
+    void put_event(CUevent e, EventKind kind) noexcept {
         if (!e) return;
         std::lock_guard<std::mutex> lock(mu);
-        (timed ? timed_events : plain_events).push_back(e);
+        events[static_cast<int>(kind)].push_back(e);
     }
 
     ~Shared() {
         try {
             ScopedContext scope(d, ctx);
             free_flags();
-            for (CUevent e : timed_events) d.cuEventDestroy(e);
-            for (CUevent e : plain_events) d.cuEventDestroy(e);
+            for (const auto& pool : events)
+                for (CUevent e : pool) d.cuEventDestroy(e);
             for (CUevent e : consumer_marks) d.cuEventDestroy(e);  // freed once complete
         } catch (...) {
         }
@@ -123,9 +133,9 @@ struct CudaSync final : JobSync {
     bool order_on_issue = false;       // before= is ordered by order_before() (event)
 
     ~CudaSync() override {
-        s->put_event(start, true);
-        s->put_event(end, true);
-        s->put_event(after_event, false);
+        s->put_event(start, EventKind::kStart);
+        s->put_event(end, EventKind::kEnd);
+        s->put_event(after_event, EventKind::kPlain);
     }
 };
 
@@ -140,9 +150,14 @@ void release_flag(CudaSync& sync, bool host_write) noexcept {
 class CudaQueue final : public CopyQueue {
   public:
     CudaQueue(std::shared_ptr<CudaBackend::Shared> s, bool dedicated_thread) : s_(std::move(s)) {
-        // A worker thread keeps the primary context current for its whole life, so the
-        // ScopedContext of each call below finds it current and switches nothing.
-        if (dedicated_thread) s_->d.check(s_->d.cuCtxSetCurrent(s_->ctx), "cuCtxSetCurrent");
+        // A worker thread keeps the primary context current, and relaxed stream-capture
+        // mode (CaptureModeGuard), for its whole life, so the ScopedContext of each call
+        // below switches nothing. An inline queue runs on the caller's thread: its
+        // ScopedContexts push and pop both around each call.
+        if (dedicated_thread) {
+            relax_capture_mode_for_thread(s_->d);
+            s_->d.check(s_->d.cuCtxSetCurrent(s_->ctx), "cuCtxSetCurrent");
+        }
         ScopedContext scope(s_->d, s_->ctx);
         s_->d.check(s_->d.cuStreamCreateWithPriority(&stream_, CU_STREAM_NON_BLOCKING,
                                                      s_->lowest_priority),
@@ -397,11 +412,11 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
     auto sync = std::make_unique<CudaSync>();
     sync->s = shared_;
     sync->dir = dir;
-    sync->start = s.get_event(true);
-    sync->end = s.get_event(true);
+    sync->start = s.get_event(EventKind::kStart);
+    sync->end = s.get_event(EventKind::kEnd);
     ScopedContext scope(d, s.ctx);
     if (after.kind == StreamRef::Kind::kStream) {
-        sync->after_event = s.get_event(false);
+        sync->after_event = s.get_event(EventKind::kPlain);
         d.check(d.cuEventRecord(sync->after_event, reinterpret_cast<CUstream>(after.handle)),
                 "cuEventRecord(after stream)");
     } else if (after.kind == StreamRef::Kind::kEvent) {
@@ -447,7 +462,7 @@ std::unique_ptr<JobSync> CudaBackend::prepare(Direction dir, StreamRef after, St
         // Marks where the consumer passed its wait, so close() frees the flags only then.
         CUevent mark = nullptr;
         try {
-            mark = s.get_event(false);
+            mark = s.get_event(EventKind::kPlain);
         } catch (const CudaError&) {
         }
         const bool marked = mark && d.cuEventRecord(mark, consumer) == CUDA_SUCCESS;
@@ -501,6 +516,39 @@ std::map<std::uintptr_t, Registration>& registry() {
 
 }  // namespace
 
+namespace {
+
+/// Ranges merged where they share a page (sorted by address): page-locking works on whole
+/// pages, and two registrations may not overlap.
+std::vector<std::pair<std::uintptr_t, std::size_t>> merge_by_page(
+    std::vector<std::pair<std::uintptr_t, std::size_t>> rs) {
+    std::sort(rs.begin(), rs.end());
+    const long page_size = sysconf(_SC_PAGESIZE);  // 64 KiB on some Arm hosts (GH200)
+    const std::uintptr_t page = page_size > 0 ? static_cast<std::uintptr_t>(page_size) : 4096;
+    std::vector<std::pair<std::uintptr_t, std::size_t>> out;
+    for (const auto& [addr, n] : rs) {
+        if (!out.empty()) {
+            auto& [b, m] = out.back();
+            if (addr / page <= (b + m - 1) / page) {
+                m = std::max(b + m, addr + n) - b;
+                continue;
+            }
+        }
+        out.emplace_back(addr, n);
+    }
+    return out;
+}
+
+/// The registration (key of registry()) that covers [addr, addr + n), or 0. registry_mu held.
+std::uintptr_t covering_registration(std::uintptr_t addr, std::size_t n) {
+    auto it = registry().upper_bound(addr);
+    if (it == registry().begin()) return 0;
+    --it;
+    return addr + n <= it->first + it->second.nbytes ? it->first : 0;
+}
+
+}  // namespace
+
 HostMemory CudaBackend::attach_host(
     const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges,
     bool may_register) noexcept {
@@ -510,34 +558,43 @@ HostMemory CudaBackend::attach_host(
     try {
         ScopedContext scope(d, shared_->ctx);
         std::lock_guard<std::mutex> lock(registry_mu());
+        // Each region is judged on its own: two regions may share a page (and so one
+        // merged range) while only one of them lies in page-locked memory.
+        auto page_locked = [&](std::uintptr_t a) {
+            unsigned type = 0;  // pinned and registered memory report CU_MEMORYTYPE_HOST;
+            return d.cuPointerGetAttribute &&  // the driver does not know pageable memory
+                   d.cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                                           static_cast<CUdeviceptr>(a)) == CUDA_SUCCESS &&
+                   type == CU_MEMORYTYPE_HOST;
+        };
+        std::vector<std::uintptr_t> shared;  // registrations of other engines that cover some
+        std::vector<std::pair<std::uintptr_t, std::size_t>> pageable;
         for (const auto& [addr, nbytes] : byte_ranges) {
             if (!nbytes) continue;
-            auto known = registry().find(addr);
-            if (known != registry().end() && known->second.nbytes >= nbytes) {
-                ++known->second.engines;  // registered by another engine: share it
-                registered_.push_back(addr);
-                out.kind = "registered";
-                continue;
+            if (const std::uintptr_t key = covering_registration(addr, nbytes)) {
+                if (std::find(shared.begin(), shared.end(), key) == shared.end())
+                    shared.push_back(key);
+            } else if (!page_locked(addr) || !page_locked(addr + nbytes - 1)) {
+                pageable.emplace_back(addr, nbytes);
             }
-            // Pinned and registered memory report CU_MEMORYTYPE_HOST; the driver does not
-            // know pageable memory (CUDA_ERROR_INVALID_VALUE).
-            unsigned type = 0;
-            if (d.cuPointerGetAttribute &&
-                d.cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-                                        static_cast<CUdeviceptr>(addr)) == CUDA_SUCCESS &&
-                type == CU_MEMORYTYPE_HOST)
-                continue;
-            if (!may_register || !d.cuMemHostRegister) {
-                out.kind = "pageable";
-                out.detail = may_register ? "this driver lacks cuMemHostRegister"
-                                          : "not page-locked (register_host=False)";
-                break;
-            }
+        }
+        for (std::uintptr_t key : shared) {
+            ++registry()[key].engines;  // registered by another engine: share it
+            registered_.push_back(key);
+            out.kind = "registered";
+        }
+        if (!pageable.empty() && (!may_register || !d.cuMemHostRegister)) {
+            out.kind = "pageable";
+            out.detail = may_register ? "this driver lacks cuMemHostRegister"
+                                      : "not page-locked (register_host=False)";
+        }
+        if (out.kind == "pageable") pageable.clear();
+        for (const auto& [addr, nbytes] : merge_by_page(std::move(pageable))) {
             const CUresult r =
                 d.cuMemHostRegister(reinterpret_cast<void*>(addr), nbytes, kHostRegisterPortable);
             if (r != CUDA_SUCCESS) {
-                // ALREADY_REGISTERED here: the first byte is pageable but some of the range
-                // was registered by someone else -- only partly page-locked.
+                // ALREADY_REGISTERED here: part of the range (a page shared with a region
+                // pinned by someone else) is page-locked already -- only partly page-locked.
                 out.kind = "pageable";
                 out.detail = "cuMemHostRegister of " + std::to_string(nbytes) +
                              " bytes failed: " + d.error_string(r);

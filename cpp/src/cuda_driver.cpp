@@ -88,6 +88,8 @@ CudaDriver::CudaDriver() {
     r(cuStreamDestroy, "cuStreamDestroy", base, "cuStreamDestroy_v2");
     r(cuStreamSynchronize, "cuStreamSynchronize", base, "cuStreamSynchronize");
     r(cuStreamIsCapturing, "cuStreamIsCapturing", base, "cuStreamIsCapturing");
+    r(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode", base,
+      "cuThreadExchangeStreamCaptureMode");
     r(cuStreamWaitEvent, "cuStreamWaitEvent", base, "cuStreamWaitEvent");
     // The _v2 memory operations exist from 11.7 (11070); asking at 12000 missed them on
     // 11.7 - 11.8 drivers.
@@ -160,7 +162,27 @@ void CudaDriver::check(CUresult r, const char* what) const {
     if (r != CUDA_SUCCESS) throw CudaError(std::string(what) + ": " + error_string(r), r);
 }
 
-ScopedContext::ScopedContext(const CudaDriver& d, CUcontext ctx) : d_(d) {
+namespace {
+thread_local bool t_relaxed_for_life = false;
+}  // namespace
+
+CaptureModeGuard::CaptureModeGuard(const CudaDriver& d) noexcept : d_(d) {
+    if (t_relaxed_for_life || !d_.cuThreadExchangeStreamCaptureMode) return;
+    saved_ = CU_STREAM_CAPTURE_MODE_RELAXED;
+    swapped_ = d_.cuThreadExchangeStreamCaptureMode(&saved_) == CUDA_SUCCESS;
+}
+
+CaptureModeGuard::~CaptureModeGuard() {
+    if (swapped_) d_.cuThreadExchangeStreamCaptureMode(&saved_);
+}
+
+void relax_capture_mode_for_thread(const CudaDriver& d) noexcept {
+    if (t_relaxed_for_life || !d.cuThreadExchangeStreamCaptureMode) return;
+    int mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    t_relaxed_for_life = d.cuThreadExchangeStreamCaptureMode(&mode) == CUDA_SUCCESS;
+}
+
+ScopedContext::ScopedContext(const CudaDriver& d, CUcontext ctx) : capture_mode_(d), d_(d) {
     d_.check(d_.cuCtxGetCurrent(&prev_), "cuCtxGetCurrent");
     if (prev_ != ctx) {
         d_.check(d_.cuCtxSetCurrent(ctx), "cuCtxSetCurrent");

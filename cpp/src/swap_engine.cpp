@@ -6,8 +6,6 @@
 #include <limits>
 #include <utility>
 
-#include <unistd.h>
-
 namespace kvswitch {
 
 enum class JobState : int { kQueued, kIssued, kDone, kFailed };
@@ -28,6 +26,14 @@ struct SwapJob {
     std::vector<BlockSpan> migrate_writes;
     // Sorted, merged source blocks of a migration; empty for swaps.
     std::vector<BlockSpan> migrate_reads;
+    // The regions it copies, [region_begin, region_end) (all of them unless submit() was
+    // given a RegionRange). Conflicts are found by block, whatever the regions.
+    std::size_t region_begin = 0, region_end = 0;
+    /// Whether this job writes every region `other` copies: then, where it writes a block,
+    /// it replaces all of the bytes `other` reads there.
+    bool covers_regions_of(const SwapJob& other) const {
+        return region_begin <= other.region_begin && region_end >= other.region_end;
+    }
     // An earlier conflicting job. `raw`: this job reads blocks (device or host) whose
     // current bytes that job writes (read-after-write), so its failure fails this job too;
     // the other orderings (write-after-read, write-after-write, and a read of blocks a
@@ -220,15 +226,18 @@ void add_deps(SwapJob& job, const std::list<std::shared_ptr<SwapJob>>& in_flight
         const SwapJob& other = **it;
         if (!conflicts(other, job)) continue;
         bool raw = false;
+        // A writer of only some of the regions read leaves older writers' bytes in the
+        // others: only one that covers them all takes its blocks out of the search.
+        const bool covers = other.covers_regions_of(job);
         const auto& dw = other.device_writes();
         if (!dw.empty() && overlaps(dw, dev_reads)) {
             raw = true;
-            dev_reads = subtract(dev_reads, dw);
+            if (covers) dev_reads = subtract(dev_reads, dw);
         }
         const auto& hw = other.host_writes();
         if (!hw.empty() && overlaps(hw, host_reads)) {
             raw = true;
-            host_reads = subtract(host_reads, hw);
+            if (covers) host_reads = subtract(host_reads, hw);
         }
         job.deps.push_back({*it, raw});
     }
@@ -269,28 +278,14 @@ void wait_finished(const SwapJob& j) {
     j.cv.wait(lock, [&] { return j.finished_locked(); });
 }
 
-/// The host layout's memory as merged [address, bytes) ranges, for attach_host(). Ranges
-/// that share a page are merged: page-locking works on whole pages, and two
-/// registrations may not overlap.
+/// The host layout's memory as one [address, bytes) range per region, for attach_host()
+/// (which judges each region and merges what it page-locks itself).
 std::vector<std::pair<std::uintptr_t, std::size_t>> host_ranges(const KVLayout& host) {
-    std::vector<ByteRange> rs;
-    for (const KVRegion& r : host.regions()) rs.push_back(byte_range(r, host.num_blocks()));
-    std::sort(rs.begin(), rs.end(),
-              [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
-    const long page_size = sysconf(_SC_PAGESIZE);  // 64 KiB on some Arm hosts (GH200)
-    const std::uint64_t page = page_size > 0 ? static_cast<std::uint64_t>(page_size) : 4096;
     std::vector<std::pair<std::uintptr_t, std::size_t>> out;
-    std::uint64_t begin = 0, end = 0;
-    for (std::size_t i = 0; i < rs.size(); ++i) {
-        if (i && rs[i].begin / page <= (end - 1) / page) {
-            end = std::max(end, rs[i].end);
-            continue;
-        }
-        if (i) out.emplace_back(begin, end - begin);
-        begin = rs[i].begin;
-        end = rs[i].end;
+    for (const KVRegion& r : host.regions()) {
+        const ByteRange b = byte_range(r, host.num_blocks());
+        out.emplace_back(b.begin, b.end - b.begin);
     }
-    if (!rs.empty()) out.emplace_back(begin, end - begin);
     return out;
 }
 
@@ -348,11 +343,18 @@ AsyncSwapEngine::AsyncSwapEngine(KVLayout device, KVLayout host,
 AsyncSwapEngine::~AsyncSwapEngine() { close(); }
 
 std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_t* pairs,
-                                                std::size_t n) {
+                                                std::size_t n, RegionRange regions) {
     const bool out = dir == Direction::kOut;
     const bool migrate = dir == Direction::kMigrate;
     const KVLayout& src = out || migrate ? device_ : host_;
     const KVLayout& dst = out ? host_ : device_;
+    const std::size_t nreg = src.num_regions();
+    if (regions.end == SIZE_MAX) regions.end = nreg;
+    if (regions.begin >= regions.end || regions.end > nreg)
+        throw std::invalid_argument("regions [" + std::to_string(regions.begin) + ", " +
+                                    std::to_string(regions.end) + ") is not a non-empty " +
+                                    "range within the layouts' " + std::to_string(nreg) +
+                                    " regions");
     const char* src_name = out || migrate ? "device pool" : "host pool";
     const char* dst_name = out ? "host pool" : "device pool";
 
@@ -423,7 +425,8 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
 
     auto job = std::make_shared<SwapJob>();
     job->dir = dir;
-    const std::size_t nreg = src.num_regions();
+    job->region_begin = regions.begin;
+    job->region_end = regions.end;
     job->rows.reserve(rows.size());
     std::vector<BlockSpan> dev, hst;
     dev.reserve(rows.size());
@@ -454,12 +457,14 @@ std::shared_ptr<SwapJob> AsyncSwapEngine::build(Direction dir, const std::int64_
     }
     // blocks <= the destination pool's size (extents do not overlap), but the sum over
     // regions of a hand-built layout can still be huge.
-    const auto bpb = static_cast<std::uint64_t>(src.bytes_per_block());
+    std::uint64_t bpb = 0;  // bytes per block in the job's regions (KVLayout: no overflow)
+    for (std::size_t g = regions.begin; g < regions.end; ++g)
+        bpb += static_cast<std::uint64_t>(src.regions()[g].block_bytes);
     const auto nblocks = static_cast<std::uint64_t>(blocks);
     if (nblocks && bpb > std::numeric_limits<std::uint64_t>::max() / nblocks)
         throw std::invalid_argument("the job's size in bytes overflows 64 bits");
     job->nbytes = nblocks * bpb;
-    job->num_copies = job->rows.size() * nreg;
+    job->num_copies = job->rows.size() * (regions.end - regions.begin);
     job->device_spans = merged(std::move(dev));
     job->host_spans = merged(std::move(hst));
     return job;
@@ -470,11 +475,10 @@ void AsyncSwapEngine::expand(const SwapJob& job, std::vector<CopyOp>& ops) const
     const bool migrate = job.dir == Direction::kMigrate;
     const KVLayout& src = out || migrate ? device_ : host_;
     const KVLayout& dst = out ? host_ : device_;
-    const std::size_t nreg = src.num_regions();
     ops.clear();
-    ops.reserve(job.rows.size() * nreg);
+    ops.reserve(job.rows.size() * (job.region_end - job.region_begin));
     for (const SwapJob::Row& r : job.rows) {
-        for (std::size_t g = 0; g < nreg; ++g) {
+        for (std::size_t g = job.region_begin; g < job.region_end; ++g) {
             const KVRegion& sr = src.regions()[g];
             const KVRegion& dr = dst.regions()[g];
             CopyOp op;
@@ -503,9 +507,10 @@ void AsyncSwapEngine::check(Direction dir, StreamRef after, StreamRef before) co
 }
 
 SwapHandle AsyncSwapEngine::submit(Direction dir, const std::int64_t* pairs, std::size_t n,
-                                   StreamRef after, StreamRef before) {
+                                   StreamRef after, StreamRef before, RegionRange regions) {
     check(dir, after, before);
-    std::shared_ptr<SwapJob> job = build(dir, pairs, n);  // throws before anything happens
+    // throws before anything happens
+    std::shared_ptr<SwapJob> job = build(dir, pairs, n, regions);
     // From here on nothing throws but EngineClosed (a close() racing this call): a backend
     // error becomes a failed job, reported on its handle like any copy error.
 
@@ -608,6 +613,11 @@ void AsyncSwapEngine::set_paused(bool paused) {
         paused_ = paused;
     }
     work_cv_.notify_all();
+}
+
+void AsyncSwapEngine::set_max_poll_us(long us) {
+    if (us < 1) throw std::invalid_argument("max_poll_us must be >= 1, got " + std::to_string(us));
+    max_poll_us_.store(us, std::memory_order_relaxed);
 }
 
 void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
@@ -756,9 +766,9 @@ void AsyncSwapEngine::run_worker() {
     // With jobs in flight and nothing queued, the worker polls their completion with a
     // growing interval instead of blocking on the GPU, so that a job queued meanwhile (a
     // swap-in whose caller waits for its dispatch) is issued at once, not after an
-    // earlier job that may itself wait on the caller's compute (after=).
+    // earlier job that may itself wait on the caller's compute (after=). The interval
+    // stops at max_poll_us() (100 us): a job is seen done at most that long after its end.
     constexpr auto kMinPoll = std::chrono::microseconds(20);
-    constexpr auto kMaxPoll = std::chrono::microseconds(1000);
     auto poll = kMinPoll;
 
     for (;;) {
@@ -803,7 +813,7 @@ void AsyncSwapEngine::run_worker() {
             continue;
         }
         if (!job) {  // poll interval passed, nothing queued: look at the GPU again
-            poll = std::min(poll * 2, kMaxPoll);
+            poll = std::min(poll * 2, std::chrono::microseconds(max_poll_us()));
             continue;
         }
         poll = kMinPoll;
@@ -883,7 +893,8 @@ void AsyncSwapEngine::complete(const std::shared_ptr<SwapJob>& job, double secon
             stats_.seconds += seconds;
             auto& hist = stats_.copy_size_histogram;
             for (const SwapJob::Row& r : rows) {
-                for (const KVRegion& g : device_.regions()) {
+                for (std::size_t i = job->region_begin; i < job->region_end; ++i) {
+                    const KVRegion& g = device_.regions()[i];
                     const auto b = static_cast<std::uint64_t>(r.len * g.block_bytes);
                     const auto k = static_cast<std::size_t>(log2_floor(b));
                     if (hist.size() <= k) hist.resize(k + 1);

@@ -44,6 +44,8 @@ static_assert(cu::CU_EVENT_BLOCKING_SYNC == CU_EVENT_BLOCKING_SYNC, "");
 static_assert(cu::kHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "");
 static_assert(cu::CU_GET_PROC_ADDRESS_LEGACY_STREAM == CU_GET_PROC_ADDRESS_LEGACY_STREAM, "");
 static_assert(cu::CU_STREAM_CAPTURE_STATUS_NONE == CU_STREAM_CAPTURE_STATUS_NONE, "");
+static_assert(cu::CU_STREAM_CAPTURE_MODE_RELAXED == CU_STREAM_CAPTURE_MODE_RELAXED, "");
+static_assert(sizeof(int) == sizeof(CUstreamCaptureMode), "cuThreadExchangeStreamCaptureMode");
 static_assert(cu::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE ==
                   CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE, "");
 static_assert(cu::CU_MEM_LOCATION_TYPE_DEVICE == CU_MEM_LOCATION_TYPE_DEVICE, "");

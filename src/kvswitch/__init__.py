@@ -2,11 +2,11 @@
 
 Implements the mechanisms of FastSwitch (Shen et al., arXiv 2411.18424) as reusable parts:
 
-* :class:`BlockGroupAllocator`: contiguous block groups with split and merge (section 3.1).
-* :class:`AsyncSwapEngine` over a :class:`KVLayout` and a :class:`HostKVPool`: GPU<->CPU
+* [`BlockGroupAllocator`][]: contiguous block groups with split and merge (section 3.1).
+* [`AsyncSwapEngine`][] over a [`KVLayout`][] and a [`HostKVPool`][]: GPU<->CPU
   swaps dispatched from C++ worker threads, off the GIL (section 3.2).
-* :class:`ReuseTracker`: CPU copies reused across swap-outs, surviving contamination (3.3).
-* :class:`SwapManager`: the per-iteration swap loop over all three (Algorithm 1).
+* [`ReuseTracker`][]: CPU copies reused across swap-outs, surviving contamination (3.3).
+* [`SwapManager`][]: the per-iteration swap loop over all three (Algorithm 1).
 """
 
 import atexit as _atexit

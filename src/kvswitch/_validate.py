@@ -61,7 +61,8 @@ def as_fraction(value: Any, name: str) -> float:
     """``value`` (a real number, not a bool or a string) as a finite float >= 0.
 
     Raises:
-        TypeError: not a real number, or a bool. ValueError: negative, NaN or infinite.
+        TypeError: not a real number, or a bool.
+        ValueError: negative, NaN or infinite.
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} "

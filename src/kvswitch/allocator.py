@@ -1,6 +1,6 @@
 """Block-group allocation of a KV pool (FastSwitch section 3.1, "Dynamic Block Group Manager").
 
-A :class:`BlockGroupAllocator` hands out block ids of one pool (the GPU pool or the host pool)
+A [`BlockGroupAllocator`][] hands out block ids of one pool (the GPU pool or the host pool)
 so that each sequence's KV sits in a few contiguous *block groups*. A swap then moves a
 sequence in a few large copies instead of one copy per block, per layer, per K/V.
 """
@@ -20,8 +20,8 @@ from kvswitch._validate import INT32_MAX, as_count
 __all__ = ["AllocatorStats", "BlockGroupAllocator", "BlockMoves", "OutOfBlocksError"]
 
 OutOfBlocksError = _core.OutOfBlocksError
-"""Raised by :meth:`BlockGroupAllocator.allocate` when fewer blocks lie outside all block
-tables than requested. A subclass of :class:`MemoryError`. The allocator is unchanged."""
+"""Raised by [`BlockGroupAllocator.allocate`][] when fewer blocks lie outside all block
+tables than requested. A subclass of `MemoryError`. The allocator is unchanged."""
 
 #: Expected size of a sequence's first block group: 60 blocks, about 1,000 tokens at block
 #: size 16 (FastSwitch section 3.1).
@@ -55,7 +55,7 @@ class AllocatorStats:
 
 @dataclass(frozen=True)
 class BlockMoves:
-    """The moves of one compaction (:meth:`BlockGroupAllocator.compact`), sorted by ``src``.
+    """The moves of one compaction ([`BlockGroupAllocator.compact`][]), sorted by ``src``.
 
     Move ``i`` says: blocks ``[src[i], src[i] + length[i])`` of sequence ``seq_ids[i]``'s
     block table now have the ids ``[dst[i], dst[i] + length[i])``, at the same table
@@ -88,7 +88,7 @@ class BlockMoves:
 
     def pairs(self) -> npt.NDArray[np.int64]:
         """int64 ``[m, 3]`` rows ``(src_start, dst_start, length)`` for
-        :meth:`AsyncSwapEngine.migrate`, coalesced: moves that continue each other in both
+        [`AsyncSwapEngine.migrate`][], coalesced: moves that continue each other in both
         source and destination (whichever sequence they belong to) form one row."""
         if not len(self.seq_ids):
             return np.zeros((0, 3), dtype=np.int64)
@@ -137,7 +137,7 @@ class BlockGroupAllocator:
       fewer blocks than requested lie outside all block tables.
     * Freed blocks merge with adjacent free groups at once.
 
-    * :meth:`compact` (opt-in, beyond the paper) moves table blocks to merge free space
+    * [`compact`][] (opt-in, beyond the paper) moves table blocks to merge free space
       when a request needs a larger free group than there is.
 
     ``initial_group_blocks=1`` selects *per-block mode*: no reservation, and blocks come from
@@ -173,7 +173,7 @@ class BlockGroupAllocator:
         self,
         num_blocks: int,
         *,
-        initial_group_blocks: int = DEFAULT_INITIAL_GROUP_BLOCKS,
+        initial_group_blocks: int = 60,  # == DEFAULT_INITIAL_GROUP_BLOCKS
         growth_quantum_blocks: int | None = None,
     ) -> None:
         quantum = (0 if growth_quantum_blocks is None else
@@ -262,8 +262,9 @@ class BlockGroupAllocator:
             free, its table is empty, or in per-block mode).
 
         Raises:
-            KeyError: unknown sequence. TypeError: ``num_blocks`` not an int. ValueError:
-                negative. (All: nothing changes.)
+            KeyError: unknown sequence.
+            TypeError: ``num_blocks`` not an int.
+            ValueError: negative. (All: nothing changes.)
         """
         num_blocks = min(as_count(num_blocks, "num_blocks", minimum=0), INT32_MAX)
         with self._lock:
@@ -285,9 +286,9 @@ class BlockGroupAllocator:
         sequence without a reserved tail then gets one group.
 
         The caller must copy each move's KV (device to device, e.g.
-        :meth:`AsyncSwapEngine.migrate` with :meth:`BlockMoves.pairs`) and make every
+        [`AsyncSwapEngine.migrate`][] with [`BlockMoves.pairs`][]) and make every
         reader of the moved sequences (paged attention) use their new block tables; if
-        the copies cannot be issued, :meth:`undo_moves` moves the tables back. Not
+        the copies cannot be issued, [`undo_moves`][] moves the tables back. Not
         available in per-block mode.
 
         Args:
@@ -304,9 +305,10 @@ class BlockGroupAllocator:
 
         Raises:
             TypeError: a count is not an int; ``pinned`` is a str or bytes, or not
-                iterable. ValueError: ``num_blocks`` <= 0,
-                ``max_moved`` < 0, or per-block mode. OutOfBlocksError: fewer than
-                ``num_blocks`` blocks lie outside all block tables. (All: nothing changes.)
+                iterable.
+            ValueError: ``num_blocks`` <= 0, ``max_moved`` < 0, or per-block mode.
+            OutOfBlocksError: fewer than ``num_blocks`` blocks lie outside all block tables. (All:
+                nothing changes.)
         """
         num_blocks = as_count(num_blocks, "num_blocks")
         max_moved = (INT32_MAX if max_moved is None
@@ -340,7 +342,7 @@ class BlockGroupAllocator:
             return BlockMoves(tuple(names[int(s)] for s in sids), src, dst, length)
 
     def undo_moves(self, moves: BlockMoves) -> None:
-        """Undo a :meth:`compact` whose copies could not be issued: move each move's blocks
+        """Undo a [`compact`][] whose copies could not be issued: move each move's blocks
         back from ``dst`` to ``src`` in its sequence's table (same positions) and free the
         ``dst`` blocks.
 
@@ -349,7 +351,7 @@ class BlockGroupAllocator:
         compaction released or split stay free blocks; they are not restored.
 
         Args:
-            moves: the moves :meth:`compact` returned.
+            moves: the moves [`compact`][] returned.
 
         Raises:
             ValueError: a ``src`` range is not free (or is a reserved tail), a ``dst`` range
@@ -399,6 +401,61 @@ class BlockGroupAllocator:
                     f"free_blocks: block id {bad} is out of range [0, {self.num_blocks})"
                 )
             self._core.free_blocks(sid, np.ascontiguousarray(ids, dtype=np.int32))
+
+    def claim(self, seq_id: Hashable, block_ids: npt.ArrayLike) -> None:
+        """Append the given blocks to ``seq_id``'s block table, in the order given.
+
+        For an engine that chooses a block id itself, e.g. a prefix-cache hit on a block
+        the allocator holds as free. Each block must be in no block table: in a free group
+        or in a reserved tail. A tail that holds one of them is cut at the first such block
+        (the part before it stays the tail; the rest becomes free); ``seq_id``'s own tail
+        is released. A sequence not seen before is created.
+
+        Args:
+            seq_id: the sequence (any hashable).
+            block_ids: integer array-like of shape ``[n]``, each id at most once.
+
+        Raises:
+            TypeError: ``block_ids`` is not integer.
+            ValueError: an id out of ``[0, num_blocks)``, given twice, or in a block table;
+                or per-block mode. (All: nothing changes.)
+        """
+        ids = np.asarray(block_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"block_ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise TypeError(f"block_ids must be integers, got dtype {ids.dtype}")
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_blocks:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"claim: block id {bad} is out of range [0, {self.num_blocks})")
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        with self._lock:
+            sid = self._ids.get(seq_id)
+            if sid is not None:
+                self._core.claim(sid, ids)
+                return
+            sid = self._next_id
+            self._core.claim(sid, ids)  # raises before any change
+            if ids.size:
+                self._next_id += 1
+                self._ids[seq_id] = sid
+
+    def release_reservation(self, seq_id: Hashable) -> int:
+        """Release ``seq_id``'s reserved tail (its blocks become free), keeping its table.
+
+        For a sequence that will not grow, e.g. a finished request whose blocks stay in an
+        engine's prefix cache.
+
+        Returns:
+            The tail's length, in blocks (0 when it had none).
+
+        Raises:
+            KeyError: unknown sequence.
+        """
+        with self._lock:
+            return self._core.release_reservation(self._sid(seq_id))
 
     # -- queries -----------------------------------------------------------------------
 
@@ -483,7 +540,7 @@ class BlockGroupAllocator:
 
     @property
     def num_reserved_blocks(self) -> int:
-        """Blocks in reserved tails (counted in :attr:`num_free_blocks` too)."""
+        """Blocks in reserved tails (counted in [`num_free_blocks`][] too)."""
         with self._lock:
             return self._core.num_reserved_blocks
 

@@ -5,8 +5,8 @@ with a priority scheduler that preempts sequences (Markov or Random pattern, Fas
 section 4.2) and compares configurations of kvswitch's mechanisms against vLLM's swap
 path (per-block allocation, one copy per block and region, blocking swaps, no reuse).
 Swaps are real copies timed on this machine; model compute follows a stated cost model
-(:mod:`kvswitch.bench.cost_model`); see :mod:`kvswitch.bench.serve` for what is measured,
-what is modelled and the time scale. ``--backend cuda`` puts the device pool on GPU 0
+([`kvswitch.bench.cost_model`][]); see [`kvswitch.bench.serve`][] for what is
+measured, what is modelled and the time scale. ``--backend cuda`` puts the device pool on GPU 0
 (PyTorch tensors) and the host pool in pinned memory, and copies the preset's real block
 bytes in real time (time scale 1).
 """
@@ -137,6 +137,7 @@ class _NoProgress:
     """Stands in for a tqdm bar with --no-progress (tqdm is then not imported)."""
 
     total: float = 0.0
+    n: float = 0.0
 
     def __enter__(self) -> _NoProgress:
         return self
@@ -154,13 +155,53 @@ class _NoProgress:
         pass
 
 
+#: Seconds between progress-bar redraws when stderr is not a terminal (a log file, CI):
+#: each redraw appends a line there, so a 7-minute run writes about 14, not thousands.
+LOG_REFRESH_S = 30.0
+
+
+def progress_bar(total: float, file, unit: str = "modelled s"):
+    """The tqdm bar of ``kvswitch bench`` on ``file``, counting ``total`` ``unit``: redrawn
+    at tqdm's pace on a terminal, every [`LOG_REFRESH_S`][] seconds otherwise, ending each
+    redraw with a newline (no carriage returns piling up in a log)."""
+    from tqdm import tqdm
+
+    is_tty = hasattr(file, "isatty") and file.isatty()
+    # smoothing=0: the ETA uses the average rate of the whole run so far (pool setup
+    # included), not the last few updates.
+    return tqdm(total=total, unit="s", unit_scale=False, file=file if is_tty else _Lines(file),
+                smoothing=0, mininterval=0.1 if is_tty else LOG_REFRESH_S,
+                maxinterval=10.0 if is_tty else LOG_REFRESH_S, dynamic_ncols=is_tty,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
+                           f"{unit} [{{elapsed}}<{{remaining}}]")
+
+
+class _Lines:
+    """A text stream for tqdm that turns its carriage-return redraws into plain lines
+    (for a log file: one line per redraw that changed something, none empty)."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line and line != self.last:
+            self.file.write(line + "\n")
+            self.last = line
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class RunProgress:
     """One progress measure for a whole ``kvswitch bench``: modelled seconds, summed over
     every configuration and repeat.
 
     The modelled clock advances at about ``time scale`` modelled seconds per wall second
     while the loop runs, so a rate measured on it gives a truthful ETA. Each run's length is
-    only estimated before it starts (:func:`estimate_makespan_s`); the total is corrected as
+    only estimated before it starts ([`estimate_run`][]); the total is corrected as
     runs finish (remaining runs' estimates are scaled by finished runs' actual / estimated)
     and grows when a run goes past its estimate, so the bar never claims to be done early.
     """
@@ -183,7 +224,10 @@ class RunProgress:
         self.expected = max(self.estimates[self.run] * scale, self.now) \
             if self.run < len(self.estimates) else 0.0
         rest = sum(self.estimates[self.run + 1:]) * scale
-        self.bar.total = self.done + self.expected + rest
+        # Never below what the bar has counted: its updates sum the same seconds in
+        # another order, and a total a rounding error below n shows a negative ETA (and
+        # makes tqdm warn about clamping).
+        self.bar.total = max(self.done + self.expected + rest, self.bar.n)
 
     def start(self, index: int, desc: str) -> None:
         self.run, self.now = index, 0.0
@@ -209,7 +253,7 @@ class RunProgress:
 
 def summarize(result: ServeResult) -> dict[str, float]:
     """The figures ``kvswitch bench`` prints for one configuration (JSON-ready); where
-    each comes from: :func:`sources`."""
+    each comes from: [`sources`][]."""
     m = result.manager
     moved = m["copied_blocks"] + m["swap_in_blocks"]
     extents = m["swap_out_extents"] + m["swap_in_extents"]
@@ -273,7 +317,7 @@ _CLOCKED = ("ttft_", "tbt_", "throughput_tok_s", "makespan_s")
 
 
 def source(key: str, clock: str) -> str:
-    """Where the figure ``key`` of :func:`summarize` comes from on ``clock``."""
+    """Where the figure ``key`` of [`summarize`][] comes from on ``clock``."""
     virtual = clock == "virtual"
     if key in _TIMED:
         return _TIMED[key][0 if virtual else 1]
@@ -283,11 +327,11 @@ def source(key: str, clock: str) -> str:
 
 
 def sources(figures: dict[str, float], clock: str) -> dict[str, str]:
-    """``{key: source}`` for every figure (see :func:`source`)."""
+    """``{key: source}`` for every figure (see [`source`][])."""
     return {k: source(k, clock) for k in figures}
 
 
-# (label, key, format); the table adds each row's source (see :func:`source`).
+# (label, key, format); the table adds each row's source (see [`source`][]).
 ROWS = [
     ("swap-outs (preemptions + turn ends)", "swap_outs", "{:,.0f}"),
     ("swap-out blocks", "swap_out_blocks", "{:,.0f}"),
@@ -364,7 +408,7 @@ def format_table(figures: dict[str, dict[str, float]],
                  spreads: dict[str, dict[str, list[float]]] | None = None,
                  clock: str = "virtual") -> str:
     """The table of ``kvswitch bench``, each row labelled with its source on ``clock``
-    (:func:`source`); with ``spreads`` (several seeds) every cell reads
+    ([`source`][]); with ``spreads`` (several seeds) every cell reads
     ``median (min-max)``."""
     width = max(len(r[0]) for r in ROWS)
     cells = {n: [_cell(f, key, fmt, spreads[n] if spreads else None) for _, key, fmt in ROWS]
@@ -378,34 +422,60 @@ def format_table(figures: dict[str, dict[str, float]],
     return "\n".join(lines)
 
 
+def _factor(x: float, y: float, up: str, down: str) -> str:
+    """``x`` against ``y`` as a factor that reads without arithmetic: "496x lower",
+    "1.04x higher", "the same" ("n/a" when either is 0, NaN or infinite)."""
+    if not (x and y and math.isfinite(x) and math.isfinite(y)):
+        return "n/a"
+    r = x / y
+    if round(r, 2) == 1.0:
+        return "the same"
+    word, r = (up, r) if r > 1 else (down, 1 / r)
+    return f"{r:,.0f}x {word}" if r >= 10 else f"{r:.2f}x {word}"
+
+
+def _percent(x: float, y: float, up: str, down: str) -> str:
+    """``x`` against ``y`` as a change in percent: "80% fewer", "5% more"."""
+    if not y:
+        return "n/a"
+    change = x / y - 1
+    return f"{abs(change):.0%} {up if change > 0 else down}"
+
+
 def compare(figures: dict[str, dict[str, float]], name: str = "full",
             base: str = "baseline") -> str:
-    """One line per target of the main job: ``name`` against ``base``."""
+    """One line per target of the main job: ``name`` against ``base``, each figure as a
+    factor or a percentage with its direction ("P99 TTFT 6.2x lower")."""
     if name not in figures or base not in figures:
         return ""
     f, b = figures[name], figures[base]
-
-    def ratio(x: float, y: float) -> str:
-        return f"{x / y:.2f}x" if y and math.isfinite(x / y) else "n/a"
-
     return (
-        f"{name} vs {base}: {ratio(b['copies'], f['copies'])} fewer copies issued; "
-        f"{1 - f['swap_out_blocks_copied'] / max(b['swap_out_blocks_copied'], 1):.0%} fewer "
-        f"swap-out blocks copied; P99 TTFT {ratio(f['ttft_p99_s'], b['ttft_p99_s'])} of "
-        f"baseline; P99.9 TBT {ratio(f['tbt_p999_s'], b['tbt_p999_s'])} of baseline; "
-        f"throughput {ratio(f['throughput_tok_s'], b['throughput_tok_s'])}."
+        f"{name} vs {base}: {_factor(f['copies'], b['copies'], 'more', 'fewer')} copies "
+        f"issued; "
+        f"{_percent(f['swap_out_blocks_copied'], b['swap_out_blocks_copied'], 'more', 'fewer')}"
+        f" swap-out blocks copied; "
+        f"P99 TTFT {_factor(f['ttft_p99_s'], b['ttft_p99_s'], 'higher', 'lower')}; "
+        f"P99.9 TBT {_factor(f['tbt_p999_s'], b['tbt_p999_s'], 'higher', 'lower')}; "
+        f"throughput "
+        f"{_factor(f['throughput_tok_s'], b['throughput_tok_s'], 'higher', 'lower')}."
     )
 
 
-def plot(figures: dict[str, dict[str, float]], path: str) -> None:
-    """PNG: TTFT/TBT percentiles and swap volume per configuration (needs matplotlib)."""
+PLOT_CAPTION = ("Latencies are modelled: the cost model's compute plus the measured swap "
+                "stalls times the time scale. Blocks and copies are counted from real copies.")
+
+
+def plot_figure(figures: dict[str, dict[str, float]]):
+    """The ``--plot`` figure: TTFT/TBT percentiles and swap volume per configuration, every
+    bar and line labelled, legends outside the axes, a caption saying what is modelled.
+    Returns a matplotlib ``Figure`` (the Agg backend; needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(figures)
-    fig, (lat, vol) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (lat, vol) = plt.subplots(1, 2, figsize=(13, 5.5))
     keys = [("TTFT P50", "ttft_p50_s"), ("TTFT P95", "ttft_p95_s"), ("TTFT P99", "ttft_p99_s"),
             ("TTFT P99.9", "ttft_p999_s"), ("TBT P99.9", "tbt_p999_s")]
     x = np.arange(len(keys))
@@ -415,22 +485,57 @@ def plot(figures: dict[str, dict[str, float]], path: str) -> None:
     lat.set_xticks(x + width * (len(names) - 1) / 2, [k for k, _ in keys])
     lat.set_yscale("log")
     lat.set_ylabel("seconds (modelled clock)")
-    lat.set_title("latency percentiles")
-    lat.legend()
+    lat.set_title("latency percentiles (modelled)")
+    # Legends sit below the axes, so no legend covers a bar.
+    lat.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(names), 4),
+               title="configuration")
     copied = [figures[n]["swap_out_blocks_copied"] for n in names]
     reused = [figures[n]["swap_out_blocks_reused"] for n in names]
     vol.bar(names, copied, label="swap-out blocks copied")
     vol.bar(names, reused, bottom=copied, label="swap-out blocks reused")
     twin = vol.twinx()
-    twin.plot(names, [figures[n]["copies"] for n in names], "ko-", label="copies issued")
+    twin.plot(names, [figures[n]["copies"] for n in names], "ko-",
+              label="copies issued (right axis)")
     twin.set_yscale("log")
     twin.set_ylabel("copies issued")
     vol.set_ylabel("blocks")
-    vol.set_title("swap volume")
-    vol.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    vol.set_title("swap volume (measured)")
+    handles = [h for ax in (vol, twin) for h in ax.get_legend_handles_labels()[0]]
+    vol.legend(handles, [h.get_label() for h in handles], loc="upper center",
+               bbox_to_anchor=(0.5, -0.1), ncol=3)
+    fig.text(0.5, 0.01, PLOT_CAPTION, ha="center", va="bottom", fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def plot(figures: dict[str, dict[str, float]], path: str) -> None:
+    """Write [`plot_figure`][] to ``path``, in the format its suffix names (PNG when it has
+    none; [`plot_format`][] checks it before the run)."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(figures)
+    try:
+        fig.savefig(path, dpi=120, format=plot_format(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_format(path: str) -> str:
+    """The image format matplotlib writes for ``path``: its suffix, or ``png`` without one.
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write (``out.txt``); the message lists the
+            formats it can.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(path)[1][1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise ValueError(f"matplotlib cannot write .{suffix} files; give one of "
+                         f"{', '.join('.' + k for k in sorted(supported))} (or no suffix "
+                         f"for PNG)")
+    return suffix or "png"
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -474,9 +579,13 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("kvswitch bench: --plot needs matplotlib (pip install 'kvswitch[plot]')",
+            print("kvswitch bench: --plot needs matplotlib (pip install 'matplotlib>=3.7')",
                   file=sys.stderr)
             return 2
+        try:
+            plot_format(args.plot)
+        except ValueError as e:
+            return _option_error("--plot", str(e))
     clock = args.clock or ("wall" if args.backend == "cuda" else "virtual")
     time_scale_given = getattr(args, "time_scale_given", False)
     if args.backend == "cuda" and clock != "wall":
@@ -586,18 +695,8 @@ def _bench(args: argparse.Namespace) -> int:
     # scale per wall second).
     virtual = clock == "virtual"
     sizes = [float(guesses[run].tokens if virtual else guesses[run].makespan_s) for run in runs]
-    if args.no_progress:
-        bar = _NoProgress()
-    else:
-        from tqdm import tqdm
-
-        unit = "tokens" if virtual else "modelled s"
-        # smoothing=0: the ETA uses the average rate of the whole run so far (pool setup
-        # included), not the last few updates.
-        bar = tqdm(total=sum(sizes), unit="s", unit_scale=False, file=sys.stderr,
-                   smoothing=0,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} "
-                              f"{unit} [{{elapsed}}<{{remaining}}]")
+    unit = "tokens" if virtual else "modelled s"
+    bar = _NoProgress() if args.no_progress else progress_bar(sum(sizes), sys.stderr, unit)
     results: list[dict] = []  # one per load point
     per_seed: dict[str, list[dict[str, float]]] = {}
     histograms: dict[str, list[dict]] = {}
@@ -745,15 +844,44 @@ def _info(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(info, f, indent=2)
                 f.write("\n")
+    except BrokenPipeError:
+        raise  # a reader that stopped early: main() ends quietly
     except (OSError, TypeError, ValueError) as e:
         print(f"kvswitch info: cannot write the JSON: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+#: ``kvswitch --help``'s description: plain text (the module docstring is Markdown for the
+#: docs site).
+DESCRIPTION = """\
+kvswitch: KV-cache context switching for LLM serving (FastSwitch's mechanisms).
+
+  kvswitch bench   serve a multi-turn trace (the bundled ShareGPT one by default) with a
+                   preempting priority scheduler and compare kvswitch's mechanisms with
+                   vLLM's swap path; copies are real, model compute is modelled
+  kvswitch info    version, build, copy backends, GPUs, pinned memory, NUMA nodes
+
+Run 'kvswitch bench --help' for the benchmark's options; the documentation is in docs/
+of the source tree.
+"""
+
+
+def _model_help() -> str:
+    presets = "; ".join(
+        f"{name}: {m.num_params / 1e9:.1f} B parameters, {m.num_layers} layers, "
+        f"{m.num_kv_heads} KV heads x {m.head_dim}"
+        for name, m in sorted(MODEL_PRESETS.items()))
+    return (f"model preset of the cost model: its sizes set the compute time, the KV bytes "
+            f"per token and so the bytes per block ({presets})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvswitch", description=__doc__,
+    from kvswitch import __version__
+
+    parser = argparse.ArgumentParser(prog="kvswitch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvswitch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="serve a multi-turn trace and compare configurations",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -783,7 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="priority pattern")
     b.add_argument("--update-every", type=_integer(1), default=d.update_every,
                    help="iterations between priority updates (>= 1; 50 = frequency 0.02)")
-    b.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model)
+    b.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model,
+                   help=_model_help())
     b.add_argument("--gpu", choices=sorted(GPU_PRESETS), default=d.gpu,
                    help="GPU preset of the cost model")
     b.add_argument("--gpu-blocks", type=_integer(1, INT32_MAX), default=d.gpu_blocks,
@@ -823,7 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the figures to this JSON file (its directory must exist "
                         "and be writable; checked before the run)")
     b.add_argument("--plot", type=_output_path, default=None,
-                   help="also write a PNG of latency and swap volume (checked like --json)")
+                   help="also write a figure of latency and swap volume: PNG, or the format "
+                        "its suffix names (.svg, .pdf, ...); path and format are checked "
+                        "before the run")
     b.add_argument("--repeats", type=_integer(1, MAX_REPEATS), default=1,
                    help=f"runs per configuration with seeds --seed, --seed+1, ... (1 to "
                         f"{MAX_REPEATS}); above 1 every figure is the median over seeds with "
@@ -839,8 +970,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run ``kvswitch`` with ``argv``; returns the exit status.
+
+    A reader that stops early (``kvswitch info | head -3``) ends the command quietly with
+    status 141 (128 + SIGPIPE, what a shell reports for a command killed by a closed pipe),
+    instead of a BrokenPipeError traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # Python's recommended handling: point stdout at devnull so that the flush at
+        # exit does not raise again (docs.python.org/3/library/signal.html, "Note on
+        # SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
 
 
 if __name__ == "__main__":

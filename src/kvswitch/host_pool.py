@@ -22,14 +22,14 @@ class HostKVPool:
     """Host memory with the same per-block shape as each region of a layout.
 
     Args:
-        layout: the device pool's :class:`~kvswitch.KVLayout`; the host pool gets one
+        layout: the device pool's [`KVLayout`][]; the host pool gets one
             region per region of it, with the same block shape and dtype.
         num_blocks: blocks in the host pool (an int > 0); independent of the device pool's
             size.
         pin: pin the memory through the CUDA driver when a driver and device answer
             (on the layout's device when it is a CUDA device, else device 0). Without a
-            driver the pool silently uses plain memory; :attr:`pinned` and
-            :attr:`pin_reason` say what happened.
+            driver the pool silently uses plain memory; ``pinned`` and
+            ``pin_reason`` say what happened.
 
     Attributes:
         arrays: one NumPy array per region, ``[num_blocks, *block_shape]``, views of the
@@ -38,7 +38,7 @@ class HostKVPool:
             for types NumPy lacks the raw bytes with a same-size unsigned integer dtype
             (``bfloat16`` -> ``uint16``, float8 -> ``uint8``). Contents start
             uninitialised, like ``numpy.empty``.
-        layout: the host pool itself as a :class:`~kvswitch.KVLayout` on ``"cpu"``
+        layout: the host pool itself as a [`KVLayout`][] on ``"cpu"``
             (contiguous regions: block stride == block bytes).
         pinned: whether the memory is page-locked by the CUDA driver.
         pin_reason: how the memory was obtained, or why it is not pinned.
@@ -52,7 +52,7 @@ class HostKVPool:
         MemoryError: the allocation failed.
 
     Thread safety: the object is immutable once built and may be shared between threads.
-    The bytes of :attr:`arrays` are not synchronised: a swap job writes them on a worker
+    The bytes of ``arrays`` are not synchronised: a swap job writes them on a worker
     thread, so read them only after its handle is done.
     """
 

@@ -1,6 +1,6 @@
 """``kvswitch info``: what this installation of kvswitch can do on this machine.
 
-:func:`collect` gathers one JSON-ready dict; :func:`format_info` renders it as short aligned
+[`collect`][] gathers one JSON-ready dict; [`format_info`][] renders it as short aligned
 sections. Nothing here raises: a probe that fails records why instead.
 
 Keys of the dict (``kvswitch info --json``):

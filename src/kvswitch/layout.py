@@ -1,6 +1,6 @@
 """KV layouts: how a block id of a KV pool maps to bytes.
 
-A :class:`KVLayout` is a list of *regions* (typically one per layer and K/V). In a region,
+A [`KVLayout`][] is a list of *regions* (typically one per layer and K/V). In a region,
 block ``b`` occupies ``block_bytes`` contiguous bytes starting at
 ``base + b * block_stride``. The swap engine turns an extent of blocks into one copy per
 region (FastSwitch, arXiv 2411.18424, sections 3.1 and 3.2), so a layout is all it needs
@@ -214,8 +214,8 @@ def _device_str(d: Device) -> str:
 class KVLayout:
     """The bytes of a KV pool: regions of equal block count on one device.
 
-    Build one with :meth:`from_tensors`, :meth:`from_vllm` or :meth:`cross_layer`, or
-    directly from :class:`KVRegion` objects (then pass the objects owning the memory as
+    Build one with [`from_tensors`][], [`from_vllm`][] or [`cross_layer`][], or
+    directly from [`KVRegion`][] objects (then pass the objects owning the memory as
     ``keepalive``).
 
     Args:
@@ -226,7 +226,7 @@ class KVLayout:
         ValueError: no regions, or regions that disagree on block count or device.
 
     Attributes:
-        regions: tuple of :class:`KVRegion`.
+        regions: tuple of [`KVRegion`][].
         num_blocks: blocks in the pool.
         device: ``"cpu"`` or ``("cuda", ordinal)``.
 
@@ -320,7 +320,7 @@ class KVLayout:
         Raises:
             ValueError: no layers, a shape without a K/V dimension of size 2, an ambiguous
                 shape (both first dims are 2: pass ``kv_dim``), or the errors of
-                :meth:`from_tensors`.
+                [`from_tensors`][].
         """
         layers = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
         if not layers:
@@ -368,7 +368,8 @@ class KVLayout:
                 group moves in one copy.
 
         Raises:
-            TypeError/ValueError: as :meth:`from_tensors`.
+            TypeError: as [`from_tensors`][].
+            ValueError: as [`from_tensors`][].
         """
         info = _describe(tensor, "cross-layer tensor")
         return cls._of_arrays([_region_of(info, "cross-layer tensor")], (tensor,), (info,))

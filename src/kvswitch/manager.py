@@ -10,23 +10,23 @@ An engine calls, once per iteration::
     manager.allocate(seq, n)                     # step 3.1: waits only for conflicting jobs
     ready += manager.decide(batch_size, iteration_s)   # step 4: async or sync swap-in
 
-The manager owns the GPU-pool allocator's sequences, a :class:`~kvswitch.ReuseTracker` over
+The manager owns the GPU-pool allocator's sequences, a [`ReuseTracker`][] over
 the host-pool allocator, and issues every copy through an
-:class:`~kvswitch.AsyncSwapEngine`. Sequence states (docs/design.md draws the diagram):
+[`AsyncSwapEngine`][]. Sequence states (docs/design.md draws the diagram):
 
 * ``"running"``: KV on the GPU, usable.
 * ``"swapping_in"``: copies queued, not yet reported done (do not read its blocks).
 * ``"swapped_out"``: the CPU copy is the only copy (its copies may still be in flight).
 * ``"failed"``: a copy of its KV failed, so its KV is lost; its blocks stay held until
-  :meth:`SwapManager.free`. Other sequences are not affected, except those whose own
+  [`SwapManager.free`][]. Other sequences are not affected, except those whose own
   copies read blocks the failed copy was writing: they fail too, and their errors name the
   root cause.
 
 GPU-pool compaction (``compaction=True``, beyond the paper): a swap-in whose table would
 land in several block groups first moves other running sequences' blocks device to device
-(:meth:`~kvswitch.BlockGroupAllocator.compact`, :meth:`~kvswitch.AsyncSwapEngine.migrate`)
+([`compact`][kvswitch.BlockGroupAllocator.compact], [`migrate`][kvswitch.AsyncSwapEngine.migrate])
 so that it lands in one. The moved sequences' block tables change: the adapter must make
-paged attention read the new ids (:meth:`SwapManager.take_block_table_changes` or the
+paged attention read the new ids ([`SwapManager.take_block_table_changes`][] or the
 ``on_block_tables_changed`` callback).
 """
 
@@ -147,7 +147,7 @@ def _per_block_pairs(pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 
 def should_wait_for_swap_ins(batch_size: int, iteration_s: float, num_pending: int,
                              estimate_s: float | None) -> bool:
-    """The adaptive swap-in decision (see :meth:`SwapManager.decide`).
+    """The adaptive swap-in decision (see [`SwapManager.decide`][]).
 
     Waiting ``estimate_s`` seconds stalls ``batch_size`` running sequences for
     ``estimate_s / iteration_s`` iterations; not waiting costs each of the ``num_pending``
@@ -164,7 +164,7 @@ class SwapManager:
 
     Args:
         gpu_allocator: allocator of the GPU pool (empty; the manager owns its sequences).
-            In per-block mode (:meth:`BlockGroupAllocator.per_block`) with
+            In per-block mode ([`BlockGroupAllocator.per_block`][]) with
             ``coalesce=False`` it reproduces vLLM's swap path.
         engine: the swap engine over the GPU pool's layout and the host pool. Its
             ``device_layout.num_blocks`` must equal ``gpu_allocator.num_blocks`` and its
@@ -173,20 +173,20 @@ class SwapManager:
         reuse: keep a swapped-in sequence's CPU copy as a backup so its next swap-out
             copies only missing or stale blocks (section 3.3). Without it the copy is
             dropped when the swap-in is issued.
-        async_swap_out: return from :meth:`swap_out` once the copies are queued; else wait
+        async_swap_out: return from [`swap_out`][] once the copies are queued; else wait
             for them (vLLM's blocking swap).
-        swap_in: ``"async"``: swapped-in sequences join when :meth:`poll` sees their copies
-            done; ``"sync"``: :meth:`decide` waits for every pending swap-in; ``"adaptive"``:
-            :meth:`decide` chooses per iteration from recent swap bandwidth (see there).
+        swap_in: ``"async"``: swapped-in sequences join when [`poll`][] sees their copies
+            done; ``"sync"``: [`decide`][] waits for every pending swap-in; ``"adaptive"``:
+            [`decide`][] chooses per iteration from recent swap bandwidth (see there).
         coalesce: issue one copy per block extent (block group); False issues one copy per
             block, as vLLM does.
         block_size: tokens per block (int > 0).
         window: swap jobs remembered for the adaptive decision's bandwidth estimate (> 0).
         compaction: GPU-pool compaction on swap-in (opt-in; needs a block-group GPU
             allocator). When the free blocks suffice for a swap-in but its table would
-            land in several groups, :meth:`swap_in` moves other sequences' blocks so that
+            land in several groups, [`swap_in`][] moves other sequences' blocks so that
             it lands in one (see there). Turn it on only when the engine's attention reads
-            block tables after :meth:`take_block_table_changes` or the callback. On the
+            block tables after [`take_block_table_changes`][] or the callback. On the
             CUDA backend a swap-in compacts only when given ``after`` (the compute
             stream): without it a migration could race kernels still writing the moved
             blocks, so such a swap-in lands in several groups, as without compaction.
@@ -194,29 +194,29 @@ class SwapManager:
             the free group it makes: the swap-in's blocks plus its ``reserve_blocks`` (at
             most the pool's free blocks); the product is rounded down (finite float >= 0).
             A swap-in needing more falls back to several groups.
-        on_block_tables_changed: called (under the manager's lock, from :meth:`swap_in`)
+        on_block_tables_changed: called (under the manager's lock, from [`swap_in`][])
             with ``{seq_id: int32 block table}`` of the running sequences a compaction
             moved: their new tables in full (moved sequences its failed migration made
             ``"failed"`` are left out, possibly leaving it empty). Paged attention must read
             these ids from then on. The same changes are also kept for
-            :meth:`take_block_table_changes`.
-        clock: the clock the wait times of :meth:`stats` are read from (seconds; default
+            [`take_block_table_changes`][].
+        clock: the clock the wait times of [`stats`][] are read from (seconds; default
             ``time.perf_counter``). ``kvswitch bench`` passes its virtual clock, whose time
-            a wait on a :class:`~kvswitch.bench.virtual_clock.VirtualSwapEngine` advances.
+            a wait on a ``VirtualSwapEngine`` (``kvswitch.bench.virtual_clock``) advances.
 
     Raises:
         TypeError: ``block_size`` or ``window`` not an int; ``reuse``, ``async_swap_out``,
             ``coalesce`` or ``compaction`` not a bool; ``compaction_max_moved`` not a real
-            number (a bool or a str is refused). ValueError: non-empty
-            allocators, pool sizes that disagree with the engine, a bad policy, block size
-            or window, ``compaction`` with a per-block GPU allocator, a negative or
+            number (a bool or a str is refused).
+        ValueError: non-empty allocators, pool sizes that disagree with the engine, a bad policy,
+            block size or window, ``compaction`` with a per-block GPU allocator, a negative or
             non-finite ``compaction_max_moved``.
 
     Failures (docs/design.md, "Failures and threads"): every job's handle is checked. A
-    blocking swap-out whose copies fail raises :class:`SwapError` and the sequence stays
+    blocking swap-out whose copies fail raises [`SwapError`][] and the sequence stays
     running on its GPU blocks. Any other failed copy moves its sequence to ``"failed"``:
-    :meth:`poll` and :meth:`decide` leave it out and go on with the others,
-    :meth:`take_failed` reports it once, :meth:`free` releases its blocks. A call that
+    [`poll`][] and [`decide`][] leave it out and go on with the others,
+    [`take_failed`][] reports it once, [`free`][] releases its blocks. A call that
     raises anything else (bad arguments, out of blocks, a closed engine) changes nothing.
 
     Thread safety: methods may be called from several threads; one re-entrant lock
@@ -236,7 +236,7 @@ class SwapManager:
         block_size: int = 16,
         window: int = 32,
         compaction: bool = False,
-        compaction_max_moved: float = DEFAULT_COMPACTION_MAX_MOVED,
+        compaction_max_moved: float = 1.0,  # == DEFAULT_COMPACTION_MAX_MOVED
         on_block_tables_changed: Callable[[dict[Hashable, npt.NDArray[np.int32]]], None]
         | None = None,
         clock: Callable[[], float] | None = None,
@@ -346,14 +346,14 @@ class SwapManager:
         host pool (only missing or stale ones with ``reuse``) and free its GPU blocks.
 
         Asynchronous (default): the GPU blocks are free on return even while the copies
-        run: a later :meth:`allocate` over them waits for the copies; a later swap-in into
+        run: a later [`allocate`][] over them waits for the copies; a later swap-in into
         them is ordered after them by the engine. If the copies fail, the sequence becomes
-        ``"failed"`` (reported by :meth:`take_failed`). Blocking (``async_swap_out=False``):
-        returns once the copies are done; if they failed, raises :class:`SwapError` and the
+        ``"failed"`` (reported by [`take_failed`][]). Blocking (``async_swap_out=False``):
+        returns once the copies are done; if they failed, raises [`SwapError`][] and the
         sequence stays running on its GPU blocks.
 
         A ``num_tokens`` below what its CPU copy holds is a rollback: the copy's tokens at
-        and beyond ``num_tokens`` become invalid (see :meth:`truncate`).
+        and beyond ``num_tokens`` become invalid (see [`truncate`][]).
 
         Args:
             seq_id: a running sequence.
@@ -361,26 +361,27 @@ class SwapManager:
             priority: higher is more important; backups of low-priority sequences are
                 reclaimed first when the host pool runs short.
             after: CUDA only: the compute stream (or an event) whose queued writes the
-                copies must follow; passed to :meth:`AsyncSwapEngine.swap_out`.
+                copies must follow; passed to [`AsyncSwapEngine.swap_out`][].
 
         A migration that moved the sequence's blocks (compaction) and failed before its
-        next :meth:`poll` (CUDA: :meth:`swap_in` with ``before`` returns with the migration
+        next [`poll`][] (CUDA: [`swap_in`][] with ``before`` returns with the migration
         pending) left them unwritten: whenever it ended, the swap-out is not committed and
-        the sequence becomes ``"failed"`` with the migration's :class:`SwapError`
-        (``direction == "migrate"``), keeping its GPU blocks until :meth:`free`; async
-        mode reports it by :meth:`take_failed`, blocking mode raises it.
+        the sequence becomes ``"failed"`` with the migration's [`SwapError`][]
+        (``direction == "migrate"``), keeping its GPU blocks until [`free`][]; async
+        mode reports it by [`take_failed`][], blocking mode raises it.
 
         Returns:
-            The :class:`~kvswitch.SwapPlan` (``copied_blocks``, ``reused_blocks``,
-            ``pairs``): committed, unless a failed migration failed the sequence (above).
+            The [`SwapPlan`][] (``copied_blocks``, ``reused_blocks``, ``pairs``): committed,
+            unless a failed migration failed the sequence (above).
 
         Raises:
-            KeyError: unknown sequence. ValueError: not running, bad token count, ``after``
-                the backend cannot take. TypeError: bad argument types.
-            OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every
-                backup. EngineClosedError: the engine is closed. (All: nothing changes.)
-            SwapError: blocking mode only: the copies failed; the sequence stays running
-                (or is ``"failed"`` when a failed migration was their cause, above). Or the
+            KeyError: unknown sequence.
+            ValueError: not running, bad token count, ``after`` the backend cannot take.
+            TypeError: bad argument types.
+            OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every backup.
+            EngineClosedError: the engine is closed. (All: nothing changes.)
+            SwapError: blocking mode only: the copies failed; the sequence stays running (or is
+                ``"failed"`` when a failed migration was their cause, above). Or the
                 sequence had failed and that was not reported yet (reported now).
         """
         with self._lock:
@@ -451,35 +452,35 @@ class SwapManager:
                 reserve_blocks: int = 0) -> npt.NDArray[np.int32]:
         """Queue a swapped-out sequence's copies back to newly allocated GPU blocks.
 
-        The sequence is ``"swapping_in"`` until :meth:`poll`, :meth:`decide` or
-        :meth:`wait_swap_in` reports it running (or failed); do not read its blocks before.
+        The sequence is ``"swapping_in"`` until [`poll`][], [`decide`][] or
+        [`wait_swap_in`][] reports it running (or failed); do not read its blocks before.
         Its swap-out may still be in flight: the engine orders the copies after it, and if
         it fails, so does this swap-in (the sequence becomes ``"failed"``). Should it fail
         and end while this call runs, before the copies are queued behind it, the sequence
-        is ``"failed"`` on return all the same (reported by :meth:`take_failed`, holding
-        the returned GPU blocks until :meth:`free`): no copy of never-written host blocks
+        is ``"failed"`` on return all the same (reported by [`take_failed`][], holding
+        the returned GPU blocks until [`free`][]): no copy of never-written host blocks
         is ever reported running.
 
         With ``compaction``: when the GPU pool's free blocks suffice but no free group holds
         the whole table, it first compacts the pool to make a free group of its blocks
         plus ``reserve_blocks`` (at most the free blocks; at most ``compaction_max_moved``
         x that many blocks moved, rounded down; sequences still swapping in or failed never
-        move), queues one :meth:`AsyncSwapEngine.migrate` job for the moves (coalesced
+        move), queues one [`AsyncSwapEngine.migrate`][] job for the moves (coalesced
         extents, with ``after``/``before`` passed on), reports the moved sequences' new
-        block tables (the callback, :meth:`take_block_table_changes`), then allocates one
+        block tables (the callback, [`take_block_table_changes`][]), then allocates one
         group. Without a ``before`` stream it waits for the migration before returning
         (``migrate_wait_s``), so the new ids hold the KV on return; with one, the consumer
         stream waits for it. If the migration fails, the moved sequences still holding the
-        moved blocks become ``"failed"`` (reported by :meth:`take_failed`,
+        moved blocks become ``"failed"`` (reported by [`take_failed`][],
         ``direction == "migrate"``); jobs that read what it was writing (a swap-out of
         a moved sequence, which reports its own failure) fail with it; this swap-in only
         writes the blocks the migration vacated, so it does not. If the
         migration cannot even be queued (the engine closed by another thread, MemoryError),
-        the moves are undone (:meth:`BlockGroupAllocator.undo_moves`: every moved sequence
+        the moves are undone ([`BlockGroupAllocator.undo_moves`][]: every moved sequence
         has its old table and KV again; reserved tails the compaction released stay
         released), nothing is reported, and the exception propagates, this sequence staying
         swapped out. Only if the undo is refused too does every moved sequence become
-        ``"failed"`` (reported by :meth:`take_failed`, ``direction == "migrate"``,
+        ``"failed"`` (reported by [`take_failed`][], ``direction == "migrate"``,
         ``job_id`` None). Never a silent wrong byte.
 
         On the CUDA backend it compacts only when ``after`` is given: a migration must
@@ -490,13 +491,13 @@ class SwapManager:
         Args:
             seq_id: a swapped-out sequence.
             before: CUDA only: a consumer stream whose later work waits for the copies;
-                passed to :meth:`AsyncSwapEngine.swap_in`.
+                passed to [`AsyncSwapEngine.swap_in`][].
             after: CUDA only: a stream (or event) whose work so far must finish before
                 the copies start, e.g. the compute stream that may still read the GPU
                 blocks this swap-in is given (freed by another sequence this iteration);
-                passed to :meth:`AsyncSwapEngine.swap_in` (and to the migration, which
+                passed to [`AsyncSwapEngine.swap_in`][] (and to the migration, which
                 must follow kernels still writing the moved blocks).
-            reserve_blocks: blocks the caller expects to :meth:`allocate` for the sequence
+            reserve_blocks: blocks the caller expects to [`allocate`][] for the sequence
                 soon (its next turn's prefill, the decode growth its history suggests; int
                 >= 0). With ``compaction`` the free group made is that much larger and they
                 are held as its reserved tail (free blocks that other requests split off
@@ -506,21 +507,21 @@ class SwapManager:
             int32 array: its new GPU block table (block ids may differ from before).
 
         Raises:
-            KeyError: unknown sequence. ValueError: not swapped out, ``before``/``after``
-                the backend cannot take, negative ``reserve_blocks``. TypeError:
-                ``reserve_blocks`` not an int. OutOfBlocksError: the GPU pool lacks the blocks.
-                EngineClosedError: the engine is closed. Anything
-                ``on_block_tables_changed`` raises. (All: the sequence stays swapped out and
-                holds no GPU blocks. Without a compaction nothing changes. After one, only
-                its effects remain: when the raise came after its migration was queued
-                (the callback, the swap-in's own plan or submit), the moved sequences keep
-                their new tables and the migration, reported by
-                :meth:`take_block_table_changes`; when queueing the migration itself raised,
-                the moves are undone, as above. Reserved tails the compaction released stay
-                released.)
-            SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not
-                reported yet: this raise reports it, :meth:`take_failed` will not.
-                A failure already reported gives ValueError.
+            KeyError: unknown sequence.
+            ValueError: not swapped out, ``before``/``after`` the backend cannot take, negative
+                ``reserve_blocks``.
+            TypeError: ``reserve_blocks`` not an int.
+            OutOfBlocksError: the GPU pool lacks the blocks.
+            EngineClosedError: the engine is closed. Anything ``on_block_tables_changed`` raises.
+                (All: the sequence stays swapped out and holds no GPU blocks. Without a compaction
+                nothing changes. After one, only its effects remain: when the raise came after its
+                migration was queued (the callback, the swap-in's own plan or submit), the moved
+                sequences keep their new tables and the migration, reported by
+                [`take_block_table_changes`][]; when queueing the migration itself raised, the moves
+                are undone, as above. Reserved tails the compaction released stay released.)
+            SwapError: its swap-out failed (the sequence is ``"failed"``) and that was not reported
+                yet: this raise reports it, [`take_failed`][] will not. A failure already reported
+                gives ValueError.
         """
         with self._lock:
             if reserve_blocks:
@@ -589,8 +590,8 @@ class SwapManager:
         """Step 1: sequences whose swap-in finished since the last call; they are running.
 
         A sequence whose swap-in or asynchronous swap-out failed becomes ``"failed"`` here
-        instead (see :meth:`take_failed`); the others are unaffected. Never raises
-        :class:`SwapError`.
+        instead (see [`take_failed`][]); the others are unaffected. Never raises
+        [`SwapError`][].
         """
         with self._lock:
             self._reap_swap_outs()
@@ -617,7 +618,7 @@ class SwapManager:
         Returns:
             Sequences whose swap-in finished or was waited for (running now); empty when
             asynchronous or nothing was pending. Failed ones are left out, as in
-            :meth:`poll`. Never raises :class:`SwapError`.
+            [`poll`][]. Never raises [`SwapError`][].
         """
         with self._lock:
             self._reap_swap_outs()
@@ -644,13 +645,13 @@ class SwapManager:
 
     def take_failed(self) -> dict[Hashable, SwapError]:
         """Sequences that became ``"failed"`` since the last call, each reported once, with
-        the :class:`SwapError` of its copies (attributes ``seq_id``, ``direction``
+        the [`SwapError`][] of its copies (attributes ``seq_id``, ``direction``
         (``"out"``/``"in"``), ``job_id`` and ``root_job_id``: the job whose failure caused
         it, possibly another sequence's). A failure already raised to the caller (by
-        :meth:`swap_in` or :meth:`wait_swap_in`) is not repeated here.
+        [`swap_in`][] or [`wait_swap_in`][]) is not repeated here.
 
-        Swap-ins are checked by :meth:`poll`, :meth:`decide` and :meth:`wait_swap_in`;
-        asynchronous swap-outs also here and by :meth:`synchronize`.
+        Swap-ins are checked by [`poll`][], [`decide`][] and [`wait_swap_in`][];
+        asynchronous swap-outs also here and by [`synchronize`][].
         """
         with self._lock:
             self._reap_swap_outs()
@@ -694,7 +695,7 @@ class SwapManager:
         Raises:
             ValueError: the sequence is not swapping in.
             SwapError: the copies failed (now or earlier, unreported); the sequence is
-                ``"failed"`` and this raise reports it (:meth:`take_failed` will not).
+                ``"failed"`` and this raise reports it ([`take_failed`][] will not).
         """
         with self._lock:
             self._check_not_failed(seq_id)
@@ -726,8 +727,9 @@ class SwapManager:
         tracker otherwise takes a block's past tokens as fixed.
 
         Raises:
-            KeyError: unknown sequence. ValueError: failed; swapped out and ``num_tokens``
-                0; or negative. TypeError: ``num_tokens`` not an int.
+            KeyError: unknown sequence.
+            ValueError: failed; swapped out and ``num_tokens`` 0; or negative.
+            TypeError: ``num_tokens`` not an int.
         """
         with self._lock:
             num_tokens = as_count(num_tokens, "num_tokens", minimum=0)
@@ -789,8 +791,8 @@ class SwapManager:
 
     def state(self, seq_id: Hashable) -> SwapState:
         """``"running"``, ``"swapping_in"``, ``"swapped_out"`` or ``"failed"``. A copy's
-        failure shows once :meth:`poll`, :meth:`decide`, :meth:`take_failed` or
-        :meth:`synchronize` saw it. Raises KeyError if the manager does not know the
+        failure shows once [`poll`][], [`decide`][], [`take_failed`][] or
+        [`synchronize`][] saw it. Raises KeyError if the manager does not know the
         sequence."""
         with self._lock:
             if not self._known(seq_id):
@@ -826,7 +828,7 @@ class SwapManager:
 
     @property
     def failed(self) -> list[Hashable]:
-        """Sequences in the ``"failed"`` state (until :meth:`free`)."""
+        """Sequences in the ``"failed"`` state (until [`free`][])."""
         with self._lock:
             return list(self._failed)
 
@@ -841,6 +843,7 @@ class SwapManager:
             self._reap_migrations()
 
     def stats(self) -> SwapManagerStats:
+        """The manager's counters and wait times so far ([`SwapManagerStats`][])."""
         with self._lock:
             return SwapManagerStats(**self._n, **self._t)
 
@@ -855,8 +858,8 @@ class SwapManager:
     def close(self) -> None:
         """Finish queued copies and close the engine. Serialised with the other methods
         (it takes the manager's lock): a call running in another thread finishes first, and
-        a later call that would queue copies raises :class:`~kvswitch.EngineClosedError`
-        having changed nothing."""
+        a later call that would queue copies raises
+        [`EngineClosedError`][kvswitch.EngineClosedError] having changed nothing."""
         with self._lock:
             self.engine.close()
 
@@ -901,7 +904,7 @@ class SwapManager:
 
     def _compact_for(self, num_blocks: int, reserve: int, *, before: Any, after: Any) -> None:
         """Compaction before a swap-in of ``num_blocks`` blocks followed by ``reserve``
-        more (see :meth:`swap_in`)."""
+        more (see [`swap_in`][])."""
         gpu = self.gpu
         if num_blocks > gpu.num_free_blocks:
             return  # the allocate raises OutOfBlocksError
@@ -979,7 +982,7 @@ class SwapManager:
 
     def _reap_migrations(self) -> None:
         """Migrations whose job ended: a failed one fails the sequences it moved that still
-        hold the moved blocks (:meth:`_forget_moves` drops those freed or swapped out since;
+        hold the moved blocks ([`_forget_moves`][] drops those freed or swapped out since;
         a swap-out of one was ordered after the migration and fails with it, through the
         swap-out path)."""
         if not self._migrations:

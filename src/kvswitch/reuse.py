@@ -36,7 +36,7 @@ def coalesce_pairs(src: npt.ArrayLike, dst: npt.ArrayLike) -> npt.NDArray[np.int
 
     Returns:
         int64 array ``[m, 3]`` of ``(src_start, dst_start, length)`` in blocks, ``m <= n``,
-        in the order of the input, as :class:`kvswitch.AsyncSwapEngine` takes them.
+        in the order of the input, as [`kvswitch.AsyncSwapEngine`][] takes them.
     """
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -68,10 +68,10 @@ def _no_blocks() -> npt.NDArray[np.int32]:
 
 @dataclass(eq=False)
 class SwapPlan:
-    """The copies one swap needs; made by :meth:`ReuseTracker.plan_swap_out` or
-    :meth:`ReuseTracker.plan_swap_in` and handed back with :meth:`ReuseTracker.commit`
-    once its copies are issued (or :meth:`ReuseTracker.cancel`), and with
-    :meth:`ReuseTracker.fail` if those copies failed.
+    """The copies one swap needs; made by [`ReuseTracker.plan_swap_out`][] or
+    [`ReuseTracker.plan_swap_in`][] and handed back with [`ReuseTracker.commit`][]
+    once its copies are issued (or [`ReuseTracker.cancel`][]), and with
+    [`ReuseTracker.fail`][] if those copies failed.
 
     Attributes:
         seq_id: the sequence.
@@ -114,7 +114,7 @@ class ReuseTracker:
     valid until reclaimed; the last, partly filled block is copied again once it gained
     tokens. This relies on the KV of a token never changing once it was swapped out; an
     engine that rolls a sequence back (regenerates a reply, rejects speculative tokens)
-    says so with :meth:`truncate`, or by swapping it out shorter: every copied token at
+    says so with [`truncate`][], or by swapping it out shorter: every copied token at
     and beyond the new length is then invalid.
 
     Host space: blocks come from ``host_allocator`` under the sequence's id; its reserved
@@ -125,9 +125,9 @@ class ReuseTracker:
     blocks still needed so the head of the backup stays valid. The only copy of a swapped-out
     sequence is never reclaimed.
 
-    A plan's life: :meth:`plan_swap_out` / :meth:`plan_swap_in` (pending) ->
-    :meth:`commit` once its copies are issued, or :meth:`cancel` if they never were ->
-    :meth:`fail` if its copies failed (before or after the commit): the blocks it was to
+    A plan's life: [`plan_swap_out`][] / [`plan_swap_in`][] (pending) ->
+    [`commit`][] once its copies are issued, or [`cancel`][] if they never were ->
+    [`fail`][] if its copies failed (before or after the commit): the blocks it was to
     write are then invalid.
 
     Args:
@@ -135,8 +135,8 @@ class ReuseTracker:
         block_size: tokens per block (int > 0).
 
     Raises:
-        TypeError: ``block_size`` is not an int. ValueError: it is not positive, or the
-            allocator already holds sequences.
+        TypeError: ``block_size`` is not an int.
+        ValueError: it is not positive, or the allocator already holds sequences.
 
     Every method either succeeds or raises and changes nothing. Thread safety: methods
     may be called from several threads; one lock serialises them.
@@ -279,7 +279,7 @@ class ReuseTracker:
         A swap-out's copied blocks become valid, copied tokens at and beyond its length
         become invalid (host blocks wholly beyond it are released), and the sequence counts
         as swapped out (its CPU copy is then never reclaimed). A swap-in makes the copy a
-        reclaimable backup. If the copies fail later, call :meth:`fail`.
+        reclaimable backup. If the copies fail later, call [`fail`][].
 
         Raises:
             ValueError: the plan is not pending (committed twice, cancelled, or stale).
@@ -369,8 +369,8 @@ class ReuseTracker:
             num_tokens: tokens that stay (>= 0; 0 drops the whole copy's validity).
 
         Raises:
-            TypeError: ``num_tokens`` is not an int. ValueError: negative, or the sequence
-                has a plan pending.
+            TypeError: ``num_tokens`` is not an int.
+            ValueError: negative, or the sequence has a plan pending.
         """
         num_tokens = as_count(num_tokens, "num_tokens", minimum=0)
         with self._lock:

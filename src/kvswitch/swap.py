@@ -7,8 +7,8 @@ jobs in flight on its stream (the paper synchronizes after that many dispatches)
 inference stream's own copies are not stuck behind a long swap queue; it never blocks on
 the GPU while it could take a new job. Each in-flight job remembers the device blocks it
 touches, so that a new allocation over them waits for exactly those jobs
-(:meth:`AsyncSwapEngine.wait_blocks`, KV cache conflict resolution).
-:meth:`AsyncSwapEngine.migrate` moves blocks device -> device within the device layout
+([`AsyncSwapEngine.wait_blocks`][], KV cache conflict resolution).
+[`AsyncSwapEngine.migrate`][] moves blocks device -> device within the device layout
 (GPU-pool compaction), ordered against swaps by the same conflict tracking.
 
 Backends:
@@ -109,6 +109,20 @@ def _stream_args(after: Any, before: Any) -> tuple[int, int, int, int]:
     return (*_stream_ref(after, "after"), b_kind, b_handle)
 
 
+def _region_range(regions: range | None, num_regions: int) -> tuple[int, int]:
+    """(begin, end) of a ``regions=`` argument as the engine's submit() takes it; (0, -1):
+    every region."""
+    if regions is None:
+        return 0, -1
+    if not isinstance(regions, range):
+        raise TypeError(f"regions must be a range of region indices, got "
+                        f"{type(regions).__name__}")
+    if regions.step != 1 or not regions or regions.start < 0 or regions.stop > num_regions:
+        raise ValueError(f"regions must be a non-empty range with step 1 within "
+                         f"[0, {num_regions}), got {regions}")
+    return regions.start, regions.stop
+
+
 def _as_int64(values: Any, what: str) -> np.ndarray:
     """``values`` as an aligned, C-contiguous int64 array (a copy only where needed).
 
@@ -165,9 +179,9 @@ class AsyncSwapEngine:
     """Swaps KV blocks between a device layout and a host pool on C++ worker threads.
 
     Args:
-        device_layout: the GPU pool (:class:`~kvswitch.KVLayout`); on the host backend a
+        device_layout: the GPU pool ([`KVLayout`][]); on the host backend a
             layout in host memory standing in for it.
-        host_pool: a :class:`~kvswitch.HostKVPool` made from ``device_layout`` (or any
+        host_pool: a [`HostKVPool`][] made from ``device_layout`` (or any
             host-memory KVLayout with the same regions).
         backend: ``"auto"`` (cuda when a CUDA driver loads, a device answers and the device
             layout is on that device; else host), ``"cuda"`` or ``"host"``.
@@ -178,7 +192,7 @@ class AsyncSwapEngine:
             (copies are synchronous).
         max_queue: jobs that may wait for a worker; ``swap_out``/``swap_in`` block (GIL
             released) while the queue is full.
-        before_wait: cuda only; how a ``before=`` consumer stream of :meth:`swap_in` waits
+        before_wait: cuda only; how a ``before=`` consumer stream of [`swap_in`][] waits
             for the copies. ``"event"`` (default): once a worker has issued the job, the
             stream waits on its end event (``cuStreamWaitEvent``); ``swap_in`` returns
             after that dispatch: at once when a worker is free, else when a worker's
@@ -192,7 +206,7 @@ class AsyncSwapEngine:
             operations, and possible when more streams are active than the device has
             queues (8 by default). An opt-in for loops that must not wait for a worker.
         register_host: cuda only; page-lock a pageable host pool with ``cuMemHostRegister``
-            until :meth:`close` (default), so copies stay asynchronous. ``False`` leaves it
+            until [`close`][] (default), so copies stay asynchronous. ``False`` leaves it
             pageable (``stats()["host_memory"] == "pageable"``, no warning): a control for
             benchmarks, or memory the caller must not have locked.
 
@@ -211,11 +225,11 @@ class AsyncSwapEngine:
             be registered (``register_host=True``): every copy is then synchronous and
             several times slower (``stats()["host_memory"] == "pageable"``).
 
-    Jobs (swaps and :meth:`migrate`) that touch overlapping blocks (device or host) where
+    Jobs (swaps and [`migrate`][]) that touch overlapping blocks (device or host) where
     one of them writes run in submission order; others run concurrently.
 
     Failures: a copy that fails inside a worker (a CUDA error) is reported on its handle:
-    ``handle.wait()`` raises :class:`SwapError`, ``handle.error`` holds the text and
+    ``handle.wait()`` raises [`SwapError`][], ``handle.error`` holds the text and
     ``handle.root_job_id`` the job that failed first. Every job queued while it was in
     flight that reads device or host blocks it was to write (read-after-write: those bytes
     were never written) fails too, without copying anything, and its error names that root
@@ -313,7 +327,8 @@ class AsyncSwapEngine:
                         f"device(s); linear copies via {api}")
 
     # ------------------------------------------------------------------ jobs
-    def swap_out(self, pairs: Any, *, after: Any = None) -> SwapHandle:
+    def swap_out(self, pairs: Any, *, after: Any = None, before: Any = None,
+                 regions: range | None = None) -> SwapHandle:
         """Queue a device -> host copy of block extents; returns once queued.
 
         Args:
@@ -326,47 +341,63 @@ class AsyncSwapEngine:
                 ``.cuda_stream``, or an int handle): the copies start only after the work
                 queued on it so far (an event is recorded on it before this call
                 returns). Or an event (``torch.cuda.Event``, CuPy event,
-                :class:`CudaEvent`): the copies start after it; it must have been recorded
+                [`CudaEvent`][]): the copies start after it; it must have been recorded
                 (a ``torch.cuda.Event`` has no CUDA event before its first ``record()``),
                 and must not be re-recorded until the handle is done.
+            before: CUDA only. A stream (as ``after``) whose work queued after this call
+                waits for the copies, as ``before`` of [`swap_in`][] (same
+                ``before_wait`` modes, same return point): the stream that will write new
+                KV into the swapped-out device blocks, so that their reuse is ordered on
+                the GPU after the copies read them, instead of by [`wait_blocks`][] on
+                the host. If the job fails the stream is released all the same and the
+                handle raises.
+            regions: copy only these regions of each extent (a ``range`` of region
+                indices of the layouts, step 1), e.g. ``range(2 * i, 2 * i + 2)`` for layer
+                ``i``'s K and V in a vLLM layout; default every region. The job is still
+                ordered against others by the blocks it touches, whatever their regions.
 
         Returns:
-            A :class:`SwapHandle` (finished already when ``num_workers=0``).
+            A [`SwapHandle`][] (finished already when ``num_workers=0``).
 
         Raises:
-            TypeError: pairs not integers, ``after`` of an unknown type.
+            TypeError: pairs not integers, ``after``/``before`` of an unknown type.
             ValueError: pairs not ``[n, 3]``, a value outside int64, negative length, an
                 extent outside the device layout or the host pool, overlapping destination
-                extents, ``after`` on the host backend, an ``after`` event never recorded,
-                an ``after`` stream capturing a CUDA graph. Nothing is queued.
+                extents, ``after``/``before`` on the host backend, an ``after`` event never
+                recorded, ``before`` an event, a stream capturing a CUDA graph, ``regions``
+                empty, with a step, or past the layouts' regions. Nothing is queued.
             EngineClosedError: the engine is closed.
 
         A driver error while ordering the job against ``after`` does not raise: the job is
         queued as failed and its handle reports it, like a failed copy.
         """
-        if after is None:  # fast path: no stream to order after
+        if after is None and before is None and regions is None:  # fast path
             return self._engine.submit(_OUT, _as_pairs(pairs), _NONE, 0, _NONE, 0)
-        streams = _stream_args(after, None)
-        return self._engine.submit(_OUT, _as_pairs(pairs), *streams)
+        streams = _stream_args(after, before)  # checked before the pairs
+        return self._engine.submit(_OUT, _as_pairs(pairs), *streams,
+                                   *_region_range(regions, self._device_layout.num_regions))
 
-    def check_swap_out(self, *, after: Any = None) -> None:
-        """Raise what :meth:`swap_out` would raise for ``after`` or a closed engine, without
-        queueing anything, so a caller can validate before it changes its own state.
+    def check_swap_out(self, *, after: Any = None, before: Any = None) -> None:
+        """Raise what [`swap_out`][] would raise for ``after``/``before`` or a closed
+        engine, without queueing anything, so a caller can validate before it changes its
+        own state.
 
         Raises:
-            TypeError: ``after`` of an unknown type. ValueError: ``after`` on the host
-            backend. EngineClosedError: the engine is closed.
+            TypeError: ``after``/``before`` of an unknown type.
+            ValueError: ``after`` or ``before`` on the host backend, ``before`` an event.
+            EngineClosedError: the engine is closed.
         """
-        self._engine.check(_OUT, *_stream_args(after, None))
+        self._engine.check(_OUT, *_stream_args(after, before))
 
-    def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None) -> SwapHandle:
+    def swap_in(self, pairs: Any, *, before: Any = None, after: Any = None,
+                regions: range | None = None) -> SwapHandle:
         """Queue a host -> device copy of block extents; returns once queued.
 
         Args:
             pairs: integer array ``[n, 3]`` of ``(src_start, dst_start, length)`` in
                 blocks: host blocks ``[src_start, +length)`` go to device blocks
-                ``[dst_start, +length)``. See :meth:`swap_out`.
-            before: CUDA only. A consumer stream (as ``after`` in :meth:`swap_out`): work
+                ``[dst_start, +length)``. See [`swap_out`][].
+            before: CUDA only. A consumer stream (as ``after`` in [`swap_out`][]): work
                 queued on it after this call waits for the copies. With
                 ``before_wait="event"`` (default) this call returns once a worker has
                 issued the copies and the stream waits on the job's end event; with
@@ -375,22 +406,25 @@ class AsyncSwapEngine:
                 all the same (it never hangs) and the handle raises: the blocks then
                 hold no valid data. If the stream cannot be ordered (a driver error),
                 this call waits for the copies on the host instead.
-            after: CUDA only, as in :meth:`swap_out`: the copies start only after the
+            after: CUDA only, as in [`swap_out`][]: the copies start only after the
                 work queued on that stream (or the event) so far. Needed when the
                 destination blocks were just freed by a sequence whose kernels may still
                 be reading them (a write-after-read on the GPU the engine cannot see).
+            regions: as in [`swap_out`][]: only these regions (one layer's, for a
+                layer-by-layer load whose handle and ``before`` ordering are per layer).
 
-        Returns / Raises: as :meth:`swap_out` (``before`` must be a stream, not an event,
+        Returns / Raises: as [`swap_out`][] (``before`` must be a stream, not an event,
         and not one capturing a CUDA graph).
         """
-        if before is None and after is None:  # fast path: no streams
+        if before is None and after is None and regions is None:  # fast path
             return self._engine.submit(_IN, _as_pairs(pairs), _NONE, 0, _NONE, 0)
         streams = _stream_args(after, before)  # checked before the pairs
-        return self._engine.submit(_IN, _as_pairs(pairs), *streams)
+        return self._engine.submit(_IN, _as_pairs(pairs), *streams,
+                                   *_region_range(regions, self._device_layout.num_regions))
 
     def check_swap_in(self, *, before: Any = None, after: Any = None) -> None:
-        """Raise what :meth:`swap_in` would raise for ``before``/``after`` or a closed
-        engine, without queueing anything. Raises: as :meth:`check_swap_out`."""
+        """Raise what [`swap_in`][] would raise for ``before``/``after`` or a closed
+        engine, without queueing anything. Raises: as [`check_swap_out`][]."""
         self._engine.check(_IN, *_stream_args(after, before))
 
     def migrate(self, pairs: Any, *, after: Any = None, before: Any = None) -> SwapHandle:
@@ -403,7 +437,7 @@ class AsyncSwapEngine:
         runs after earlier jobs that write its sources or touch its destinations (a
         swap-in into its sources, a swap-out of its destinations), and later jobs that
         touch its destinations, or write its sources, run after it.
-        :meth:`wait_blocks` covers both its source and its destination blocks. If an
+        [`wait_blocks`][] covers both its source and its destination blocks. If an
         earlier job that writes its sources fails, it fails too without copying; one
         that fails while only reading or writing its destinations does not fail it (see
         the class).
@@ -419,15 +453,15 @@ class AsyncSwapEngine:
                 moves (``a -> b`` then ``b -> c``, or a shift of an extent onto itself) is
                 submitted as separate migrations in that order; the engine orders them.
                 Sources may overlap each other (a block copied to two places).
-            after: CUDA only, as in :meth:`swap_in`: the copies start only after the work
+            after: CUDA only, as in [`swap_in`][]: the copies start only after the work
                 queued on that stream (or the event) so far, e.g. kernels still reading
                 the destination blocks or writing the source blocks.
-            before: CUDA only, as in :meth:`swap_in`: a consumer stream whose later work
+            before: CUDA only, as in [`swap_in`][]: a consumer stream whose later work
                 waits for the copies (attention reading the moved blocks at their new
                 ids).
 
         Returns:
-            A :class:`SwapHandle` with ``direction == "migrate"`` (finished already when
+            A [`SwapHandle`][] with ``direction == "migrate"`` (finished already when
             ``num_workers=0``).
 
         Raises:
@@ -443,8 +477,8 @@ class AsyncSwapEngine:
         return self._engine.submit(_MIGRATE, _as_pairs(pairs), *streams)
 
     def check_migrate(self, *, after: Any = None, before: Any = None) -> None:
-        """Raise what :meth:`migrate` would raise for ``after``/``before`` or a closed
-        engine, without queueing anything. Raises: as :meth:`check_swap_in`."""
+        """Raise what [`migrate`][] would raise for ``after``/``before`` or a closed
+        engine, without queueing anything. Raises: as [`check_swap_in`][]."""
         self._engine.check(_MIGRATE, *_stream_args(after, before))
 
     def poll(self) -> list[SwapHandle]:
@@ -464,7 +498,8 @@ class AsyncSwapEngine:
             handles.
 
         Raises:
-            TypeError: ids not integers. ValueError: ids outside ``[0, num_blocks)``.
+            TypeError: ids not integers.
+            ValueError: ids outside ``[0, num_blocks)``.
         """
         ids = _as_int64(np.asarray(gpu_block_ids).reshape(-1), "gpu_block_ids")
         if ids.size and (ids.min() < 0 or ids.max() >= self._device_layout.num_blocks):
@@ -478,7 +513,7 @@ class AsyncSwapEngine:
     def stats(self) -> dict[str, Any]:
         """Counters over finished jobs.
 
-        Swaps and migrations (:meth:`migrate`) are counted apart, so that the swap
+        Swaps and migrations ([`migrate`][]) are counted apart, so that the swap
         figures (``bytes``, ``busy_s``, ``gbps``) measure the host link only.
 
         Returns:
@@ -535,7 +570,7 @@ class AsyncSwapEngine:
     @property
     def host_memory(self) -> str:
         """How copies reach the host pool: ``"pinned"``, ``"registered"``, ``"pageable"``
-        or ``"n/a"`` (host backend); see :meth:`stats`."""
+        or ``"n/a"`` (host backend); see [`stats`][]."""
         return str(self._engine.host_memory[0])
 
     @property

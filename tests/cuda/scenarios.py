@@ -416,6 +416,52 @@ def close_with_stalled_stream() -> None:
     report(stats=eng.stats())
 
 
+def capture_beside_swaps() -> None:
+    """While this thread captures a CUDA graph in global mode (torch's default
+    capture_error_mode), another thread stalls a stream and queues swaps after it: the
+    engine's worker polls their end events (cuEventQuery) during the capture. kvswitch's
+    calls run in relaxed capture mode, so no job fails with
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and the capture stays valid (issue 22)."""
+    import time
+
+    torch = need_torch_cuda()
+    p = make_pools(torch, layers=2, blocks=256)
+    eng = make_engine(p.layout, p.pool, num_workers=2)
+    stalled = torch.cuda.Stream()
+    began, queued = threading.Event(), threading.Event()
+    handles: list = []
+
+    def swaps_during_the_capture() -> None:
+        began.wait(30)
+        with torch.cuda.stream(stalled):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock: jobs stay in flight
+            for v in p.views:
+                v.fill_(3.0)
+        handles.extend(eng.swap_out([[2 * i, 2 * i, 2]], after=stalled) for i in range(16))
+        queued.set()
+
+    t = threading.Thread(target=swaps_during_the_capture)
+    t.start()
+    x = torch.ones(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture_error_mode="global"
+        began.set()
+        assert queued.wait(30), "the swaps were not queued"
+        time.sleep(0.3)  # the worker polls its in-flight jobs meanwhile
+        y = x * 2 + 10
+    t.join(30)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 12.0)), "the captured graph computes garbage"
+    for h in handles:
+        assert h.wait(timeout=60), h.error
+    bits = bf16_bits(torch, 3.0)
+    for a in p.pool.arrays:
+        assert (a[:32] == bits).all(), "a swap-out ran before the stalled stream's write"
+    eng.close()
+    report(capture="global", jobs=len(handles))
+
+
 def pageable_host_pool() -> None:
     """A host pool that is not pinned (pin=False) still swaps correctly both ways."""
     torch = need_torch_cuda()
@@ -553,6 +599,7 @@ SCENARIOS: dict[str, Scenario] = {
     "failure_partial_enqueue": Scenario(failure_partial_enqueue),
     "failure_injected_then_conflict": Scenario(failure_injected_then_conflict),
     "close_with_stalled_stream": Scenario(close_with_stalled_stream),
+    "capture_beside_swaps": Scenario(capture_beside_swaps),
     "pageable_host_pool": Scenario(pageable_host_pool),
     "torch_and_cupy": Scenario(torch_and_cupy),
     "second_device": Scenario(second_device),

@@ -77,7 +77,10 @@ def test_backup_and_per_layer_load_on_streams(layout, page_size):
         write.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(write):
             host.backup_from_device_all_layer(device, host_slots, src_slots, "kernel")
-        for i in range(len(src)):  # the backup call returns once the bytes are on the host
+        # The backup is ordered before the write stream's later work (SGLang's backup-done
+        # event): once that stream has passed the call, the bytes are on the host.
+        write.synchronize()
+        for i in range(len(src)):
             got = host_page(host, int(host_slots[i * page_size]))
             want = expected[:, :, i * page_size:(i + 1) * page_size]
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -34,9 +34,26 @@
 // * Stream memory operations only touch live memory: a wait on a word outside any
 //   cuMemHostAlloc/registered range passes (counted: stale_flag_waits), a write outside
 //   any page-locked or cuMemAlloc range is dropped (counted: stale_flag_writes).
+// * A copy with neither end page-locked (pageable host memory; not a declared
+//   device-to-device copy) is synchronous, as on a GPU: the API call drains the stream's
+//   earlier work and runs the copy before it returns (pageable_sync_calls).
+// * cuGetProcAddress answers per (name, asked-for version range): the CUDA 13.0 ABI of
+//   cuMemcpyBatchAsync (>= 13000, no failIdx) and the v1 stream memory operations (< 11070)
+//   are stubs that abort loudly if called; every request is logged (fake_proc_requests).
+// * Stream capture: cuStreamBeginCapture/EndCapture and cuThreadExchangeStreamCaptureMode.
+//   Work enqueued on a capturing stream goes into the graph (dropped, captured_ops). A
+//   "potentially unsafe" call (synchronize, event query, allocation, registration) made
+//   while a GLOBAL-mode capture runs on another thread, unless the calling thread's mode
+//   is relaxed (or thread-local), fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and
+//   invalidates that capture, as cuda.h describes.
+// * Sticky errors (fake_fault_copy): a copy faults when it executes; from then on every
+//   call that uses the context fails with that error, blocked waits included, until
+//   cuDevicePrimaryCtxReset; faulted streams run nothing more.
+// * cuMemcpyBatchAsync's failIdx names the copy an error is about, or is SIZE_MAX.
 // * Tests steer it through the fake_* control functions at the end (no context needed):
 //   counters, per-operation delays to widen races, gates that block a stream, failure
 //   injection for any call. FAKE_CUDA_* environment variables are read at load.
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -65,6 +82,11 @@ struct Counters {
     // Device-to-device copies as the caller declared them: 2D copies with
     // CU_MEMORYTYPE_DEVICE on both ends, batch copies with device location hints on both.
     long memcpy_2d_dtod, batch_dtod_copies;
+    // Issue 22: ops dropped into a capture (not run), unsafe calls refused during a capture,
+    // cuGetProcAddress answers that were a stub ABI, calls refused by a sticky error,
+    // copies that ran synchronously inside their API call (pageable memory).
+    long captured_ops, capture_violations, proc_stub_resolutions, sticky_refusals,
+        pageable_sync_calls;
 };
 }
 
@@ -73,8 +95,14 @@ namespace {
 using CUresult = int;
 constexpr CUresult kSuccess = 0, kInvalidValue = 1, kOutOfMemory = 2, kInvalidDevice = 101,
                    kInvalidContext = 201, kInvalidHandle = 400, kNotFound = 500,
-                   kNotReady = 600, kAlreadyRegistered = 712, kNotRegistered = 713,
+                   kNotReady = 600, kIllegalAddress = 700, kAlreadyRegistered = 712,
+                   kNotRegistered = 713, kCaptureUnsupported = 900,
+                   kCaptureInvalidated = 901, kCaptureUnmatched = 903,
+                   kCaptureIsolation = 905, kCapturedEvent = 907, kCaptureWrongThread = 908,
                    kUnknown = 999;
+// CUstreamCaptureMode and CUstreamCaptureStatus (cuda.h)
+constexpr int kModeGlobal = 0, kModeThreadLocal = 1, kModeRelaxed = 2;
+constexpr int kCapNone = 0, kCapActive = 1, kCapInvalidated = 2;
 // FAKE_CUDA_FAIL_COPY_AFTER's error: no real code, so cuGetErrorName says CUDA_ERROR_FAKE
 // (an existing test looks for that name).
 constexpr CUresult kLegacyFakeError = 9999;
@@ -85,6 +113,7 @@ constexpr auto kPoll = std::chrono::microseconds(30);  // wait-value polling per
 
 Counters g_counters;  // POD: nothing runs at exit
 thread_local void* g_current = nullptr;
+thread_local int g_capture_mode = kModeGlobal;  // cuThreadExchangeStreamCaptureMode
 
 void bump(long& c, long n = 1) { __atomic_fetch_add(&c, n, __ATOMIC_RELAXED); }
 
@@ -94,6 +123,7 @@ struct Event {
     long recorded = 0;   // generation of the latest cuEventRecord call
     long completed = 0;  // highest generation whose record op has executed
     double stamp = 0;    // steady clock, seconds, when `completed` was set
+    bool captured = false;  // last recorded inside a capture sequence (never runs)
 };
 struct Segment {  // one copy: `height` rows of `width` bytes
     char* dst;
@@ -115,6 +145,7 @@ struct Op {
 struct Executor {
     std::deque<Op*> queue;  // front = executing or blocked; popped once complete
     bool stop = false;
+    bool running = false;  // the front op runs with the lock released
     std::thread thread;
 };
 // Streams are never deleted (destroy stops the thread): a pointer taken under the lock by
@@ -122,8 +153,13 @@ struct Executor {
 struct Stream {
     Executor* ex = nullptr;
     long enqueued = 0, completed = 0;  // FIFO: the first `completed` ops are done
-    int capturing = 0;                 // fake_set_capturing
+    int capturing = 0;                 // fake_set_capturing (status only, nothing dropped)
     bool foreign = false;
+    // A capture sequence (cuStreamBeginCapture): ops enqueued meanwhile go into the graph
+    // (dropped here), as on a GPU.
+    int cap_status = kCapNone;
+    int cap_mode = kModeGlobal;
+    std::thread::id cap_thread;
 };
 struct Range {
     std::size_t size;
@@ -153,6 +189,14 @@ struct State {
     std::map<std::string, long> call_delay_us;  // "call:<name>": sleep inside that API call
     Executor* global = nullptr;  // serialized mode's single executor, made on first use
     long legacy_copy_calls = 0;
+    // Sticky error (fake_fault_copy): the copy op executed after `fault_skip` more copies
+    // faults; from then on every call that uses the context returns `sticky` until
+    // cuDevicePrimaryCtxReset. Atomic access for `sticky`.
+    int sticky = 0;
+    long fault_skip = -1;
+    int fault_code = kIllegalAddress;
+    // cuGetProcAddress requests as "name@version" in call order.
+    std::vector<std::string> proc_requests;
 
     // Read once at load.
     bool serialized = false;
@@ -232,9 +276,54 @@ bool injected_failure(const char* name) {
     }
     return false;
 }
+int sticky_code() { return __atomic_load_n(&S().sticky, __ATOMIC_ACQUIRE); }
+
+// Every call that uses the context: an injected failure, or the sticky error after a
+// fault (a real driver fails every such call until the context is reset).
 #define FAKE_ENTRY(name)                                \
     do {                                                \
         if (injected_failure(name)) return kUnknown;    \
+        if (int sticky_ = sticky_code()) {              \
+            bump(g_counters.sticky_refusals);           \
+            return sticky_;                             \
+        }                                               \
+    } while (0)
+// Calls that do not use the context (versions, error strings, device queries, context
+// binding): only injected failures.
+#define FAKE_ENTRY_NO_CONTEXT(name)                     \
+    do {                                                \
+        if (injected_failure(name)) return kUnknown;    \
+    } while (0)
+
+// Stream capture (cuda.h, cuThreadExchangeStreamCaptureMode): a "potentially unsafe" call
+// (a synchronization, an event query, an allocation or registration) is prohibited
+// while this thread has a capture not begun in relaxed mode, or, unless this thread's
+// mode is THREAD_LOCAL or RELAXED, while any other thread has a GLOBAL-mode capture. A
+// prohibited call fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates those
+// captures (cuStreamEndCapture then returns CUDA_ERROR_STREAM_CAPTURE_INVALIDATED).
+bool capture_prohibits() {
+    if (g_capture_mode == kModeRelaxed) return false;
+    State& g = S();
+    std::lock_guard<std::mutex> lock(g.mu);
+    const auto me = std::this_thread::get_id();
+    bool prohibited = false;
+    for (auto& kv : g.streams) {
+        Stream* s = kv.second;
+        if (s->cap_status == kCapNone) continue;
+        const bool own = s->cap_thread == me && s->cap_mode != kModeRelaxed;
+        const bool other_global = s->cap_thread != me && s->cap_mode == kModeGlobal &&
+                                  g_capture_mode == kModeGlobal;
+        if (own || other_global) {
+            s->cap_status = kCapInvalidated;
+            prohibited = true;
+        }
+    }
+    if (prohibited) bump(g_counters.capture_violations);
+    return prohibited;
+}
+#define FAKE_UNSAFE_DURING_CAPTURE()                    \
+    do {                                                \
+        if (capture_prohibits()) return kCaptureUnsupported; \
     } while (0)
 
 bool need_ctx() {
@@ -317,22 +406,51 @@ std::shared_ptr<Event> event_for(void* h) {  // h != nullptr
     return e;
 }
 
+// On a stream that is capturing, the op goes into the graph: it is not run (dropped here).
 void enqueue(Stream* s, Op* op) {
+    if (s->cap_status != kCapNone) {
+        bump(g_counters.captured_ops);
+        delete op;
+        return;
+    }
     op->stream = s;
     ++s->enqueued;
     s->ex->queue.push_back(op);
     S().cv.notify_all();
 }
 
-Op* copy_op(std::vector<Segment> segs, bool count_pageable) {
-    if (count_pageable)
-        for (const Segment& c : segs)
-            if (!is_pinned(reinterpret_cast<std::uintptr_t>(c.src)) &&
-                !is_pinned(reinterpret_cast<std::uintptr_t>(c.dst)))
-                bump(g_counters.pageable_copies);
+// Blocks until the first `target` ops of s completed; returns the sticky error if the
+// context faulted meanwhile (its work never completes then).
+CUresult wait_stream(Stream* s, long target, std::unique_lock<std::mutex>& lk) {
+    S().cv.wait(lk, [&] { return s->completed >= target || sticky_code(); });
+    return sticky_code();
+}
+
+// Copies with neither end page-locked (nor declared device-to-device): "pageable". Each
+// such segment is counted in pageable_copies.
+bool count_pageable(const std::vector<Segment>& segs) {
+    bool any = false;
+    for (const Segment& c : segs)
+        if (!is_pinned(reinterpret_cast<std::uintptr_t>(c.src)) &&
+            !is_pinned(reinterpret_cast<std::uintptr_t>(c.dst))) {
+            bump(g_counters.pageable_copies);
+            any = true;
+        }
+    return any;
+}
+
+// Enqueues a copy of `segs` on s. A pageable copy is synchronous, as on a GPU (the driver
+// stages it through a bounce buffer inside the call): the call drains the stream's earlier
+// work and runs the copy before it returns. Lock held.
+CUresult enqueue_copy(Stream* s, std::vector<Segment> segs, bool may_be_pageable,
+                      std::unique_lock<std::mutex>& lk) {
+    const bool pageable = may_be_pageable && count_pageable(segs);
     auto* op = new Op(Kind::kCopy);
     op->segs = std::move(segs);
-    return op;
+    enqueue(s, op);
+    if (!pageable) return kSuccess;
+    bump(g_counters.pageable_sync_calls);
+    return wait_stream(s, s->enqueued, lk);
 }
 
 // cyclic >=, as CU_STREAM_WAIT_VALUE_GEQ; a word outside any live page-locked range reads
@@ -382,10 +500,18 @@ void call_delay(const char* name) {
     sleep_us(us);
 }
 
-void run_op(Op& op, std::unique_lock<std::mutex>& lk) {  // lock held on entry and exit
+// Runs op; false when it faulted instead (fake_fault_copy): the context is then sticky
+// and the op never completes. Lock held on entry and exit.
+bool run_op(Executor* ex, Op& op, std::unique_lock<std::mutex>& lk) {
     State& g = S();
     switch (op.kind) {
         case Kind::kCopy:
+            if (g.fault_skip >= 0 && g.fault_skip-- == 0) {
+                __atomic_store_n(&g.sticky, g.fault_code, __ATOMIC_RELEASE);
+                g.cv.notify_all();
+                return false;
+            }
+            ex->running = true;
             lk.unlock();  // other streams run meanwhile
             for (const Segment& c : op.segs) {
                 sleep_us(__atomic_load_n(&g.copy_delay_us, __ATOMIC_RELAXED));
@@ -393,6 +519,7 @@ void run_op(Op& op, std::unique_lock<std::mutex>& lk) {  // lock held on entry a
                     std::memmove(c.dst + row * c.dpitch, c.src + row * c.spitch, c.width);
             }
             lk.lock();
+            ex->running = false;
             break;
         case Kind::kRecord:
             if (op.gen > op.event->completed) {
@@ -403,9 +530,11 @@ void run_op(Op& op, std::unique_lock<std::mutex>& lk) {  // lock held on entry a
         case Kind::kWriteValue: {
             const long delay = __atomic_load_n(&g.write_delay_us, __ATOMIC_RELAXED);
             if (delay > 0) {
+                ex->running = true;
                 lk.unlock();
                 sleep_us(delay);
                 lk.lock();
+                ex->running = false;
             }
             // Only into live memory: a write into freed heap memory would corrupt malloc.
             const Range* r = find_range(op.addr);
@@ -419,12 +548,17 @@ void run_op(Op& op, std::unique_lock<std::mutex>& lk) {  // lock held on entry a
         default:
             break;
     }
+    return true;
 }
 
 void exec_loop(Executor* ex) {
     State& g = S();
     std::unique_lock<std::mutex> lk(g.mu);
     for (;;) {
+        if (sticky_code()) {  // a faulted context runs nothing until it is reset
+            g.cv.wait(lk);
+            continue;
+        }
         if (ex->queue.empty()) {
             if (ex->stop) return;
             g.cv.wait(lk);
@@ -439,7 +573,7 @@ void exec_loop(Executor* ex) {
                 g.cv.wait(lk);
             continue;
         }
-        run_op(*op, lk);
+        if (!run_op(ex, *op, lk)) continue;
         ex->queue.pop_front();
         ++op->stream->completed;
         delete op;
@@ -447,10 +581,6 @@ void exec_loop(Executor* ex) {
     }
 }
 
-// Blocks until the first `target` ops of s completed.
-void wait_stream(Stream* s, long target, std::unique_lock<std::mutex>& lk) {
-    S().cv.wait(lk, [&] { return s->completed >= target; });
-}
 
 struct Memcpy2D {  // CUDA_MEMCPY2D_v2
     std::size_t srcXInBytes, srcY;
@@ -499,35 +629,46 @@ extern "C" {
 
 // ---------------------------------------------------------------- init, errors, version
 CUresult cuInit(unsigned) {
-    FAKE_ENTRY("cuInit");
+    FAKE_ENTRY_NO_CONTEXT("cuInit");
     return kSuccess;
 }
 CUresult cuDriverGetVersion(int* v) {
-    FAKE_ENTRY("cuDriverGetVersion");
+    FAKE_ENTRY_NO_CONTEXT("cuDriverGetVersion");
     *v = S().driver_version;
     return kSuccess;
 }
 CUresult cuGetErrorName(CUresult r, const char** s) {
-    FAKE_ENTRY("cuGetErrorName");
+    FAKE_ENTRY_NO_CONTEXT("cuGetErrorName");
     switch (r) {
         case kSuccess: *s = "CUDA_SUCCESS"; break;
         case kInvalidValue: *s = "CUDA_ERROR_INVALID_VALUE"; break;
         case kInvalidContext: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
         case kInvalidHandle: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
         case kNotReady: *s = "CUDA_ERROR_NOT_READY"; break;
+        case kIllegalAddress: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
+        case kCaptureUnsupported: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case kCaptureInvalidated: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+        case kCaptureUnmatched: *s = "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED"; break;
+        case kCaptureIsolation: *s = "CUDA_ERROR_STREAM_CAPTURE_ISOLATION"; break;
+        case kCapturedEvent: *s = "CUDA_ERROR_CAPTURED_EVENT"; break;
+        case kCaptureWrongThread: *s = "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD"; break;
         case kUnknown: *s = "CUDA_ERROR_UNKNOWN"; break;
         default: *s = "CUDA_ERROR_FAKE"; break;
     }
     return kSuccess;
 }
 CUresult cuGetErrorString(CUresult r, const char** s) {
-    FAKE_ENTRY("cuGetErrorString");
+    FAKE_ENTRY_NO_CONTEXT("cuGetErrorString");
     switch (r) {
         case kUnknown: *s = "fake driver: injected failure"; break;
         case kNotReady: *s = "fake driver: not ready"; break;
         case kInvalidHandle: *s = "fake driver: invalid handle"; break;
         case kInvalidValue: *s = "fake driver: invalid value"; break;
         case kInvalidContext: *s = "fake driver: no current context"; break;
+        case kIllegalAddress: *s = "fake driver: injected fault (sticky until reset)"; break;
+        case kCaptureUnsupported:
+            *s = "operation not permitted when stream is capturing";
+            break;
         default: *s = "fake driver error"; break;
     }
     return kSuccess;
@@ -535,12 +676,12 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
 
 // ---------------------------------------------------------------- devices and contexts
 CUresult cuDeviceGetCount(int* n) {
-    FAKE_ENTRY("cuDeviceGetCount");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceGetCount");
     *n = S().device_count;
     return kSuccess;
 }
 CUresult cuDeviceGet(int* d, int ordinal) {
-    FAKE_ENTRY("cuDeviceGet");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceGet");
     if (!valid_device(ordinal)) return kInvalidDevice;
     *d = ordinal;
     return kSuccess;
@@ -548,7 +689,7 @@ CUresult cuDeviceGet(int* d, int ordinal) {
 // What an H100 SXM reports (CUDA 12.x/13 driver): the v1 stream memory-op attributes
 // (92-94) are 0 although cuStreamWaitValue32_v2 works; 122/123 are the v2 ones.
 CUresult cuDeviceGetAttribute(int* v, int attr, int dev) {
-    FAKE_ENTRY("cuDeviceGetAttribute");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceGetAttribute");
     if (!valid_device(dev)) return kInvalidDevice;
     switch (attr) {
         case 16: *v = 132; break;               // MULTIPROCESSOR_COUNT
@@ -560,45 +701,81 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int dev) {
     return kSuccess;
 }
 CUresult cuDeviceGetName(char* name, int len, int dev) {
-    FAKE_ENTRY("cuDeviceGetName");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceGetName");
     if (!valid_device(dev)) return kInvalidDevice;
     if (!name || len <= 0) return kInvalidValue;
     std::snprintf(name, static_cast<std::size_t>(len), "Fake NVIDIA H100 80GB HBM3");
     return kSuccess;
 }
 CUresult cuDeviceGetPCIBusId(char* id, int len, int dev) {
-    FAKE_ENTRY("cuDeviceGetPCIBusId");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceGetPCIBusId");
     if (!valid_device(dev)) return kInvalidDevice;
     if (!id || len <= 0) return kInvalidValue;
     std::snprintf(id, static_cast<std::size_t>(len), "0000:%02X:00.0", 0x1b + dev);
     return kSuccess;
 }
 CUresult cuDeviceTotalMem_v2(std::size_t* bytes, int dev) {
-    FAKE_ENTRY("cuDeviceTotalMem");
+    FAKE_ENTRY_NO_CONTEXT("cuDeviceTotalMem");
     if (!valid_device(dev)) return kInvalidDevice;
     *bytes = std::size_t(80) << 30;
     return kSuccess;
 }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
-    FAKE_ENTRY("cuDevicePrimaryCtxRetain");
+    FAKE_ENTRY_NO_CONTEXT("cuDevicePrimaryCtxRetain");
     if (!valid_device(dev)) return kInvalidDevice;
     bump(g_counters.ctx_retain);
     *ctx = &S().ctx_dummies[dev];
     return kSuccess;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(int dev) {
-    FAKE_ENTRY("cuDevicePrimaryCtxRelease");
+    FAKE_ENTRY_NO_CONTEXT("cuDevicePrimaryCtxRelease");
     if (!valid_device(dev)) return kInvalidDevice;
     bump(g_counters.ctx_release);
     return kSuccess;
 }
+// Clears a sticky error. Work queued before is dropped (its records count as complete,
+// so nothing waits for ever); streams, events and memory stay usable (a real reset
+// destroys them: a test must not rely on that).
+CUresult cuDevicePrimaryCtxReset_v2(int dev) {
+    FAKE_ENTRY_NO_CONTEXT("cuDevicePrimaryCtxReset");
+    if (!valid_device(dev)) return kInvalidDevice;
+    State& g = S();
+    std::lock_guard<std::mutex> lock(g.mu);
+    std::vector<Executor*> executors;
+    for (auto& kv : g.streams) {
+        Executor* ex = kv.second->ex;
+        if (ex && std::find(executors.begin(), executors.end(), ex) == executors.end())
+            executors.push_back(ex);
+        kv.second->cap_status = kCapNone;
+    }
+    for (Executor* ex : executors) {
+        const std::size_t keep = ex->running ? 1 : 0;  // finishes and pops itself
+        while (ex->queue.size() > keep) {
+            Op* op = ex->queue.back();
+            ex->queue.pop_back();
+            ++op->stream->completed;
+            delete op;
+        }
+    }
+    for (auto& kv : g.events) kv.second->completed = kv.second->recorded;
+    g.fault_skip = -1;
+    __atomic_store_n(&g.sticky, 0, __ATOMIC_RELEASE);
+    g.cv.notify_all();
+    return kSuccess;
+}
+CUresult cuThreadExchangeStreamCaptureMode(int* mode) {
+    FAKE_ENTRY("cuThreadExchangeStreamCaptureMode");
+    if (!mode || *mode < kModeGlobal || *mode > kModeRelaxed) return kInvalidValue;
+    std::swap(*mode, g_capture_mode);
+    return kSuccess;
+}
 CUresult cuCtxSetCurrent(void* c) {
-    FAKE_ENTRY("cuCtxSetCurrent");
+    FAKE_ENTRY_NO_CONTEXT("cuCtxSetCurrent");
     g_current = c;
     return kSuccess;
 }
 CUresult cuCtxGetCurrent(void** c) {
-    FAKE_ENTRY("cuCtxGetCurrent");
+    FAKE_ENTRY_NO_CONTEXT("cuCtxGetCurrent");
     *c = g_current;
     return kSuccess;
 }
@@ -612,12 +789,14 @@ CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
 CUresult cuCtxSynchronize() {
     FAKE_ENTRY("cuCtxSynchronize");
     if (!need_ctx()) return kInvalidContext;
+    FAKE_UNSAFE_DURING_CAPTURE();
     bump(g_counters.ctx_synchronize);
     State& g = S();
     std::unique_lock<std::mutex> lk(g.mu);
     std::vector<std::pair<Stream*, long>> targets;
     for (auto& kv : g.streams) targets.emplace_back(kv.second, kv.second->enqueued);
-    for (auto& t : targets) wait_stream(t.first, t.second, lk);
+    for (auto& t : targets)
+        if (CUresult r = wait_stream(t.first, t.second, lk)) return r;
     return kSuccess;
 }
 
@@ -648,7 +827,7 @@ CUresult cuStreamDestroy_v2(void* h) {
     if (it == g.streams.end() || it->second->foreign) return kInvalidHandle;
     Stream* s = it->second;
     g.streams.erase(it);
-    wait_stream(s, s->enqueued, lk);
+    if (CUresult r = wait_stream(s, s->enqueued, lk)) return r;  // faulted meanwhile
     if (g.serialized) return kSuccess;  // the shared executor goes on
     Executor* ex = s->ex;
     ex->stop = true;
@@ -662,16 +841,49 @@ CUresult cuStreamDestroy_v2(void* h) {
 CUresult cuStreamSynchronize(void* h) {
     FAKE_ENTRY("cuStreamSynchronize");
     if (!need_ctx()) return kInvalidContext;
+    FAKE_UNSAFE_DURING_CAPTURE();
     std::unique_lock<std::mutex> lk(S().mu);
     Stream* s = stream_for(h);
-    wait_stream(s, s->enqueued, lk);
-    return kSuccess;
+    return wait_stream(s, s->enqueued, lk);
 }
+// A capture sequence's status, else what fake_set_capturing set.
 CUresult cuStreamIsCapturing(void* h, int* status) {
     FAKE_ENTRY("cuStreamIsCapturing");
     bump(g_counters.stream_is_capturing_calls);
     std::lock_guard<std::mutex> lock(S().mu);
-    *status = stream_for(h)->capturing;
+    Stream* s = stream_for(h);
+    *status = s->cap_status != kCapNone ? s->cap_status : s->capturing;
+    return kSuccess;
+}
+// From now on work enqueued on h goes into a graph (dropped here, counted captured_ops)
+// until cuStreamEndCapture; `mode` governs which unsafe calls other threads may make.
+CUresult cuStreamBeginCapture_v2(void* h, int mode) {
+    FAKE_ENTRY("cuStreamBeginCapture");
+    if (!need_ctx()) return kInvalidContext;
+    if (mode < kModeGlobal || mode > kModeRelaxed) return kInvalidValue;
+    std::lock_guard<std::mutex> lock(S().mu);
+    Stream* s = stream_for(h);
+    if (s->cap_status != kCapNone) return kCaptureUnsupported;  // already capturing
+    s->cap_status = kCapActive;
+    s->cap_mode = mode;
+    s->cap_thread = std::this_thread::get_id();
+    return kSuccess;
+}
+// *graph: a non-null dummy, or null when the capture was invalidated (then 901).
+CUresult cuStreamEndCapture(void* h, void** graph) {
+    FAKE_ENTRY("cuStreamEndCapture");
+    if (!graph) return kInvalidValue;
+    *graph = nullptr;
+    std::lock_guard<std::mutex> lock(S().mu);
+    Stream* s = stream_for(h);
+    if (s->cap_status == kCapNone) return kCaptureUnmatched;
+    if (s->cap_mode != kModeRelaxed && s->cap_thread != std::this_thread::get_id())
+        return kCaptureWrongThread;
+    const bool valid = s->cap_status == kCapActive;
+    s->cap_status = kCapNone;
+    if (!valid) return kCaptureInvalidated;
+    static char dummy_graph;
+    *graph = &dummy_graph;
     return kSuccess;
 }
 // The wait captures the event's latest record at CALL time, as CUDA does.
@@ -682,6 +894,9 @@ CUresult cuStreamWaitEvent(void* h, void* e, unsigned) {
     std::lock_guard<std::mutex> lock(S().mu);
     auto ev = event_for(e);
     Stream* s = stream_for(h);
+    // An event recorded inside a capture is a graph node: a stream outside the capture
+    // cannot wait on it.
+    if (ev->captured && s->cap_status == kCapNone) return kCaptureIsolation;
     if (ev->recorded == 0) return kSuccess;  // never recorded: nothing to wait for
     auto* op = new Op(Kind::kWaitEvent);
     op->event = ev;
@@ -747,30 +962,41 @@ CUresult cuEventRecord(void* e, void* h) {
     bump(g_counters.event_record);
     std::lock_guard<std::mutex> lock(g.mu);
     auto ev = event_for(e);
+    Stream* s = stream_for(h);
+    if (s->cap_status != kCapNone) {  // a graph node now: never completes outside a launch
+        ev->captured = true;
+        bump(g_counters.captured_ops);
+        return kSuccess;
+    }
+    ev->captured = false;
     auto* op = new Op(Kind::kRecord);
     op->event = ev;
     op->gen = ++ev->recorded;
-    enqueue(stream_for(h), op);
+    enqueue(s, op);
     return kSuccess;
 }
 CUresult cuEventQuery(void* e) {
     FAKE_ENTRY("cuEventQuery");
     if (!e) return kInvalidHandle;
+    FAKE_UNSAFE_DURING_CAPTURE();
     std::lock_guard<std::mutex> lock(S().mu);
     auto ev = event_for(e);
+    if (ev->captured) return kCapturedEvent;  // prohibited even in relaxed mode
     return ev->completed >= ev->recorded ? kSuccess : kNotReady;
 }
 CUresult cuEventSynchronize(void* e) {
     FAKE_ENTRY("cuEventSynchronize");
     if (!e) return kInvalidHandle;
+    FAKE_UNSAFE_DURING_CAPTURE();
     State& g = S();
     std::unique_lock<std::mutex> lk(g.mu);
     auto ev = event_for(e);
+    if (ev->captured) return kCapturedEvent;
     // Without BLOCKING_SYNC a real driver spins a CPU core until the event completes.
     if (!(ev->flags & kEventBlockingSync)) bump(g_counters.spin_waits);
     const long target = ev->recorded;
-    g.cv.wait(lk, [&] { return ev->completed >= target; });
-    return kSuccess;
+    g.cv.wait(lk, [&] { return ev->completed >= target || sticky_code(); });
+    return sticky_code();
 }
 CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     FAKE_ENTRY("cuEventElapsedTime");
@@ -787,6 +1013,7 @@ CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
 // ---------------------------------------------------------------- copies
 CUresult cuMemcpy(unsigned long long dst, unsigned long long src, std::size_t n) {
     FAKE_ENTRY("cuMemcpy");
+    FAKE_UNSAFE_DURING_CAPTURE();
     // Synchronous, and (unlike CUDA) not ordered after the legacy default stream.
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return kSuccess;
@@ -797,11 +1024,11 @@ CUresult cuMemcpyAsync(unsigned long long dst, unsigned long long src, std::size
     if (!need_ctx()) return kInvalidContext;
     if (legacy_copy_fails()) return kLegacyFakeError;
     bump(g_counters.memcpy_async);
-    std::lock_guard<std::mutex> lock(S().mu);
-    enqueue(stream_for(h), copy_op({{reinterpret_cast<char*>(dst),
-                                     reinterpret_cast<const char*>(src), n, 1, 0, 0}},
-                                   true));
-    return kSuccess;
+    std::unique_lock<std::mutex> lk(S().mu);
+    return enqueue_copy(stream_for(h),
+                        {{reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n,
+                          1, 0, 0}},
+                        true, lk);
 }
 CUresult cuMemcpy2DAsync_v2(const Memcpy2D* m, void* h) {
     FAKE_ENTRY("cuMemcpy2DAsync");
@@ -816,34 +1043,38 @@ CUresult cuMemcpy2DAsync_v2(const Memcpy2D* m, void* h) {
     if (m->Height > 1 && (m->srcPitch < m->WidthInBytes || m->dstPitch < m->WidthInBytes))
         return kInvalidValue;
     if (legacy_copy_fails()) return kLegacyFakeError;
-    std::lock_guard<std::mutex> lock(S().mu);
+    std::unique_lock<std::mutex> lk(S().mu);
     if ((m->srcMemoryType == kMemDevice && is_pinned(reinterpret_cast<std::uintptr_t>(src))) ||
         (m->dstMemoryType == kMemDevice && is_pinned(reinterpret_cast<std::uintptr_t>(dst))))
         return kInvalidValue;  // page-locked host memory named as device memory
     bump(g_counters.memcpy_2d);
     const bool dtod = m->srcMemoryType == kMemDevice && m->dstMemoryType == kMemDevice;
     if (dtod) bump(g_counters.memcpy_2d_dtod);
-    enqueue(stream_for(h),
-            copy_op({{dst, src, m->WidthInBytes, m->Height, m->dstPitch, m->srcPitch}}, !dtod));
-    return kSuccess;
+    return enqueue_copy(stream_for(h),
+                        {{dst, src, m->WidthInBytes, m->Height, m->dstPitch, m->srcPitch}},
+                        !dtod, lk);
 }
+// The CUDA 12.8/12.9 ABI (9 arguments, with failIdx). failIdx: the index of the copy an
+// error is about, or SIZE_MAX when it is about none of them (cuda.h).
 CUresult cuMemcpyBatchAsync(unsigned long long* dsts, unsigned long long* srcs,
                             std::size_t* sizes, std::size_t count, MemcpyAttributes* attrs,
                             std::size_t* idxs, std::size_t nattrs, std::size_t* fail_idx,
                             void* h) {
-    if (injected_failure("cuMemcpyBatchAsync")) {
-        if (fail_idx) *fail_idx = 0;
-        return kUnknown;
-    }
+    if (fail_idx) *fail_idx = SIZE_MAX;
+    FAKE_ENTRY("cuMemcpyBatchAsync");
     if (!need_ctx()) return kInvalidContext;
     // kvswitch passes one attribute for all copies, ordered after the stream's prior work.
     if (!dsts || !srcs || !sizes || count == 0 || !attrs || !idxs || nattrs < 1 ||
         idxs[0] != 0 || attrs[0].srcAccessOrder != 1)
         return kInvalidValue;
-    if (legacy_copy_fails()) {
-        if (fail_idx) *fail_idx = 0;
-        return kLegacyFakeError;
+    if (h == nullptr) return kInvalidValue;  // "Must not be legacy NULL stream"
+    for (std::size_t i = 0; i < count; ++i) {
+        if (!dsts[i] || !srcs[i] || !sizes[i]) {  // one copy is wrong: it is named
+            if (fail_idx) *fail_idx = i;
+            return kInvalidValue;
+        }
     }
+    if (legacy_copy_fails()) return kLegacyFakeError;
     bump(g_counters.batch_calls);
     bump(g_counters.batch_copies, static_cast<long>(count));
     for (std::size_t i = 0; i < nattrs; ++i)
@@ -859,14 +1090,33 @@ CUresult cuMemcpyBatchAsync(unsigned long long* dsts, unsigned long long* srcs,
     for (std::size_t i = 0; i < count; ++i)
         segs.push_back({reinterpret_cast<char*>(dsts[i]),
                         reinterpret_cast<const char*>(srcs[i]), sizes[i], 1, 0, 0});
-    std::lock_guard<std::mutex> lock(S().mu);
-    enqueue(stream_for(h), copy_op(std::move(segs), !dtod));
-    return kSuccess;
+    std::unique_lock<std::mutex> lk(S().mu);
+    return enqueue_copy(stream_for(h), std::move(segs), !dtod, lk);
+}
+
+// The CUDA 13.0 ABI of cuMemcpyBatchAsync (cuMemcpyBatchAsync_v2: 8 arguments, no
+// failIdx), which cuGetProcAddress returns for versions >= 13000. kvswitch declares the
+// 12.8 signature: calling this through it would shift every argument after numAttrs, so
+// the stub stops the process loudly instead of copying garbage.
+CUresult fake_stub_cuMemcpyBatchAsync_v2(unsigned long long*, unsigned long long*,
+                                         std::size_t*, std::size_t, MemcpyAttributes*,
+                                         std::size_t*, std::size_t, void*) {
+    std::fprintf(stderr, "fake_cuda: cuMemcpyBatchAsync was resolved at CUDA >= 13.0, whose "
+                         "ABI (8 arguments, no failIdx) kvswitch must not call\n");
+    std::abort();
+}
+// The v1 stream memory operations (cuGetProcAddress below 11070): they need the
+// deprecated CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, which Hopper reports as 0.
+CUresult fake_stub_cuStreamMemOp_v1(void*, unsigned long long, unsigned, unsigned) {
+    std::fprintf(stderr, "fake_cuda: a v1 stream memory operation (cuGetProcAddress below "
+                         "11070) was called; kvswitch must request the _v2 ones\n");
+    std::abort();
 }
 
 // ---------------------------------------------------------------- memory
 CUresult cuMemHostAlloc(void** p, std::size_t n, unsigned) {
     FAKE_ENTRY("cuMemHostAlloc");
+    FAKE_UNSAFE_DURING_CAPTURE();
     if (!need_ctx()) return kInvalidContext;
     if (posix_memalign(p, 4096, n ? n : 1) != 0) return kOutOfMemory;
     bump(g_counters.host_alloc);
@@ -876,6 +1126,7 @@ CUresult cuMemHostAlloc(void** p, std::size_t n, unsigned) {
 }
 CUresult cuMemFreeHost(void* p) {
     FAKE_ENTRY("cuMemFreeHost");
+    FAKE_UNSAFE_DURING_CAPTURE();
     {
         std::lock_guard<std::mutex> lock(S().mu);
         auto it = S().ranges.find(reinterpret_cast<std::uintptr_t>(p));
@@ -887,6 +1138,7 @@ CUresult cuMemFreeHost(void* p) {
 }
 CUresult cuMemHostRegister_v2(void* p, std::size_t n, unsigned) {
     FAKE_ENTRY("cuMemHostRegister");
+    FAKE_UNSAFE_DURING_CAPTURE();
     if (!p || n == 0) return kInvalidValue;
     const auto a = reinterpret_cast<std::uintptr_t>(p);
     std::lock_guard<std::mutex> lock(S().mu);
@@ -897,6 +1149,7 @@ CUresult cuMemHostRegister_v2(void* p, std::size_t n, unsigned) {
 }
 CUresult cuMemHostUnregister(void* p) {
     FAKE_ENTRY("cuMemHostUnregister");
+    FAKE_UNSAFE_DURING_CAPTURE();
     std::lock_guard<std::mutex> lock(S().mu);
     auto it = S().ranges.find(reinterpret_cast<std::uintptr_t>(p));
     if (it == S().ranges.end() || it->second.type != kMemHost || it->second.host_alloc)
@@ -912,6 +1165,7 @@ CUresult cuMemHostGetDevicePointer_v2(unsigned long long* d, void* p, unsigned) 
 }
 CUresult cuMemAlloc_v2(unsigned long long* d, std::size_t n) {
     FAKE_ENTRY("cuMemAlloc");
+    FAKE_UNSAFE_DURING_CAPTURE();
     if (!need_ctx()) return kInvalidContext;
     if (n == 0) return kInvalidValue;
     void* p = nullptr;
@@ -923,6 +1177,7 @@ CUresult cuMemAlloc_v2(unsigned long long* d, std::size_t n) {
 }
 CUresult cuMemFree_v2(unsigned long long d) {
     FAKE_ENTRY("cuMemFree");
+    FAKE_UNSAFE_DURING_CAPTURE();
     {
         std::lock_guard<std::mutex> lock(S().mu);
         auto it = S().ranges.find(static_cast<std::uintptr_t>(d));
@@ -950,12 +1205,19 @@ CUresult cuPointerGetAttribute(void* out, int attr, unsigned long long ptr) {
 
 // ---------------------------------------------------------------- cuGetProcAddress
 namespace {
+// One entry per ABI of a name: [min_version, end_version) of the version asked for. A
+// `stub` is an ABI kvswitch must never request (a different signature or semantics than
+// kvswitch declares): a real driver would return it without complaint, so the fake does
+// too, counts it (proc_stub_resolutions) and aborts loudly if it is ever called.
+constexpr int kNoEnd = 1 << 30;
 struct ProcEntry {
     void* fn;
-    int min_version;  // below it the function is absent (no such ABI yet)
+    int min_version;          // asked-for versions below it get another entry (or none)
+    int end_version = kNoEnd;
+    bool stub = false;
 };
-const std::map<std::string, ProcEntry>& proc_table() {
-    static const auto* t = new std::map<std::string, ProcEntry>{
+const std::multimap<std::string, ProcEntry>& proc_table() {
+    static const auto* t = new std::multimap<std::string, ProcEntry>{
         {"cuInit", {(void*)cuInit, 0}},
         {"cuDriverGetVersion", {(void*)cuDriverGetVersion, 0}},
         {"cuGetErrorName", {(void*)cuGetErrorName, 0}},
@@ -978,7 +1240,9 @@ const std::map<std::string, ProcEntry>& proc_table() {
         {"cuStreamSynchronize", {(void*)cuStreamSynchronize, 0}},
         {"cuStreamIsCapturing", {(void*)cuStreamIsCapturing, 0}},
         {"cuStreamWaitEvent", {(void*)cuStreamWaitEvent, 0}},
+        {"cuStreamWaitValue32", {(void*)fake_stub_cuStreamMemOp_v1, 0, 11070, true}},
         {"cuStreamWaitValue32", {(void*)cuStreamWaitValue32_v2, 11070}},
+        {"cuStreamWriteValue32", {(void*)fake_stub_cuStreamMemOp_v1, 0, 11070, true}},
         {"cuStreamWriteValue32", {(void*)cuStreamWriteValue32_v2, 11070}},
         {"cuEventCreate", {(void*)cuEventCreate, 0}},
         {"cuEventDestroy", {(void*)cuEventDestroy_v2, 0}},
@@ -989,7 +1253,8 @@ const std::map<std::string, ProcEntry>& proc_table() {
         {"cuMemcpy", {(void*)cuMemcpy, 0}},
         {"cuMemcpyAsync", {(void*)cuMemcpyAsync, 0}},
         {"cuMemcpy2DAsync", {(void*)cuMemcpy2DAsync_v2, 0}},
-        {"cuMemcpyBatchAsync", {(void*)cuMemcpyBatchAsync, 12080}},
+        {"cuMemcpyBatchAsync", {(void*)cuMemcpyBatchAsync, 12080, 13000}},
+        {"cuMemcpyBatchAsync", {(void*)fake_stub_cuMemcpyBatchAsync_v2, 13000, kNoEnd, true}},
         {"cuMemHostAlloc", {(void*)cuMemHostAlloc, 0}},
         {"cuMemFreeHost", {(void*)cuMemFreeHost, 0}},
         {"cuMemHostRegister", {(void*)cuMemHostRegister_v2, 0}},
@@ -998,28 +1263,45 @@ const std::map<std::string, ProcEntry>& proc_table() {
         {"cuMemAlloc", {(void*)cuMemAlloc_v2, 0}},
         {"cuMemFree", {(void*)cuMemFree_v2, 0}},
         {"cuPointerGetAttribute", {(void*)cuPointerGetAttribute, 0}},
+        {"cuDevicePrimaryCtxReset", {(void*)cuDevicePrimaryCtxReset_v2, 11000}},
+        {"cuThreadExchangeStreamCaptureMode", {(void*)cuThreadExchangeStreamCaptureMode, 10010}},
+        {"cuStreamBeginCapture", {(void*)cuStreamBeginCapture_v2, 10010}},
+        {"cuStreamEndCapture", {(void*)cuStreamEndCapture, 0}},
     };
     return *t;
 }
 }  // namespace
 
-// By base name, honouring the requested ABI version; flags are counted.
+// By base name, honouring the requested ABI version (an entry of the driver's own version
+// or older); flags are counted, requests logged (fake_proc_requests).
 CUresult cuGetProcAddress_v2(const char* name, void** fn, int version,
                              unsigned long long flags, int* status) {
-    FAKE_ENTRY("cuGetProcAddress");
+    FAKE_ENTRY_NO_CONTEXT("cuGetProcAddress");
     bump(flags == 1 ? g_counters.proc_legacy_flag : g_counters.proc_other_flag);
     *fn = nullptr;
-    const auto& t = proc_table();
-    auto it = t.find(name ? name : "");
-    const bool batch_hidden = it != t.end() && it->first == "cuMemcpyBatchAsync" &&
-                              (S().no_batch || S().driver_version < 12080);
-    if (it == t.end() || version < it->second.min_version || batch_hidden) {
-        if (status) *status = 1;  // CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND
+    const std::string key = name ? name : "";
+    State& g = S();
+    {
+        std::lock_guard<std::mutex> lock(g.mu);
+        g.proc_requests.push_back(key + "@" + std::to_string(version));
+    }
+    if (version > g.driver_version) {
+        if (status) *status = 2;  // CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT
         return kNotFound;
     }
-    *fn = it->second.fn;
-    if (status) *status = 0;
-    return kSuccess;
+    const bool batch_hidden =
+        key == "cuMemcpyBatchAsync" && (g.no_batch || g.driver_version < 12080);
+    const auto range = proc_table().equal_range(key);
+    for (auto it = range.first; it != range.second && !batch_hidden; ++it) {
+        const ProcEntry& e = it->second;
+        if (version < e.min_version || version >= e.end_version) continue;
+        if (e.stub) bump(g_counters.proc_stub_resolutions);
+        *fn = e.fn;
+        if (status) *status = 0;
+        return kSuccess;
+    }
+    if (status) *status = 1;  // CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND
+    return kNotFound;
 }
 
 // ---------------------------------------------------------------- control API (tests)
@@ -1077,10 +1359,9 @@ long fake_stream_pending(unsigned long long stream) {
 int fake_consumer_copy(unsigned long long stream, unsigned long long dst,
                        unsigned long long src, std::size_t n) {
     std::lock_guard<std::mutex> lock(S().mu);
-    enqueue(stream_for(static_cast<std::uintptr_t>(stream)),
-            copy_op({{reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n, 1,
-                      0, 0}},
-                    false));
+    auto* op = new Op(Kind::kCopy);
+    op->segs = {{reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n, 1, 0, 0}};
+    enqueue(stream_for(static_cast<std::uintptr_t>(stream)), op);
     return kSuccess;
 }
 
@@ -1099,6 +1380,33 @@ int fake_pending_waits_satisfied(unsigned long long stream) {
         if (!wait_value_satisfied(*op, &stale)) return 0;
     }
     return 1;
+}
+
+// Sticky error: the copy op EXECUTED after `skip` more copies faults (copies nothing, as a
+// kernel touching an illegal address), and from then on every call that uses the context
+// returns `code` (e.g. 700, CUDA_ERROR_ILLEGAL_ADDRESS), blocked waits included, until
+// cuDevicePrimaryCtxReset. The call that enqueued the copy succeeded: the fault shows later.
+void fake_fault_copy(long skip, int code) {
+    State& g = S();
+    std::lock_guard<std::mutex> lock(g.mu);
+    g.fault_skip = skip;
+    g.fault_code = code;
+}
+
+// The cuGetProcAddress requests so far, "name@version" one per line, into buf (len bytes,
+// NUL-terminated); returns the length of the whole text.
+long fake_proc_requests(char* buf, long len) {
+    std::string text;
+    {
+        std::lock_guard<std::mutex> lock(S().mu);
+        for (const std::string& r : S().proc_requests) text += r + "\n";
+    }
+    if (buf && len > 0) {
+        const std::size_t n = std::min<std::size_t>(text.size(), static_cast<std::size_t>(len - 1));
+        std::memcpy(buf, text.data(), n);
+        buf[n] = 0;
+    }
+    return static_cast<long>(text.size());
 }
 
 // The next `count` calls of `name` (base name, e.g. "cuEventRecord") after `skip` calls

@@ -24,6 +24,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -111,6 +112,20 @@ class BlockGroupAllocator {
     /// out of range, repeated, or not in seq's table; on a throw nothing changed.
     void free_blocks(SeqId seq, const BlockId* ids, std::size_t n);
 
+    /// Appends the given blocks (any order, no duplicates), each in no block table (in a
+    /// free group or any sequence's reserved tail), to seq's block table in the order given
+    /// (creating the sequence if new). A reserved tail that holds one of them is cut at the
+    /// first such block: the part before it stays the tail, the rest becomes free. For an
+    /// engine that picks block ids itself (e.g. a prefix-cache hit on a block the allocator
+    /// had free). Throws std::invalid_argument for an id out of range, repeated or in a
+    /// block table, and in per-block mode; on a throw nothing changed.
+    void claim(SeqId seq, const BlockId* ids, std::size_t n);
+
+    /// Releases seq's reserved tail (its blocks become free); returns its length. For a
+    /// sequence that will not grow (e.g. a finished request whose blocks stay cached).
+    /// Throws UnknownSequence.
+    BlockId release_reservation(SeqId seq);
+
     /// Grows seq's reserved tail to `num_blocks` blocks from the free group right after it
     /// (or after its last block), as far as that group reaches; returns the blocks added
     /// (0 when the tail is that long already, nothing after it is free, the table is
@@ -181,6 +196,10 @@ class BlockGroupAllocator {
 
     Sequence& known(SeqId seq);
     const Sequence& known(SeqId seq) const;
+    /// The ids as a set; throws std::invalid_argument, naming `caller`, for an id out of
+    /// range or given twice.
+    std::unordered_set<BlockId> distinct_ids(const char* caller, const BlockId* ids,
+                                             std::size_t n) const;
 
     // Free groups, indexed by address (for merging) and by (length, start) (for best fit).
     void insert_free(BlockId start, BlockId length);  // merges with free neighbours

@@ -120,8 +120,9 @@ class CopyBackend {
         return true;
     }
     /// Engine construction: checks how copies will reach the host pool's memory
-    /// (`byte_ranges`: [address, bytes) of each of its allocations) and, where `may_register`,
-    /// page-locks what is not. Never throws.
+    /// (`byte_ranges`: [address, bytes) of each region of the host layout, in region order;
+    /// regions may share pages or interleave) and, where `may_register`, page-locks what
+    /// is not. Never throws.
     virtual HostMemory attach_host(
         const std::vector<std::pair<std::uintptr_t, std::size_t>>& byte_ranges,
         bool may_register) noexcept {

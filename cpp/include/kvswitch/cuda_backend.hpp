@@ -9,8 +9,9 @@
 // * Copies: per job, all linear copies go out in one cuMemcpyBatchAsync where the driver
 //   exports it (CUDA >= 12.8; flag CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE), else one
 //   cuMemcpyAsync each; strided extents use one cuMemcpy2DAsync each. A start and an end
-//   event (timed; the end event with CU_EVENT_BLOCKING_SYNC, so a worker waiting on it
-//   sleeps instead of spinning a core) bracket the job. A migration (device -> device)
+//   event bracket the job: the end event with CU_EVENT_BLOCKING_SYNC (a worker waiting on
+//   it sleeps instead of spinning a core), the start event timing-only (nothing waits on
+//   it). A migration (device -> device)
 //   goes out the same way on the worker's stream, its 2D copies with
 //   CU_MEMORYTYPE_DEVICE on both ends and its batch with device location hints on both.
 // * after=stream: an event is recorded on that stream in the calling thread (prepare),
@@ -18,7 +19,8 @@
 //   on the caller's event as recorded when the worker issues the job, so the caller must
 //   not re-record it until the handle is done. An event never recorded (handle 0, as a
 //   torch.cuda.Event before its first record()) is refused.
-// * before=stream, BeforeWait::kEvent (default): once a worker has issued the job, the
+// * before=stream, BeforeWait::kEvent (default; any direction: a swap-in's consumer, or
+//   the stream that reuses a swap-out's blocks): once a worker has issued the job, the
 //   calling thread makes that stream wait on the job's end event (cuStreamWaitEvent), so
 //   submit() returns after the dispatch. Every wait is enqueued after what it waits for,
 //   so it is safe where streams share one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1).
@@ -36,6 +38,12 @@
 //   flags are freed at close() once no consumer can still wait on them, else leaked.
 // * before=/after= on a stream that is capturing a CUDA graph are refused: a capture
 //   records the wait into the graph, not into the stream's queue now.
+// * Graph captures elsewhere: every driver call runs in relaxed stream-capture mode
+//   (CaptureModeGuard in cuda_driver.hpp: workers for life, the caller's thread around
+//   each call), so a global-mode capture on another thread neither fails kvswitch's
+//   event queries and synchronizations nor is invalidated by them.
+// * Host memory (attach_host): each host region is judged on its own (first and last
+//   byte page-locked?); the pageable ones are registered, merged where they share a page.
 //
 // Source: FastSwitch (arXiv 2411.18424), section 3.2; CUDA driver API, "Stream Memory
 // Operations" and "Event Management" (cuda.h of CUDA 13.0).

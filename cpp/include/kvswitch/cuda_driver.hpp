@@ -48,6 +48,7 @@ constexpr int CU_MEMORYTYPE_UNIFIED = 0x4;
 constexpr int CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2;
 constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
 constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
+constexpr int CU_STREAM_CAPTURE_MODE_RELAXED = 2;  ///< CUstreamCaptureMode
 constexpr int CU_MEM_LOCATION_TYPE_DEVICE = 0x1;
 constexpr int CU_MEM_LOCATION_TYPE_HOST = 0x2;
 constexpr int CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1;
@@ -134,6 +135,8 @@ struct CudaDriver {
     CUresult (*cuStreamDestroy)(CUstream) = nullptr;
     CUresult (*cuStreamSynchronize)(CUstream) = nullptr;
     CUresult (*cuStreamIsCapturing)(CUstream, int*) = nullptr;  ///< optional
+    /// Optional (CUDA >= 10.1); see CaptureModeGuard.
+    CUresult (*cuThreadExchangeStreamCaptureMode)(int*) = nullptr;
     CUresult (*cuStreamWaitEvent)(CUstream, CUevent, unsigned) = nullptr;
     /// The _v2 entry points (CUDA >= 11.7); nullptr on older drivers.
     CUresult (*cuStreamWaitValue32)(CUstream, CUdeviceptr, std::uint32_t, unsigned) = nullptr;
@@ -166,7 +169,38 @@ struct CudaDriver {
     int num_devices = 0;
 };
 
-/// Makes a context current on this thread for the scope, restoring the previous one.
+/// Puts this thread in relaxed stream-capture mode for the scope (cuThreadExchange-
+/// StreamCaptureMode, push/pop), restoring its mode after.
+///
+/// Why: vLLM, SGLang and torch.compile capture CUDA graphs in global capture mode, which
+/// prohibits "potentially unsafe" calls (cuEventQuery, cuEventSynchronize,
+/// cuStreamSynchronize, allocations, registrations) in every other thread that is in
+/// global mode, the default: the call fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+/// and the capture is invalidated (cuda.h, cuThreadExchangeStreamCaptureMode). kvswitch's
+/// calls never touch a capturing stream (after=/before= streams that are capturing are
+/// refused), so they are safe to make in relaxed mode. A thread marked with
+/// relax_capture_mode_for_thread() (an engine worker) is relaxed for life and the guard
+/// does nothing. Never throws; a driver without the function leaves the mode as it is.
+class CaptureModeGuard {
+  public:
+    explicit CaptureModeGuard(const CudaDriver& d) noexcept;
+    ~CaptureModeGuard();
+    CaptureModeGuard(const CaptureModeGuard&) = delete;
+    CaptureModeGuard& operator=(const CaptureModeGuard&) = delete;
+
+  private:
+    const CudaDriver& d_;
+    int saved_ = 0;
+    bool swapped_ = false;
+};
+
+/// Puts the calling thread in relaxed capture mode for the rest of its life (a worker
+/// thread that only ever calls the driver for kvswitch). Never throws.
+void relax_capture_mode_for_thread(const CudaDriver& d) noexcept;
+
+/// Makes a context current on this thread for the scope, restoring the previous one, in
+/// relaxed capture mode (CaptureModeGuard) for the same scope: every kvswitch driver call
+/// runs under one.
 class ScopedContext {
   public:
     ScopedContext(const CudaDriver& d, CUcontext ctx);
@@ -175,6 +209,7 @@ class ScopedContext {
     ScopedContext& operator=(const ScopedContext&) = delete;
 
   private:
+    CaptureModeGuard capture_mode_;  // first: restored last, also when the ctor throws
     const CudaDriver& d_;
     CUcontext prev_ = nullptr;
     bool switched_ = false;

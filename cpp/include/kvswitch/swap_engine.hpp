@@ -40,6 +40,7 @@
 // Thread safety: every public member is thread-safe.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -138,6 +139,13 @@ struct EngineOptions {
     bool register_host = true;  ///< page-lock a pageable host pool (CopyBackend::attach_host)
 };
 
+/// A range of region indices [begin, end) of an engine's layouts; end = SIZE_MAX: to the
+/// last region.
+struct RegionRange {
+    std::size_t begin = 0;
+    std::size_t end = SIZE_MAX;
+};
+
 class AsyncSwapEngine {
   public:
     /// device: the GPU pool (or a host pool on the host backend); host: the host pool.
@@ -161,8 +169,12 @@ class AsyncSwapEngine {
     /// as failed and its handle reports it. Length-0 rows are skipped. Returns once the
     /// job is queued (inline mode: once it is done; a `before` stream where the backend
     /// defers_before(): once a worker issued it). Blocks while the queue is full.
+    /// `regions`: the job copies only these regions of each extent (both layouts' regions
+    /// [begin, end)), e.g. one layer's K and V; the default is every region
+    /// (std::invalid_argument for an empty range or one past the layouts' regions). Jobs
+    /// are still ordered by the blocks they touch, whatever their regions.
     SwapHandle submit(Direction dir, const std::int64_t* pairs, std::size_t n,
-                      StreamRef after = {}, StreamRef before = {});
+                      StreamRef after = {}, StreamRef before = {}, RegionRange regions = {});
     /// Throws what submit() would throw for these streams or a closed engine, without
     /// queueing anything: lets a caller validate before it changes its own state.
     void check(Direction dir, StreamRef after = {}, StreamRef before = {}) const;
@@ -207,8 +219,18 @@ class AsyncSwapEngine {
     /// so it blocks until resumed.
     void set_paused(bool paused);
 
+    /// Longest sleep of a worker between two looks at its in-flight jobs' completion
+    /// (cuEventQuery) while nothing is queued: bounds the delay from a job's end on the
+    /// GPU to its handle being done. Issue 22: was 1 ms, up to ~3% of a 2 GB round.
+    static constexpr long kDefaultMaxPollUs = 100;
+    /// Benchmark hook (benchmarks/completion_latency.py): the longest poll sleep, in
+    /// microseconds (>= 1); read by workers at each poll.
+    void set_max_poll_us(long us);
+    long max_poll_us() const { return max_poll_us_.load(std::memory_order_relaxed); }
+
   private:
-    std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n);
+    std::shared_ptr<SwapJob> build(Direction dir, const std::int64_t* pairs, std::size_t n,
+                                   RegionRange regions);
     /// The job's CopyOps (one per row and region); run by the worker, not the caller.
     void expand(const SwapJob& job, std::vector<CopyOp>& ops) const;
     void run_worker();
@@ -254,6 +276,7 @@ class AsyncSwapEngine {
     SwapStats stats_;
     HostMemory host_memory_;
     std::chrono::steady_clock::time_point busy_since_;  // guarded by mu_; see busy_s
+    std::atomic<long> max_poll_us_{kDefaultMaxPollUs};
     int fail_next_ = 0;          // guarded by submit_mu_
     std::string fail_message_;   // guarded by submit_mu_
 };

@@ -3,6 +3,6 @@
 Each adapter lives in its own subpackage and imports its engine only when imported itself,
 so ``import kvswitch`` never needs torch or an engine:
 
-* :mod:`kvswitch.adapters.transformers`: paged KV for transformers causal LMs of the Llama
-  family, for custom decoding loops (``pip install kvswitch[transformers]``).
+* [`kvswitch.adapters.transformers`][]: paged KV for transformers causal LMs of the Llama
+  family, for custom decoding loops (``pip install ".[transformers]"``).
 """

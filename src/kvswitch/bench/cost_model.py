@@ -20,7 +20,7 @@ Sources: model shapes from the models' published ``config.json`` (Meta Llama 3 8
 Llama 3.2 1B, Qwen2.5 32B on the Hugging Face Hub); peak figures from NVIDIA's datasheets
 (A10: 600 GB/s GDDR6, 125 TFLOPS dense BF16; A100 80GB SXM: 2,039 GB/s, 312 TFLOPS;
 H100 SXM: 3.35 TB/s, 989 TFLOPS; H200 SXM: 4.8 TB/s, 989 TFLOPS). The copies' time comes
-from the link model (:mod:`kvswitch.bench.link_model`).
+from the link model ([`kvswitch.bench.link_model`][]).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class CostModel:
     def migrate_s(self, nbytes: float) -> float:
         """Modelled seconds of a device-to-device move of ``nbytes`` bytes of KV (GPU-pool
         compaction): each byte is read and written once in HBM, at ``efficiency`` of
-        peak. An assumption, not a measurement (see :meth:`step_s`)."""
+        peak. An assumption, not a measurement (see [`step_s`][])."""
         return 2.0 * nbytes / (self.gpu.hbm_bytes_per_s * self.efficiency)
 
     def step_s(self, decode_context_tokens: int, num_decodes: int,

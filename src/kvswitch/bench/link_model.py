@@ -3,7 +3,7 @@
 ``kvswitch bench`` on its virtual clock (the default) makes every copy for real through the
 host backend, but takes its *time* from this model, so that the same seed gives the same
 figures on any machine. A copy job (one swap-out, swap-in or migration) is a list of copy
-calls, one per block extent and region, as :class:`~kvswitch.AsyncSwapEngine` issues them.
+calls, one per block extent and region, as [`AsyncSwapEngine`][] issues them.
 Each call costs
 
 * ``dispatch_s`` of CPU time on the thread that issues it (the host-side cost of one
@@ -14,21 +14,21 @@ Each call costs
 
 So a job of many small copies is dispatch-bound (``n * dispatch_s``) and a job of a few
 large ones is bandwidth-bound (``bytes / bandwidth``), as the paper measured (FastSwitch,
-arXiv 2411.18424, section 2.2, Challenge #1). :class:`CopyQueues` schedules jobs on a
+arXiv 2411.18424, section 2.2, Challenge #1). [`CopyQueues`][] schedules jobs on a
 virtual clock: one dispatch queue per worker stream (a job goes to the worker that frees
 first), one link per direction (GPU -> host, host -> GPU: PCIe is full duplex) and one for
 device-to-device migrations (HBM). Not modelled: the engine's ``sync_every`` throttle,
 ``cuMemcpyBatchAsync`` (one dispatch for a whole batch: the model charges every copy, as
 vLLM's per-copy loop pays), contention between the copies and the model's own kernels.
 
-Presets (:data:`LINK_PRESETS`, one per GPU preset of the cost model) and their sources:
+Presets ([`LINK_PRESETS`][], one per GPU preset of the cost model) and their sources:
 
 * ``dispatch_s = 10 us`` and ``copy_latency_s = 5.9 us``: the paper, section 2.2: for a
   128 KB copy "the dispatch overhead for each cudaMemcpyAsync call exceeds its 10 us
   execution time" (A10, PCIe 4.0). The latency is what is left of those 10 us after
   128 KiB at 32 GB/s (4.1 us). The paper measured them on an A10; the H100 and H200
   presets keep them for want of a published figure (a GPU campaign replaces them:
-  :func:`link_model_from_campaign`).
+  [`link_model_from_campaign`][]).
 * Host link bandwidth per direction, theoretical: A10 and A100: PCIe 4.0 x16, 32 GB/s
   (the paper, section 4; NVIDIA's A10 and A100 datasheets: "PCIe Gen4 64 GB/s",
   both directions together). H100 SXM and H200 SXM: PCIe 5.0 x16, 64 GB/s (NVIDIA's
@@ -53,7 +53,7 @@ from kvswitch.bench.cost_model import GPU_PRESETS
 
 __all__ = ["LINK_PRESETS", "CopyQueues", "LinkModel", "link_model_from_campaign"]
 
-#: Directions of a copy job, as :attr:`SwapHandle.direction` names them.
+#: Directions of a copy job, as ``SwapHandle.direction`` names them.
 DIRECTIONS = ("out", "in", "migrate")
 
 

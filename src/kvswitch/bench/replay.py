@@ -11,7 +11,7 @@ update, FastSwitch section 4). A finished turn is swapped out (freed) until its 
 arrives ``think_iters`` later.
 
 Decisions depend only on block counts, so two allocators replayed with the same
-:class:`ReplayConfig` see the same request sequence; :attr:`ReplayResult.outcomes` lets a
+[`ReplayConfig`][] see the same request sequence; [`ReplayResult.outcomes`][] lets a
 caller check that they succeeded and failed on the same requests.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["BLOCK_SIZE", "ReplayConfig", "ReplayResult", "replay"]
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """Parameters of :func:`replay` (iterations are the replay's unit of time)."""
+    """Parameters of [`replay`][] (iterations are the replay's unit of time)."""
 
     occupancy: float = 0.8  #: admission cap, fraction of the pool
     arrival_per_iter: float = 0.05  #: mean conversation arrivals per iteration

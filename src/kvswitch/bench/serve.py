@@ -3,10 +3,10 @@
 Two clocks (``ServeConfig.clock``):
 
 * ``"virtual"`` (default): a discrete-event loop. A model step takes the cost model's time
-  (:class:`~kvswitch.bench.cost_model.CostModel`); every swap, migration and conflict wait
-  takes the link model's (:mod:`kvswitch.bench.link_model`), asynchronous copies
-  overlapping the steps as copy engines would (:mod:`kvswitch.bench.virtual_clock`). Every
-  swap is still a real copy through :class:`~kvswitch.AsyncSwapEngine` (host backend,
+  ([`CostModel`][]); every swap, migration and conflict wait
+  takes the link model's ([`kvswitch.bench.link_model`][]), asynchronous copies
+  overlapping the steps as copy engines would ([`kvswitch.bench.virtual_clock`][]). Every
+  swap is still a real copy through [`AsyncSwapEngine`][] (host backend,
   inline; one copy per extent of two pools of one 16-byte region, standing for the
   preset's copy per extent and region that the link model times and the table counts),
   and every swap-in's bytes are checked against what was swapped out (each block holds its
@@ -111,7 +111,7 @@ ABLATIONS: dict[str, Mechanisms] = {
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Parameters of :func:`serve` (seconds are modelled seconds)."""
+    """Parameters of [`serve`][] (seconds are modelled seconds)."""
 
     model: str = "llama-3-8b"  #: key of MODEL_PRESETS
     gpu: str = "a100"  #: key of GPU_PRESETS
@@ -206,7 +206,7 @@ def _pcts(values: list[float]) -> dict[str, float]:
 
 
 class _ProbedAllocator(BlockGroupAllocator):
-    """The GPU allocator with read-only probes around :meth:`allocate`: what each call adds
+    """The GPU allocator with read-only probes around [`allocate`][]: what each call adds
     to the table's extents and whether it split other sequences' reserved tails. The
     allocation itself is the base class's, unchanged."""
 
@@ -855,10 +855,10 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
     """Replay ``conversations`` through a SwapManager with the given mechanisms.
 
     Args:
-        conversations: the trace (e.g. :func:`kvswitch.trace.sample` of the bundled one).
+        conversations: the trace (e.g. [`kvswitch.trace.sample`][] of the bundled one).
         config: pools, presets, arrival process, priority pattern, clock (and its link
             model or time scale).
-        mechanisms: which FastSwitch mechanisms to use (see :data:`CONFIGURATIONS`).
+        mechanisms: which FastSwitch mechanisms to use (see [`CONFIGURATIONS`][]).
         on_conversation_done: called once per finished conversation (progress bars).
         on_progress: called after every iteration with the modelled seconds elapsed since
             the first arrival (the modelled clock, which ends at ``makespan_s``).
@@ -866,12 +866,12 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
             the trace's output tokens: a progress measure known exactly in advance).
 
     Returns:
-        A :class:`ServeResult`.
+        A [`ServeResult`][].
 
     Raises:
         KeyError: unknown model or GPU preset.
         ValueError: a conversation whose KV cannot fit the GPU pool (see
-            :func:`min_gpu_blocks`), bad sizes, an unknown backend or clock, or the cuda
+            [`min_gpu_blocks`][]), bad sizes, an unknown backend or clock, or the cuda
             backend on the virtual clock or with a time scale other than 1.
         RuntimeError: the cuda backend without a usable GPU (the engine says why) or
             without pinned host memory; on the virtual clock, a swapped-in block whose
@@ -906,7 +906,7 @@ def serve(conversations: list[Conversation], config: ServeConfig, mechanisms: Me
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """What :func:`estimate_run` expects of one :func:`serve` run. Counts are predictions
+    """What [`estimate_run`][] expects of one [`serve`][] run. Counts are predictions
     from the trace alone (no swaps, no preemptions), except ``tokens``, which is exact."""
 
     makespan_s: float  #: modelled seconds
@@ -924,7 +924,7 @@ class RunEstimate:
 #: running sequences, and so does the preemption and compaction work it does for them),
 #: and per waiting turn per iteration (the scheduler's scans, and the preemptions a queue
 #: brings at priority updates). Fitted on the bundled trace at 200, 700 and 1,000
-#: conversations; a machine's ``speed`` (:func:`machine_speed`) scales them.
+#: conversations; a machine's ``speed`` ([`machine_speed`][]) scales them.
 WALL_PER_TOKEN_BATCH_S = 0.54e-6
 WALL_PER_QUEUED_S = 1.0e-6
 #: Wall clock: seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow
@@ -935,7 +935,7 @@ SETUP_BYTES_PER_S = 1e9
 
 
 def _arrivals(conversations: list[Conversation], config: ServeConfig) -> list[float]:
-    """Each conversation's arrival, drawn as :func:`serve` draws it."""
+    """Each conversation's arrival, drawn as [`serve`][] draws it."""
     rng = random.Random(config.seed + 1)
     t, starts = 0.0, []
     for c in conversations:
@@ -1047,7 +1047,7 @@ def _fluid_iterations(conversations: list[Conversation], config: ServeConfig,
 
 
 def machine_speed(repeats: int = 5) -> float:
-    """This machine's speed at :func:`serve`'s kind of work relative to the reference
+    """This machine's speed at [`serve`][]'s kind of work relative to the reference
     machine of the ``WALL_PER_*`` figures (2.0: twice as slow): the median of ``repeats``
     timings of a fixed mix of loop-like Python, allocator and NumPy calls, over its time on
     the reference machine. On a shared machine it measures the load of the moment, which
@@ -1075,25 +1075,25 @@ def machine_speed(repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2] / REFERENCE_SPEED_S
 
 
-#: :func:`machine_speed`'s workload on the reference machine (the median of five, at the
+#: [`machine_speed`][]'s workload on the reference machine (the median of five, at the
 #: load of the ``WALL_PER_*`` fits), seconds.
 REFERENCE_SPEED_S = 0.090
 
 
 def estimate_run(conversations: list[Conversation], config: ServeConfig,
                  mechanisms: Mechanisms | None = None, *, speed: float = 1.0) -> RunEstimate:
-    """An estimate of one :func:`serve` run, for saying how long a run will take before it
+    """An estimate of one [`serve`][] run, for saying how long a run will take before it
     starts.
 
     Modelled time and iterations come from a fluid replay of the trace through the batch
-    the GPU pool holds (:func:`_fluid_iterations`: arrivals, think times, the cost model's
+    the GPU pool holds ([`_fluid_iterations`][]: arrivals, think times, the cost model's
     step; queueing for the pool included; swaps, stalls and preemptions left out). Copies:
     the turn-boundary swaps (every turn after the first swaps the history out and back
     in; per block and region without block groups, about one extent per region with them).
     Blocking swaps (``mechanisms`` without asynchronous swaps) stall the replay for their
     link-modelled time, so their queueing shows. Wall time on the virtual clock: tokens
     times mean batch and queued turns times the ``WALL_PER_*`` figures, times ``speed``
-    (:func:`machine_speed`); on the wall clock: the makespan over the time scale, or the
+    ([`machine_speed`][]); on the wall clock: the makespan over the time scale, or the
     loop's Python overhead where it is longer, plus the pools' setup.
     """
     if not conversations:
@@ -1139,7 +1139,7 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig,
 
 
 def min_gpu_blocks(tokens: int, config: ServeConfig) -> int:
-    """The smallest ``gpu_blocks`` with which :func:`serve` admits a conversation of
+    """The smallest ``gpu_blocks`` with which [`serve`][] admits a conversation of
     ``tokens`` tokens of KV (all its turns): its blocks of ``config.block_size`` tokens, one
     block of headroom and the ``config.watermark`` fraction of the pool kept free.
 

@@ -1,10 +1,11 @@
 """The benchmark's virtual clock and a swap engine whose jobs take the link model's time.
 
-:class:`VirtualSwapEngine` stands in for :class:`~kvswitch.AsyncSwapEngine` under a
-:class:`~kvswitch.SwapManager`: every job is really copied, inline and at once, by a
+[`VirtualSwapEngine`][] stands in for [`AsyncSwapEngine`][] under a
+[`SwapManager`][]: every job is really copied, inline and at once, by a
 host-backend engine (so the bytes can be checked), but its handle reports *done* only
-when the :class:`VirtualClock` reaches the end the :class:`~kvswitch.bench.link_model.
-CopyQueues` gave it, and a wait on it moves the clock there instead of sleeping. A job
+when the [`VirtualClock`][] reaches the end the
+[`CopyQueues`][kvswitch.bench.link_model.CopyQueues] gave it, and a wait on it moves the
+clock there instead of sleeping. A job
 starts no earlier than the end of earlier jobs over any of the same GPU or host blocks
 (the engine's ordering) and is timed for the preset's bytes, not the executed ones. The
 manager reads its wait times from the same clock (``SwapManager(clock=...)``), so stalls,
@@ -33,7 +34,7 @@ __all__ = ["ModelledLayout", "VirtualClock", "VirtualHandle", "VirtualSwapEngine
 
 
 class VirtualClock:
-    """Seconds of modelled time; only :meth:`advance` and :meth:`advance_to` move it.
+    """Seconds of modelled time; only [`advance`][] and [`advance_to`][] move it.
 
     Calling it returns the time, so it can stand in for ``time.perf_counter``.
     """
@@ -57,7 +58,7 @@ class VirtualClock:
 
 
 class VirtualHandle:
-    """A job's handle on the virtual clock: the attributes of :data:`kvswitch.SwapHandle`
+    """A job's handle on the virtual clock: the attributes of [`kvswitch.SwapHandle`][]
     that the manager reads (``done``, ``wait``, ``error``, ``nbytes``, ``elapsed_s``, ...).
     ``nbytes`` are the preset's bytes (what the link model timed)."""
 
@@ -113,12 +114,12 @@ class ModelledLayout:
 
 
 class VirtualSwapEngine:
-    """The parts of :class:`~kvswitch.AsyncSwapEngine` a SwapManager uses, with real
+    """The parts of [`AsyncSwapEngine`][] a SwapManager uses, with real
     copies (host backend, inline) and link-modelled time (see the module).
 
     The executed pools may have fewer regions than the modelled GPU (e.g. one stamp per
     block): each executed extent copy stands for the ``num_regions`` copy calls of the
-    modelled pool, which the link model times and :attr:`device_layout` reports.
+    modelled pool, which the link model times and [`device_layout`][] reports.
 
     Args:
         device_layout: the executed GPU pool stand-in (host memory).

@@ -1,4 +1,4 @@
-"""A hypothesis state machine that checks a :class:`~kvswitch.BlockGroupAllocator` against a
+"""A hypothesis state machine that checks a [`BlockGroupAllocator`][] against a
 simple reference model after every step.
 
 Engine developers can reuse it to check an allocator they configure, or a subclass with
@@ -21,7 +21,11 @@ never adjacent; a sequence's groups cover its table exactly; counters agree; and
 ``allocate`` raised ``OutOfBlocksError`` exactly when fewer blocks were free than requested.
 A call that raised must have left everything unchanged.
 
-Compaction (:meth:`~kvswitch.BlockGroupAllocator.compact`) is a rule too: the model applies
+[`claim`][kvswitch.BlockGroupAllocator.claim] (blocks outside every table, possibly inside
+reserved tails, and bad ids that must change nothing) and
+[`release_reservation`][kvswitch.BlockGroupAllocator.release_reservation] are rules too.
+
+Compaction ([`compact`][kvswitch.BlockGroupAllocator.compact]) is a rule too: the model applies
 the returned moves to its tables (a moved block keeps its table position and takes its new
 id), and the machine checks that pinned sequences did not move, that no more than
 ``max_moved`` blocks moved, that a compaction which changed something left a free group of
@@ -29,7 +33,7 @@ the requested size, that one which returned None changed nothing, and that a fol
 ``allocate`` of that size by a new sequence lands in one group (no false out-of-memory and
 no false fragmentation).
 
-Requires ``hypothesis`` (``pip install kvswitch[test]``).
+Requires ``hypothesis`` (``pip install ".[test]"``).
 """
 
 from __future__ import annotations
@@ -230,6 +234,53 @@ class AllocatorStateMachine(RuleBasedStateMachine):
         assert added >= 0 and a.reservation(seq)[1] == old + added
         assert added == 0 or old + added <= n
         assert a.num_free_blocks == before[3], "a reservation changed the free count"
+
+    @rule(data=st.data(), seq=SEQUENCE_IDS,
+          kind=st.sampled_from(["ok", "ok", "in_table", "twice", "out_of_range"]))
+    def claim(self, data: st.DataObject, seq: Any, kind: str) -> None:
+        a = self.allocator
+        in_tables = {b for t in self.tables.values() for b in t}
+        outside = [b for b in range(a.num_blocks) if b not in in_tables]
+        ids = data.draw(st.lists(st.sampled_from(outside), max_size=6, unique=True)
+                        if outside else st.just([]))
+        if kind == "in_table" and in_tables:
+            ids = ids + [data.draw(st.sampled_from(sorted(in_tables)))]
+        elif kind == "twice" and ids:
+            ids = ids + ids[:1]
+        elif kind == "out_of_range":
+            ids = ids + [data.draw(st.sampled_from([-1, a.num_blocks, a.num_blocks + 3]))]
+        else:
+            kind = "ok"
+        before = self.snapshot()
+        if a.per_block_mode or kind != "ok":
+            try:
+                a.claim(seq, ids)
+            except ValueError:
+                assert self.snapshot() == before, "a failed claim changed the allocator"
+                return
+            raise AssertionError(f"claim ({kind}, per-block {a.per_block_mode}) did not raise")
+        a.claim(seq, ids)
+        if ids:
+            self.tables.setdefault(seq, []).extend(ids)
+        assert a.num_free_blocks == before[3] - len(ids)
+        if seq in self.tables:
+            assert a.reservation(seq)[1] == 0 or not ids, "claim kept the claimer's tail"
+
+    @rule(seq=SEQUENCE_IDS)
+    def release_reservation(self, seq: Any) -> None:
+        a = self.allocator
+        before = self.snapshot()
+        if seq not in self.tables:
+            with contextlib.suppress(KeyError):
+                a.release_reservation(seq)
+                raise AssertionError(f"release_reservation({seq!r}) did not raise")
+            assert self.snapshot() == before
+            return
+        tail = a.reservation(seq)[1]
+        assert a.release_reservation(seq) == tail
+        assert a.reservation(seq) == (0, 0)
+        assert a.num_free_blocks == before[3], "releasing a tail changed the free count"
+        assert a.num_reserved_blocks == before[4] - tail
 
     @rule(n=st.integers(-2, 0))
     def compact_non_positive(self, n: int) -> None:

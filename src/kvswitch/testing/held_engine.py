@@ -1,17 +1,17 @@
-"""Hold an :class:`~kvswitch.AsyncSwapEngine`'s jobs in flight, deterministically.
+"""Hold an [`AsyncSwapEngine`][kvswitch.AsyncSwapEngine]'s jobs in flight, deterministically.
 
 On the host backend every copy ends within microseconds, so a test that issues a swap and
 then does something else almost never sees the swap still running: a missing wait or a
 missing ordering dependency goes unnoticed until real copy latency (a GPU) exposes it.
-:class:`HeldEngine` wraps an engine so that, while it holds, submitted jobs stay queued
-until a test step releases them or the code under test waits for one of them. No timers:
-what runs, and in which order, follows from the calls alone, so a failing history
-replays exactly.
+[`HeldEngine`][kvswitch.testing.HeldEngine] wraps an engine so that, while it holds,
+submitted jobs stay queued until a test step releases them or the code under test waits
+for one of them. No timers: what runs, and in which order, follows from the calls alone,
+so a failing history replays exactly.
 
 A wait releases exactly what the engine orders before the awaited job (the job and the
 queued jobs it depends on, ``AsyncSwapEngine._release_held``): with a dependency missing,
 the awaited job runs *before* the job it should follow, and the bytes show it. A wait for
-blocks (:meth:`~kvswitch.AsyncSwapEngine.wait_blocks`) or :meth:`synchronize` releases
+blocks ([`wait_blocks`][kvswitch.AsyncSwapEngine.wait_blocks]) or ``synchronize()`` releases
 every held job. A caller that forgets to wait releases nothing, and the job it should
 have waited for is still queued when the test reads the blocks.
 """
@@ -26,7 +26,7 @@ __all__ = ["HeldEngine", "HeldHandle"]
 
 
 class HeldHandle:
-    """A :class:`~kvswitch.SwapHandle` whose :meth:`wait` first releases the job (and the
+    """A [`SwapHandle`][kvswitch.SwapHandle] whose ``wait()`` first releases the job (and the
     held jobs it depends on) when its engine holds jobs; everything else is the handle's."""
 
     __slots__ = ("_engine", "_handle")
@@ -70,7 +70,8 @@ class HeldEngine:
     # -- holding ---------------------------------------------------------------------------
 
     def hold(self) -> None:
-        """From now on, jobs stay queued until released, waited for, or :meth:`resume`."""
+        """From now on, jobs stay queued until released, waited for, or
+        [`resume`][kvswitch.testing.HeldEngine.resume]."""
         self._inner._engine._set_paused(True)
         self.holding = True
 

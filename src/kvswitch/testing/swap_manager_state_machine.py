@@ -1,22 +1,22 @@
-"""A hypothesis state machine that drives a :class:`~kvswitch.SwapManager` (with its
-:class:`~kvswitch.ReuseTracker` and :class:`~kvswitch.AsyncSwapEngine`) through random
+"""A hypothesis state machine that drives a [`SwapManager`][] (with its
+[`ReuseTracker`][] and [`AsyncSwapEngine`][]) through random
 serving histories with real bytes, and checks after every step that no KV was lost or
 corrupted and that every failure surfaced exactly once.
 
-Rules: new sequences, growth, rollback (:meth:`~kvswitch.SwapManager.truncate`), swap-outs
+Rules: new sequences, growth, rollback ([`truncate`][kvswitch.SwapManager.truncate]), swap-outs
 (full, ending mid-block, or shorter than the CPU copy), swap-ins to new blocks (with
 ``reserve_blocks``), Algorithm 1 iterations (``poll`` + ``decide``), frees, dropped CPU
 copies, priorities that steer which backups are reclaimed when the host pool runs short
 (contamination), injected copy failures (the engine's ``_fail_next_jobs`` test hook),
 reported at once or left unreported while every method is called on the failed sequence,
 and two callers on two threads at once. With ``compaction=True`` (see
-:class:`CompactingSwapManagerStateMachine`) swap-ins also compact the GPU pool: other
+[`CompactingSwapManagerStateMachine`][]) swap-ins also compact the GPU pool: other
 running sequences' blocks move device to device, their new block tables must be reported
 (checked against the manager's tables), their KV must read back intact through the new
 tables, an injected failure that hits the migration fails exactly the moved sequences,
 sequences still swapping in never move, and ``reserve_blocks`` is held after the table.
 
-Jobs held in flight: the engine is wrapped in a :class:`~kvswitch.testing.HeldEngine`, and
+Jobs held in flight: the engine is wrapped in a [`HeldEngine`][kvswitch.testing.HeldEngine], and
 rules start holding its jobs in the queue, let one run (the newest or the oldest, with
 what the engine orders before it), or resume them, so that allocations, compactions,
 swap-ins, swap-outs, rollbacks and frees happen while other copies have not run yet. A
@@ -36,7 +36,7 @@ or reported by ``take_failed``, never both); block tables change only by reporte
 compactions of running sequences; the allocators' own invariants hold.
 
 Engine developers can run it against their own configuration by overriding
-:meth:`SwapManagerStateMachine.make_manager` (block size, pool sizes, policies, worker
+[`SwapManagerStateMachine.make_manager`][] (block size, pool sizes, policies, worker
 count)::
 
     from hypothesis import settings
@@ -51,12 +51,12 @@ count)::
                                      deadline=None)
 
 The GPU pool must be host memory the machine can read and write (NumPy arrays, one per
-region, ``[num_blocks, block_size, ...]``, as :meth:`kvswitch.KVLayout.from_tensors` takes
+region, ``[num_blocks, block_size, ...]``, as [`kvswitch.KVLayout.from_tensors`][] takes
 them), i.e. the host backend. Determinism: rules draw only from the machine's own model of
 the sequences, never from what worker threads have done so far, and every wait happens
 inside a rule, so hypothesis replays a failing history exactly.
 
-Requires ``hypothesis`` (``pip install "kvswitch[test]"``).
+Requires ``hypothesis`` (``pip install ".[test]"``).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def default_manager(*, block_size: int = 4, gpu_blocks: int = 40, host_blocks: i
 
 class SwapManagerStateMachine(RuleBasedStateMachine):
     """Random serving histories over a SwapManager, checked byte by byte (see the module
-    docstring). Override :meth:`make_manager` to test another configuration."""
+    docstring). Override [`make_manager`][] to test another configuration."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,17 +1,17 @@
 """kvswitch as SGLang's HiCache host-pool transfer engine (tested with sglang 0.5.23).
 
-Enable it with ``pip install 'kvswitch[sglang]'`` and ``--enable-hierarchical-cache
---radix-cache-backend kvswitch``: the package registers the ``kvswitch`` radix-cache
-backend through SGLang's plugin entry point (group ``sglang.srt.plugins``), which builds
-SGLang's own radix cache with :class:`KvswitchMHATokenToKVPoolHost` /
-:class:`KvswitchMLATokenToKVPoolHost` as its host pool. See ``docs/adapters/sglang.md``.
+Enable it with ``pip install ".[sglang]"`` (from a kvswitch checkout) and
+``--enable-hierarchical-cache --radix-cache-backend kvswitch``: the package registers the
+``kvswitch`` radix-cache backend through SGLang's plugin entry point (group
+``sglang.srt.plugins``), which builds SGLang's own radix cache with
+[`KvswitchMHATokenToKVPoolHost`][kvswitch.adapters.sglang.host_pool.KvswitchMHATokenToKVPoolHost]
+/ [`KvswitchMLATokenToKVPoolHost`][kvswitch.adapters.sglang.host_pool.KvswitchMLATokenToKVPoolHost]
+as its host pool. See the SGLang adapter's page of the docs (``docs/adapters/sglang.md``).
 
-Modules (one concept each): :mod:`~kvswitch.adapters.sglang.extents` (token slots to
-block extents), :mod:`~kvswitch.adapters.sglang.geometry` (KVLayouts over SGLang's
-buffers), :mod:`~kvswitch.adapters.sglang.transfer` (the engines: backups, per-layer
-loads), :mod:`~kvswitch.adapters.sglang.host_pool` (the host-pool subclasses),
-:mod:`~kvswitch.adapters.sglang.backend` (the radix-cache factory) and
-:mod:`~kvswitch.adapters.sglang.plugin` (the entry point).
+Modules (one concept each): ``extents`` (token slots to block extents), ``geometry``
+(KVLayouts over SGLang's buffers), ``transfer`` (the engine: backups, per-layer loads),
+``host_pool`` (the host-pool subclasses), ``backend`` (the radix-cache factory) and
+``plugin`` (the entry point).
 
 Importing this package imports neither torch nor SGLang; the names below load their
 module (and SGLang) on first use.
@@ -22,10 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: Name of the radix-cache backend (``--radix-cache-backend kvswitch``).
 BACKEND_NAME = "kvswitch"
-#: SGLang releases this adapter was tested with (the ``kvswitch[sglang]`` extra's range).
+"""Name of the radix-cache backend (``--radix-cache-backend kvswitch``)."""
 TESTED_SGLANG = ">=0.5.23,<0.6"
+"""SGLang releases this adapter was tested with (the ``sglang`` extra's range)."""
 
 _LAZY = {
     "KvswitchMHATokenToKVPoolHost": "kvswitch.adapters.sglang.host_pool",

@@ -4,7 +4,7 @@ SGLang 0.5.23 picks the host-pool class inside ``build_kv_host_pool``
 (``sglang/srt/mem_cache/hybrid_cache/hybrid_pool_assembler.py``): MLA pools get
 ``MLATokenToKVPoolHost``, MHA pools the class ``get_mha_host_pool_cls`` returns. There is
 no argument to pass another class, so the factory builds SGLang's default cache
-(``default_radix_cache_factory``) while :func:`use_kvswitch_host_pools` has those two
+(``default_radix_cache_factory``) while [`use_kvswitch_host_pools`][] has those two
 names in the assembler module pointing at kvswitch's subclasses, and restores them after.
 MHA pools SGLang would build with another class (MXFP8 scales, ``head_dim != v_head_dim``)
 keep SGLang's class, with a warning.

@@ -57,7 +57,7 @@ class Geometry:
 
     Attributes:
         block_tokens: tokens per kvswitch block (SGLang's page size, or 1).
-        device_layers: per layer, the device-side :class:`~kvswitch.KVLayout` (one region
+        device_layers: per layer, the device-side [`KVLayout`][] (one region
             per component: K, V for MHA; KV for MLA).
         host_layers: per layer, the matching host-side layout over SGLang's ``kv_buffer``.
         device_all: every layer's device regions in one layout (backups).
@@ -150,7 +150,7 @@ def build_geometry(*, device_buffers: Sequence[Sequence[Any]], kv_buffer: Any, l
         components: 2 (MHA: leading K/V dim in ``kv_buffer``) or 1 (MLA).
 
     Returns:
-        The :class:`Geometry`; its layouts keep the tensors alive.
+        The [`Geometry`][]; its layouts keep the tensors alive.
 
     Raises:
         ValueError: an unsupported layout, non-contiguous rows, host and device rows of

@@ -1,15 +1,15 @@
 """SGLang HiCache host pools whose device <-> host copies are kvswitch's.
 
-:class:`KvswitchMHATokenToKVPoolHost` and :class:`KvswitchMLATokenToKVPoolHost` are
+[`KvswitchMHATokenToKVPoolHost`][] and [`KvswitchMLATokenToKVPoolHost`][] are
 SGLang's own host pools (same buffers, allocator, page accessors, storage hooks) with the
 two transfer methods replaced: ``backup_from_device_all_layer`` and
 ``load_to_device_per_layer`` copy straight into / out of SGLang's ``kv_buffer`` through
-kvswitch (:class:`~kvswitch.adapters.sglang.transfer.LayerTransfer`): extents of pages
+kvswitch ([`LayerTransfer`][]): extents of pages
 (or tokens), one copy per extent and region, on kvswitch's host (memcpy) or CUDA backend.
 SGLang's ``--hicache-io-backend`` (``kernel``/``direct``) only decides where SGLang puts
 the index tensors; kvswitch copies either way.
 
-Imports torch and SGLang (``pip install 'kvswitch[sglang]'``); tested with sglang 0.5.23.
+Imports torch and SGLang (``pip install ".[sglang]"``); tested with sglang 0.5.23.
 """
 
 from __future__ import annotations
@@ -116,11 +116,16 @@ class KvswitchMHATokenToKVPoolHost(_KvswitchCopies, MHATokenToKVPoolHost):
 
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices,
                                      io_backend):
-        """Copy every layer of ``device_indices`` to ``host_indices`` (token slots);
-        returns once the bytes are in the host pool. ``io_backend`` is ignored.
+        """Copy every layer of ``device_indices`` to ``host_indices`` (token slots).
+        ``io_backend`` is ignored.
+
+        On the CPU returns once the bytes are in the host pool. On CUDA returns once the
+        copy is dispatched: it starts after the current (write) stream's queued work, and
+        that stream's later work (SGLang's backup-done event) waits for it.
 
         Raises:
-            kvswitch.SwapError: the copy failed. ValueError: bad indices; nothing copied.
+            kvswitch.SwapError: this copy (CPU) or an earlier one failed.
+            ValueError: bad indices; nothing copied.
         """
         self.kvswitch.backup(host_indices, device_indices,
                              after=_stream_of(self.kvswitch))
@@ -181,13 +186,13 @@ class KvswitchMLATokenToKVPoolHost(_KvswitchCopies, MLATokenToKVPoolHost):
 
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices,
                                      io_backend):
-        """As :meth:`KvswitchMHATokenToKVPoolHost.backup_from_device_all_layer`."""
+        """As [`KvswitchMHATokenToKVPoolHost.backup_from_device_all_layer`][]."""
         self.kvswitch.backup(host_indices, device_indices,
                              after=_stream_of(self.kvswitch))
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id,
                                  io_backend, *, is_draft: bool = False):
-        """As :meth:`KvswitchMHATokenToKVPoolHost.load_to_device_per_layer`; ``layer_id``
+        """As [`KvswitchMHATokenToKVPoolHost.load_to_device_per_layer`][]; ``layer_id``
         is SGLang's controller layer id, mapped to the host layer as SGLang does."""
         if not is_draft and layer_id not in self._target_layer_indices:
             return

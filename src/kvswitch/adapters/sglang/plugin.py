@@ -2,8 +2,8 @@
 
 ``pyproject.toml`` declares ``kvswitch = "kvswitch.adapters.sglang.plugin:register"`` in
 the entry-point group ``sglang.srt.plugins``; SGLang's ``load_plugins()`` calls
-:func:`register` in every SGLang process. Importing this module is cheap: it imports
-neither torch nor SGLang; :func:`register` imports only SGLang's registry, and the
+[`register`][] in every SGLang process. Importing this module is cheap: it imports
+neither torch nor SGLang; [`register`][] imports only SGLang's registry, and the
 factory loads the host pools (torch) when SGLang builds its cache.
 """
 

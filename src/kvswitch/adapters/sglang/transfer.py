@@ -1,17 +1,20 @@
 """The copies of a kvswitch host pool: backups of every layer and per-layer loads.
 
-One :class:`~kvswitch.AsyncSwapEngine` copies all layers (device -> host backups) and one
-per layer copies that layer's regions (host -> device loads), so a load of layer ``i`` is
-its own job with its own handle and its own end event: on CUDA the load stream waits for
-exactly that job before SGLang records layer ``i``'s event, and the forward pass starts
-layer ``i`` while later layers are still copying. (The engine copies every region of its
-layout per extent; an engine per layer is how a load copies one layer.)
+One [`AsyncSwapEngine`][] over every layer's regions does both: a backup is
+one job over all regions (device -> host), a load of layer ``i`` one job over that layer's
+regions only (``swap_in(..., regions=...)``), so it has its own handle and its own end
+event: on CUDA the load stream waits for exactly that job before SGLang records layer
+``i``'s event, and the forward pass starts layer ``i`` while later layers are still
+copying. One engine means one worker thread and one CUDA stream per host pool, whatever
+the number of layers (it was one engine, thread and stream per layer, plus one).
 
 No SGLang import here; torch only through the index tensors SGLang passes.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -20,31 +23,40 @@ from kvswitch.adapters.sglang.extents import as_index_array, coalesce
 from kvswitch.adapters.sglang.geometry import Geometry
 from kvswitch.swap import AsyncSwapEngine, SwapError, SwapHandle
 
-__all__ = ["LayerTransfer"]
+__all__ = ["STATS_LOG_INTERVAL_S", "LayerTransfer"]
+
+logger = logging.getLogger(__name__)
+
+STATS_LOG_INTERVAL_S = 60.0
+"""Seconds between two INFO lines of a pool's copy counters. The first backup and the first
+load are logged at once, so a server's log shows kvswitch doing the host-pool copies."""
+_now = time.monotonic  # the clock of those lines (a test replaces it)
 
 
 class LayerTransfer:
     """Backups and per-layer loads between SGLang's device pool and host ``kv_buffer``.
 
     Args:
-        geometry: the layouts (:func:`~kvswitch.adapters.sglang.geometry.build_geometry`).
-        num_workers: worker threads per engine; None picks 0 on the host backend (each
-            copy runs inline and is done when the call returns: SGLang's CPU events are
-            no-ops, so nothing could wait for it later) and 1 on CUDA.
+        geometry: the layouts
+            ([`build_geometry`][kvswitch.adapters.sglang.geometry.build_geometry]).
+        num_workers: worker threads of the engine; None picks 0 on the host backend
+            (each copy runs inline and is done when the call returns: SGLang's CPU events
+            are no-ops, so nothing could wait for it later) and 1 on CUDA (one thread and
+            one stream per pool: layer loads run in order on it, as SGLang issues them).
 
     Backend: ``host`` (memcpy) when the device buffers are CPU tensors, ``cuda`` when they
     are CUDA tensors. On CUDA the host buffer is used as SGLang allocated it (pinned by
     SGLang's ``cudaHostRegister`` when ``pin_memory=True``); kvswitch does not register it
     again.
 
-    Failures: a copy that fails raises :class:`~kvswitch.SwapError` from the call that
-    waits for it: the backup itself, a load on the host backend, or, for a CUDA load
-    (which returns once the copy is queued and ordered before the load stream's next
-    work), the next :meth:`backup`, :meth:`load` or :meth:`synchronize` after it finished.
+    Failures: a copy that fails raises [`SwapError`][] from the call that
+    waits for it: a backup or load on the host backend, or, for a CUDA backup or load
+    (which returns once the copy is dispatched and ordered before the stream's next
+    work), the next [`backup`][], [`load`][] or [`synchronize`][] after it finished.
     Bad indices raise ValueError/TypeError before anything is queued.
 
     Thread safety: one SGLang cache controller drives a host pool; calls from several
-    threads are safe for the engines but the load-index cache assumes one caller.
+    threads are safe for the engine but the load-index cache assumes one caller.
     """
 
     def __init__(self, geometry: Geometry, *, num_workers: int | None = None):
@@ -56,60 +68,76 @@ class LayerTransfer:
         kw: dict[str, Any] = {"backend": self.backend, "num_workers": workers}
         if on_cuda:
             kw["register_host"] = False
-        self._backup_engine = AsyncSwapEngine(geometry.device_all, geometry.host_all, **kw)
-        self._load_engines = tuple(
-            AsyncSwapEngine(d, h, **kw)
-            for d, h in zip(geometry.device_layers, geometry.host_layers, strict=True))
+        self._engine = AsyncSwapEngine(geometry.device_all, geometry.host_all, **kw)
+        # Layer i's regions in the engine's layouts (its components, in layer order).
+        starts = np.cumsum([0] + [d.num_regions for d in geometry.device_layers])
+        self._layer_regions = tuple(range(int(a), int(b))
+                                    for a, b in zip(starts[:-1], starts[1:], strict=True))
         self._pending: list[SwapHandle] = []
         # Load-index cache (see _pairs_for_load): one key per index argument, and the
         # extents coalesced from them.
         self._load_key: tuple[Any, Any] | None = None
         self._load_pairs = np.zeros((0, 3), dtype=np.int64)
         #: Handle of the latest load job per layer (None before the first load).
-        self.layer_handles: list[SwapHandle | None] = [None] * len(self._load_engines)
+        self.layer_handles: list[SwapHandle | None] = [None] * len(self._layer_regions)
         self.counters = {"backups": 0, "backup_extents": 0, "backup_copies": 0,
                          "backup_bytes": 0, "loads": 0, "load_extents": 0,
                          "load_copies": 0, "load_bytes": 0}
+        self._logged_at: float | None = None
 
     @property
     def num_layers(self) -> int:
-        return len(self._load_engines)
+        return len(self._layer_regions)
 
     @property
-    def engines(self) -> tuple[AsyncSwapEngine, ...]:
-        """The backup engine, then one load engine per layer."""
-        return (self._backup_engine, *self._load_engines)
+    def engine(self) -> AsyncSwapEngine:
+        """The engine that does every copy of this pool (backups and loads)."""
+        return self._engine
+
+    def layer_regions(self, layer: int) -> range:
+        """Region indices of layer ``layer`` in [`engine`][]'s layouts."""
+        return self._layer_regions[layer]
 
     # ------------------------------------------------------------------ copies
     def backup(self, host_indices: Any, device_indices: Any, *, after: Any = None) -> SwapHandle:
         """Copy every layer of device slots ``device_indices`` to host slots
-        ``host_indices`` and wait until the bytes are in the host pool.
+        ``host_indices``.
+
+        SGLang takes a backup as done when its write stream passes the point after this
+        call. With a stream (CUDA) the copies start after that stream's queued work and
+        its later work waits for them (``swap_out(after=, before=)``): the call returns
+        once the job is dispatched, without a host wait. Without one (the host backend,
+        or no stream) it returns once the bytes are in the host pool.
 
         Args:
             host_indices: host token slots ``[n]`` (torch tensor, NumPy array or ints).
             device_indices: device token slots ``[n]``.
-            after: CUDA only: a stream whose queued work (the model's writes) the copies
-                start after; SGLang's current (write) stream.
+            after: CUDA only: SGLang's current (write) stream, whose queued work (the
+                model's writes) the copies start after and whose later work waits for them.
 
         Returns:
-            The finished :class:`~kvswitch.SwapHandle`.
+            The job's [`SwapHandle`][] (finished unless ``after`` is a stream).
 
         Raises:
-            SwapError: the copy failed (or an earlier load did). ValueError/TypeError: bad
-                indices (lengths differ, not page-aligned, out of range); nothing copied.
+            SwapError: the copy failed (host backend, or no stream), or an earlier copy did.
+            ValueError: bad indices (lengths differ, not page-aligned, out of range); nothing
+                copied.
+            TypeError: bad indices (lengths differ, not page-aligned, out of range); nothing copied.
         """
         self.raise_failed()
         pairs = coalesce(as_index_array(device_indices, "device_indices"),
                          as_index_array(host_indices, "host_indices"), self.block_tokens)
-        handle = self._backup_engine.swap_out(pairs, after=after)
-        # SGLang takes a backup as done when its write stream passes the point after this
-        # call; swap_out cannot make a stream wait for it, so the host waits instead.
-        handle.wait()
+        handle = self._engine.swap_out(pairs, after=after, before=after)
+        if after is None:
+            handle.wait()
+        else:
+            self._pending.append(handle)
         c = self.counters
         c["backups"] += 1
         c["backup_extents"] += int(pairs.shape[0])
         c["backup_copies"] += int(handle.num_copies)
         c["backup_bytes"] += int(handle.nbytes)
+        self._log_counters("first backup" if c["backups"] == 1 else "")
         return handle
 
     def load(self, host_indices: Any, device_indices: Any, layer: int, *,
@@ -132,21 +160,22 @@ class LayerTransfer:
             stream: CUDA only: SGLang's load stream (current stream of the call).
 
         Returns:
-            The job's :class:`~kvswitch.SwapHandle` (also in :attr:`layer_handles`).
+            The job's [`SwapHandle`][] (also in ``layer_handles``).
 
         Raises:
-            SwapError: this (host backend) or an earlier copy failed. ValueError: layer
-                out of range or bad indices; nothing queued.
+            SwapError: this (host backend) or an earlier copy failed.
+            ValueError: layer out of range or bad indices; nothing queued.
         """
-        if not 0 <= layer < len(self._load_engines):
-            raise ValueError(f"layer {layer} is outside [0, {len(self._load_engines)})")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
         self.raise_failed()
         pairs = self._pairs_for_load(host_indices, device_indices)
-        if layer == len(self._load_engines) - 1:
+        if layer == self.num_layers - 1:
             # The last layer ends a load batch: forget its indices (and stop keeping
             # SGLang's index tensors alive).
             self._load_key = None
-        handle = self._load_engines[layer].swap_in(pairs, after=stream, before=stream)
+        handle = self._engine.swap_in(pairs, after=stream, before=stream,
+                                      regions=self._layer_regions[layer])
         self.layer_handles[layer] = handle
         c = self.counters
         c["loads"] += 1
@@ -157,14 +186,31 @@ class LayerTransfer:
             self._pending.append(handle)
         c["load_copies"] += int(handle.num_copies)
         c["load_bytes"] += int(handle.nbytes)
+        self._log_counters("first load" if c["loads"] == 1 else "")
         return handle
+
+    def _log_counters(self, first: str) -> None:
+        """One INFO line of the counters: at ``first`` (a first backup or load), else at
+        most every [`STATS_LOG_INTERVAL_S`][] seconds."""
+        now = _now()
+        if not first and self._logged_at is not None and \
+                now - self._logged_at < STATS_LOG_INTERVAL_S:
+            return
+        self._logged_at = now
+        c = self.counters
+        logger.info("kvswitch host pool copies%s: %d backup(s) device -> host (%d extents, "
+                    "%d copies, %d bytes); %d layer load(s) host -> device (%d extents, "
+                    "%d copies, %d bytes); %s backend",
+                    f" ({first})" if first else "", c["backups"], c["backup_extents"],
+                    c["backup_copies"], c["backup_bytes"], c["loads"], c["load_extents"],
+                    c["load_copies"], c["load_bytes"], self.backend)
 
     def _pairs_for_load(self, host_indices: Any, device_indices: Any) -> np.ndarray:
         """The extents of one layer's load, coalesced once per load batch.
 
         Each index argument is keyed on its content (a copy of its int64 slots), except a
         CUDA tensor, keyed on identity and ``_version`` (reading its content would cost a
-        device-to-host copy per layer, which the cache exists to avoid); :meth:`load`
+        device-to-host copy per layer, which the cache exists to avoid); [`load`][]
         drops the cache after the last layer, so such a key never outlives one batch.
         """
         keys = (_index_key(host_indices, "host_indices"),
@@ -182,7 +228,7 @@ class LayerTransfer:
 
     # ------------------------------------------------------------------ failures
     def raise_failed(self) -> None:
-        """Raise :class:`~kvswitch.SwapError` for a finished CUDA load that failed (each
+        """Raise [`SwapError`][] for a finished CUDA load that failed (each
         failure once); forget finished successful ones."""
         if not self._pending:
             return
@@ -198,15 +244,13 @@ class LayerTransfer:
                             "invalid: " + "; ".join(h.error for h in failed))
 
     def synchronize(self) -> None:
-        """Wait for every queued copy; raise :class:`~kvswitch.SwapError` if one failed."""
-        for engine in self.engines:
-            engine.synchronize()
+        """Wait for every queued copy; raise [`SwapError`][] if one failed."""
+        self._engine.synchronize()
         self.raise_failed()
 
     def close(self) -> None:
-        """Finish queued copies and stop the engines' workers (idempotent)."""
-        for engine in self.engines:
-            engine.close()
+        """Finish queued copies and stop the engine's worker (idempotent)."""
+        self._engine.close()
 
     def stats(self) -> dict[str, Any]:
         """Counters: backups/loads, their extents, copies (engine copies: extents x
@@ -226,7 +270,7 @@ def _index_key(indices: Any, what: str) -> Any:
 
 
 def _same_key(a: Any, b: Any) -> bool:
-    """Whether two :func:`_index_key` results name the same slots."""
+    """Whether two [`_index_key`][] results name the same slots."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
                 and a.shape == b.shape and bool(np.array_equal(a, b)))

@@ -1,18 +1,18 @@
 """Paged KV for transformers causal LMs (Llama, Mistral, Qwen2, Qwen3), for custom loops.
 
-Needs torch and transformers (``pip install kvswitch[transformers]``); importing this
-package imports them, ``import kvswitch`` does not.
+Needs torch and transformers (``pip install ".[transformers]"`` from a kvswitch
+checkout); importing this package imports them, ``import kvswitch`` does not.
 
 Parts:
 
-* :class:`PagedKVCache`: per-layer K/V pool tensors
-  ``[num_blocks, block_size, num_kv_heads, head_dim]`` and their :class:`~kvswitch.KVLayout`
-  (for an :class:`~kvswitch.AsyncSwapEngine` and a :class:`~kvswitch.HostKVPool`).
-* :func:`paged_attention_forward`, registered in transformers' ``AttentionInterface`` as
+* [`PagedKVCache`][]: per-layer K/V pool tensors
+  ``[num_blocks, block_size, num_kv_heads, head_dim]`` and their [`KVLayout`][]
+  (for an [`AsyncSwapEngine`][] and a [`HostKVPool`][]).
+* [`paged_attention_forward`][], registered in transformers' ``AttentionInterface`` as
   ``"kvswitch_paged"``: reads and writes the pool through each sequence's block table.
-* :class:`PagedModelRunner`: one batched forward pass (prefill and decode mixed) given each
+* [`PagedModelRunner`][]: one batched forward pass (prefill and decode mixed) given each
   sequence's new tokens, block table and cached length; returns last-token logits.
-* :func:`model_spec` / :class:`UnsupportedModelError`: which models are supported.
+* [`model_spec`][] / [`UnsupportedModelError`][]: which models are supported.
 
 Example (see ``examples/custom_loop.py`` for continuous batching with swaps)::
 
@@ -34,7 +34,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         f"kvswitch.adapters.transformers needs torch and transformers ({e}); install them "
-        f"with: pip install 'kvswitch[transformers]'") from e
+        f"with: pip install 'torch>=2.5' 'transformers>=5.17,<6' (the kvswitch "
+        f"extra 'transformers')") from e
 
 from kvswitch.adapters.transformers.attention import (
     ATTENTION_NAME,

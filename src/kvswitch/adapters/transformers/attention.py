@@ -2,13 +2,13 @@
 
 transformers (>= 5) looks attention functions up by ``config._attn_implementation`` in its
 ``AttentionInterface`` and calls them per layer with the new tokens' RoPE-rotated queries,
-keys and values. :func:`paged_attention_forward` writes the new keys and values into a
-:class:`~kvswitch.adapters.transformers.PagedKVCache` at each token's slot (found through
+keys and values. [`paged_attention_forward`][] writes the new keys and values into a
+[`PagedKVCache`][] at each token's slot (found through
 its sequence's block table) and attends over everything the sequence has in the pool, so
 the model keeps no cache of its own (call it with ``use_cache=False``).
 
 What to attend to comes with each forward call as the keyword argument
-``kvswitch_batch=`` (a :class:`PagedBatch`), which transformers passes through the model
+``kvswitch_batch=`` (a [`PagedBatch`][]), which transformers passes through the model
 down to the attention function. Sequences of a batch may have different numbers of cached
 and new tokens (prefill and decode mixed): the new tokens are right-padded to a rectangle
 and masked.
@@ -32,16 +32,16 @@ from kvswitch.adapters.transformers.spec import UnsupportedModelError
 __all__ = ["ATTENTION_NAME", "BATCH_KWARG", "PagedBatch", "paged_attention_forward",
            "register_attention"]
 
-#: Name under which :func:`paged_attention_forward` is registered in transformers'
+#: Name under which [`paged_attention_forward`][] is registered in transformers'
 #: ``AttentionInterface`` (use it with ``model.set_attn_implementation``).
 ATTENTION_NAME = "kvswitch_paged"
-#: Keyword argument of the model's forward that carries the :class:`PagedBatch`.
+#: Keyword argument of the model's forward that carries the [`PagedBatch`][].
 BATCH_KWARG = "kvswitch_batch"
 
 
 @dataclass(frozen=True)
 class PagedBatch:
-    """Where the tokens of one forward pass read and write the pool; built by :meth:`build`.
+    """Where the tokens of one forward pass read and write the pool; built by [`build`][].
 
     ``B`` sequences, ``T`` = most new tokens of any of them, ``L`` = most tokens (cached
     plus new) of any of them. All tensors are on the pool's device.
@@ -155,7 +155,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         attention_mask: ignored (the mask comes from the batch).
         scaling: softmax scale (default ``head_dim ** -0.5``).
         dropout: must be 0 (inference only).
-        **kwargs: ``kvswitch_batch``, the :class:`PagedBatch` of this forward pass.
+        **kwargs: ``kvswitch_batch``, the [`PagedBatch`][] of this forward pass.
 
     Returns:
         ``(output, None)`` with output ``[B, T, num_heads, head_dim]`` in ``query``'s dtype.
@@ -197,7 +197,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 
 def register_attention() -> str:
-    """Register :func:`paged_attention_forward` with transformers' ``AttentionInterface``
-    under :data:`ATTENTION_NAME` (idempotent) and return the name."""
+    """Register [`paged_attention_forward`][] with transformers' ``AttentionInterface``
+    under [`ATTENTION_NAME`][] (idempotent) and return the name."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
     return ATTENTION_NAME

@@ -7,9 +7,9 @@ lives in block ``t[p // block_size]`` at offset ``p % block_size``; its *slot* i
 ``t[p // block_size] * block_size + p % block_size`` in the flattened view
 ``[num_blocks * block_size, num_kv_heads, head_dim]``.
 
-The tensors are the regions of a :class:`~kvswitch.KVLayout` (K0, V0, K1, V1, ...), taken
-through DLPack without copies, so an :class:`~kvswitch.AsyncSwapEngine` moves block groups
-between them and a :class:`~kvswitch.HostKVPool` directly.
+The tensors are the regions of a [`KVLayout`][] (K0, V0, K1, V1, ...), taken
+through DLPack without copies, so an [`AsyncSwapEngine`][] moves block groups
+between them and a [`HostKVPool`][] directly.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ __all__ = ["PagedKVCache"]
 
 
 class PagedKVCache:
-    """Paged K/V tensors for every layer of one model, and their :class:`~kvswitch.KVLayout`.
+    """Paged K/V tensors for every layer of one model, and their [`KVLayout`][].
 
     Args:
         config: the model's ``transformers`` config (or the model); checked with
-            :func:`~kvswitch.adapters.transformers.model_spec`.
+            [`model_spec`][].
         num_blocks: blocks in the pool (> 0).
         block_size: tokens per block (> 0); 16 is vLLM's default.
         dtype: element type of the pool, normally the model's (``torch.float16``,
@@ -38,11 +38,11 @@ class PagedKVCache:
             ``torch.device``).
 
     Attributes:
-        spec: the model's :class:`~kvswitch.adapters.transformers.ModelSpec`.
+        spec: the model's [`ModelSpec`][].
         key_cache, value_cache: lists of ``num_layers`` tensors
             ``[num_blocks, block_size, num_kv_heads, head_dim]`` of ``dtype`` on
             ``device``, zero-initialised.
-        layout: the pool as a :class:`~kvswitch.KVLayout` with ``2 * num_layers``
+        layout: the pool as a [`KVLayout`][] with ``2 * num_layers``
             regions, ordered layer 0 K, layer 0 V, layer 1 K, ...
 
     Raises:

@@ -1,10 +1,10 @@
 """One batched forward pass of a transformers causal LM over paged KV.
 
-:class:`PagedModelRunner` is the engine-facing part of the adapter: given, for each
+[`PagedModelRunner`][] is the engine-facing part of the adapter: given, for each
 sequence of a batch, its new token ids, its block table and how many of its tokens are in
 the pool already, it runs the model once (prefill and decode mixed) and returns the logits
 of each sequence's last new token. Block tables come from the caller: a
-:class:`~kvswitch.BlockGroupAllocator` directly, or a ``SwapManager`` that also moves
+[`BlockGroupAllocator`][] directly, or a ``SwapManager`` that also moves
 preempted sequences to the host pool and back.
 """
 
@@ -47,11 +47,11 @@ class PagedInput:
 
 
 class PagedModelRunner:
-    """Runs a transformers causal LM of the Llama family over a :class:`PagedKVCache`.
+    """Runs a transformers causal LM of the Llama family over a [`PagedKVCache`][].
 
     Construction switches the model to the ``"kvswitch_paged"`` attention
     (``model.set_attn_implementation``) and to eval mode; from then on the model runs only
-    through :meth:`forward` (a plain ``model(...)`` or ``model.generate()`` raises
+    through [`forward`][] (a plain ``model(...)`` or ``model.generate()`` raises
     RuntimeError until ``model.set_attn_implementation("sdpa")``).
 
     Args:
@@ -94,14 +94,14 @@ class PagedModelRunner:
         sequences may be in flight on these blocks.
 
         Args:
-            inputs: one :class:`PagedInput` per sequence (>= 1), no two sharing a block.
+            inputs: one [`PagedInput`][] per sequence (>= 1), no two sharing a block.
 
         Returns:
             ``[len(inputs), vocab_size]`` logits on the pool's device, in the model's dtype.
 
         Raises:
             ValueError: an empty batch, empty ``token_ids``, or the errors of
-                :meth:`PagedBatch.build`.
+                [`PagedBatch.build`][].
         """
         if not inputs:
             raise ValueError("forward needs at least one input")

@@ -4,7 +4,7 @@ Only decoder-only causal LMs of the Llama family are supported: every layer uses
 causal self-attention over RoPE-rotated keys, with ``num_key_value_heads`` KV heads of
 ``head_dim`` elements (GQA/MQA allowed). Anything else (sliding windows, hybrid or linear
 attention layers, encoder-decoders, ALiBi, soft-capping) is rejected with
-:class:`UnsupportedModelError` before any memory is allocated.
+[`UnsupportedModelError`][] before any memory is allocated.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ModelSpec:
     """KV geometry of a supported model.
 
     Attributes:
-        model_type: ``config.model_type``, one of :data:`SUPPORTED_MODEL_TYPES`.
+        model_type: ``config.model_type``, one of [`SUPPORTED_MODEL_TYPES`][].
         num_layers: decoder layers (each gets a K and a V pool tensor).
         num_attention_heads: query heads.
         num_kv_heads: key/value heads (``num_attention_heads`` is a multiple of it).
@@ -50,7 +50,7 @@ def model_spec(config: Any) -> ModelSpec:
         config: a ``transformers.PretrainedConfig`` (or a model, whose ``.config`` is used).
 
     Returns:
-        The :class:`ModelSpec`.
+        The [`ModelSpec`][].
 
     Raises:
         UnsupportedModelError: (a ``ValueError``) the model type is not of the Llama family,

@@ -2,9 +2,9 @@
 
 vLLM 0.32's ``CPUOffloadingManager`` (``vllm/v1/kv_offload/cpu/manager.py``) keeps the
 cache state (keys, reference counts, LRU/ARC policies, events, metrics) and hands out CPU
-chunk ids from a counter and a LIFO free list. :class:`KVSwitchOffloadingManager` keeps
+chunk ids from a counter and a LIFO free list. [`KVSwitchOffloadingManager`][] keeps
 all of that and replaces only the chunk pool: chunks come from a
-:class:`~kvswitch.BlockGroupAllocator` in which every request is a sequence, so the chunks
+[`BlockGroupAllocator`][] in which every request is a sequence, so the chunks
 one request stores over its lifetime (prefill, decode, a preemption flush) extend one
 block group and sit in contiguous CPU extents; the worker then moves them in few copies.
 """
@@ -21,7 +21,27 @@ from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
 
 from kvswitch.allocator import BlockGroupAllocator
 
-__all__ = ["CHUNK_ORDERS", "DEFAULT_INITIAL_GROUP_CHUNKS", "KVSwitchOffloadingManager"]
+__all__ = [
+    "CHUNK_ORDERS",
+    "DEFAULT_INITIAL_GROUP_CHUNKS",
+    "GPU_BLOCK_RUN_METRICS",
+    "KVSwitchOffloadingManager",
+]
+
+#: Counters the manager adds to the connector's stats when a
+#: [`BlockGroupScheduler`][kvswitch.adapters.vllm.BlockGroupScheduler] runs (its GPU pool's
+#: [`BlockRunStats`][kvswitch.adapters.vllm.BlockRunStats] since the previous stats): name ->
+#: (attribute, description).
+GPU_BLOCK_RUN_METRICS = {
+    "kvswitch:gpu_blocks_allocated": (
+        "blocks_allocated", "GPU blocks handed out by kvswitch's block-group pool."),
+    "kvswitch:gpu_block_runs_started": (
+        "runs_started", "GPU blocks handed out that did not continue their block "
+        "table's previous block (blocks per run = allocated / runs started)."),
+    "kvswitch:gpu_blocks_reused_out_of_order": (
+        "reused_out_of_order", "Cached GPU blocks reused (their prefix evicted) while an "
+        "older cached free block stayed cached (the block-group pool's reuse window)."),
+}
 
 #: Chunk orders: ``"groups"`` (block groups per request, the default) and ``"vllm"``
 #: (vLLM's own pool: fresh ids in order, then a LIFO free list; for comparisons and for
@@ -56,7 +76,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         enable_events: collect ``OffloadingEvent`` objects for ``take_events``.
         store_threshold: offers a key needs before it is stored (< 2: no filter).
         max_tracker_size: entries of the offer tracker (``store_threshold >= 2``).
-        chunk_order: one of :data:`CHUNK_ORDERS`.
+        chunk_order: one of [`CHUNK_ORDERS`][].
         initial_group_chunks: expected size of a request's first CPU group, in chunks.
 
     Raises:
@@ -76,7 +96,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         max_tracker_size: int = 64_000,
         *,
         chunk_order: str = "groups",
-        initial_group_chunks: int = DEFAULT_INITIAL_GROUP_CHUNKS,
+        initial_group_chunks: int = 16,  # == DEFAULT_INITIAL_GROUP_CHUNKS
     ):
         if chunk_order not in CHUNK_ORDERS:
             raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {chunk_order!r}")
@@ -103,6 +123,7 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         # chunks in each request's allocator table (saves a locked query per free)
         self._held: dict[Hashable, int] = {}
         self._store_seq: Hashable = ""
+        self._gpu_pool: Any = None
         self._new_allocator()
 
     # -- the chunk pool ------------------------------------------------------------------
@@ -198,11 +219,25 @@ class KVSwitchOffloadingManager(CPUOffloadingManager):
         if self._groups:
             self._new_allocator()
 
+    def bind_gpu_block_pool(self, pool: Any) -> None:
+        """Report ``pool``'s block runs (a
+        [`BlockGroupPool`][kvswitch.adapters.vllm.BlockGroupPool]; its
+        ``take_block_run_stats``) in [`get_stats`][], as the counters of
+        ``GPU_BLOCK_RUN_METRICS``.
+        [`BlockGroupScheduler`][kvswitch.adapters.vllm.BlockGroupScheduler] calls it."""
+        self._gpu_pool = pool
+
     def get_stats(self) -> Any:
-        """vLLM's ``OffloadingConnectorStats`` for the period since the last call."""
+        """vLLM's ``OffloadingConnectorStats`` for the period since the last call, plus the
+        GPU pool's block runs when one is bound ([`bind_gpu_block_pool`][])."""
         if self._groups and self._allocator is not None:
             self._flush_frees()
             # vLLM's usage gauge reads these: allocated minus free-listed chunks
             self._num_allocated_chunks = self._allocator.num_used_blocks
             self._free_list = []
-        return super().get_stats()
+        stats = super().get_stats()
+        if self._gpu_pool is not None and stats is not None:
+            runs = self._gpu_pool.take_block_run_stats()
+            for name, (attr, _) in GPU_BLOCK_RUN_METRICS.items():
+                stats.increase_counter(name, getattr(runs, attr))
+        return stats

@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import vllm.v1.kv_offload.cpu.spec as _vllm_cpu_spec
-from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingManager, OffloadingWorker
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    OffloadingCounterMetadata,
+    OffloadingManager,
+    OffloadingMetricMetadata,
+    OffloadingWorker,
+)
 from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
 from kvswitch.adapters.vllm.manager import (
     DEFAULT_INITIAL_GROUP_CHUNKS,
+    GPU_BLOCK_RUN_METRICS,
     KVSwitchOffloadingManager,
 )
 from kvswitch.adapters.vllm.worker import KVSwitchOffloadingWorker
@@ -32,18 +39,29 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
     ``offload_prompt_only``) are vLLM's. Extra keys:
 
     * ``kvswitch_chunk_order``: ``"groups"`` (default) or ``"vllm"``
-      (:data:`~kvswitch.adapters.vllm.CHUNK_ORDERS`).
+      ([`CHUNK_ORDERS`][]).
     * ``kvswitch_initial_group_chunks``: expected chunks of a request's first CPU group.
     * ``kvswitch_num_workers``: C++ copy threads per KV-cache group (default 2).
 
     Differences from vLLM's CPU spec: no ``canonical_layout``; the worker also runs where
     the KV caches are CPU tensors (kvswitch's host backend); a request's chunks come in
-    block groups (see :class:`KVSwitchOffloadingManager`).
+    block groups (see [`KVSwitchOffloadingManager`][]).
 
     Raises:
         Exception: ``cpu_bytes_to_use`` missing (as vLLM's spec).
         ValueError: ``canonical_layout`` requested.
     """
+
+    @classmethod
+    def build_metric_definitions(
+        cls, extra_config: dict[str, Any]
+    ) -> dict[str, OffloadingMetricMetadata]:
+        """vLLM's CPU offloading metrics plus kvswitch's GPU block-run counters
+        (``kvswitch.adapters.vllm.manager.GPU_BLOCK_RUN_METRICS``)."""
+        definitions = dict(super().build_metric_definitions(extra_config))
+        for name, (_, doc) in GPU_BLOCK_RUN_METRICS.items():
+            definitions[name] = OffloadingCounterMetadata(documentation=doc)
+        return definitions
 
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
@@ -55,7 +73,7 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         self.num_workers = int(self.extra_config.get("kvswitch_num_workers", 2))
 
     def get_manager(self) -> OffloadingManager:
-        """The scheduler-side :class:`KVSwitchOffloadingManager` (created once)."""
+        """The scheduler-side [`KVSwitchOffloadingManager`][] (created once)."""
         if not self._manager:
             self._manager = KVSwitchOffloadingManager(
                 num_chunks=self.num_chunks,
@@ -70,7 +88,7 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         return self._manager
 
     def create_worker(self, kv_caches: CanonicalKVCaches) -> Any:
-        """A new :class:`KVSwitchOffloadingWorker` over ``kv_caches``.
+        """A new [`KVSwitchOffloadingWorker`][] over ``kv_caches``.
 
         Where vLLM's CPU spec shares one mmap region between the worker ranks of a node
         (CUDA, XPU), so does this one: the region is created as vLLM creates it
@@ -78,7 +96,7 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
         worker's CPU tensors are views of it. Elsewhere (e.g. CPU-only tests) each worker
         allocates private CPU tensors; so does every rank with ``blocks_per_chunk > 1``
         (a chunk's GPU-sized sub-blocks in the region's strided rows have no uniform
-        block stride for a :class:`~kvswitch.KVLayout`).
+        block stride for a [`KVLayout`][]).
         """
         mmap_region = None
         if self._uses_shared_region() and self.num_chunks > 0 and self.blocks_per_chunk == 1:
@@ -102,7 +120,7 @@ class KVSwitchOffloadingSpec(CPUOffloadingSpec):
             raise
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
-        """The worker-side :class:`KVSwitchOffloadingWorker` (created once)."""
+        """The worker-side [`KVSwitchOffloadingWorker`][] (created once)."""
         if not self._worker:
             self._worker = self.create_worker(kv_caches)
         return self._worker

@@ -1,7 +1,7 @@
 """The worker side: vLLM offloading transfers as kvswitch swap jobs.
 
 vLLM 0.32's ``CPUOffloadingWorker`` (``vllm/v1/kv_offload/cpu/gpu_worker.py``) issues one
-copy per (GPU block, layer tensor) of a transfer. :class:`KVSwitchOffloadingWorker` takes
+copy per (GPU block, layer tensor) of a transfer. [`KVSwitchOffloadingWorker`][] takes
 the same inputs (the ``CanonicalKVCaches`` tensors, ``GPULoadStoreSpec`` and the CPU chunk
 ids of ``CPULoadStoreSpec``) and issues one copy per (extent, layer tensor): the job's
 (GPU block, CPU block) pairs are coalesced into maximal runs in which both ids ascend by
@@ -12,6 +12,7 @@ GIL.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from kvswitch.layout import KVLayout
 from kvswitch.swap import AsyncSwapEngine
 
 __all__ = ["KVSwitchOffloadingWorker", "coalesce_pairs", "expand_cpu_blocks"]
+
+# Under vLLM's logger: vLLM configures only "vllm" (handler, level, propagate=False), so a
+# logger outside it would print nothing at INFO in a vLLM process.
+logger = logging.getLogger("vllm.kvswitch")
 
 
 def coalesce_pairs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -98,10 +103,10 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
 
     The CPU cache holds, per canonical tensor, ``[num_cpu_chunks, page_size_bytes *
     blocks_per_chunk]`` bytes, like vLLM's worker: CPU chunk ``c`` holds GPU-sized blocks
-    ``c * blocks_per_chunk + j``. Each KV-cache group gets a :class:`~kvswitch.KVLayout`
+    ``c * blocks_per_chunk + j``. Each KV-cache group gets a [`KVLayout`][]
     over its layers' GPU tensors (one region per data reference, ``page_size_bytes`` per
     block), a matching host layout over the CPU tensors, and an
-    :class:`~kvswitch.AsyncSwapEngine` (the CUDA backend for GPU tensors, the host backend
+    [`AsyncSwapEngine`][] (the CUDA backend for GPU tensors, the host backend
     for CPU tensors, e.g. tests).
 
     A job's copies start after the work queued so far on the current CUDA stream (stores
@@ -185,6 +190,12 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
         self.num_jobs = 0
         self.num_copies = 0
         self.num_pairs = 0
+        # The line a vLLM user looks for to see that kvswitch does the transfers.
+        backends = sorted({e.backend for e in self.engines if e is not None})
+        logger.info("kvswitch offloading worker: %d KV-cache group(s), %d layer tensor(s), "
+                    "%d CPU chunk(s) of %d block(s), %s backend, %d copy thread(s) per group",
+                    len(self.group_refs), sum(map(len, self.group_refs)), self.num_cpu_chunks,
+                    blocks_per_chunk, "/".join(backends) or "no", num_workers)
 
     # -- planning ------------------------------------------------------------------------
 
@@ -202,8 +213,9 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
             One ``(gpu_ids, cpu_ids)`` pair of int64 arrays per group.
 
         Raises:
-            TypeError: specs of the wrong type. ValueError: sizes that do not add up, or
-            block ids outside the GPU or CPU cache.
+            TypeError: specs of the wrong type.
+            ValueError: sizes that do not add up, or block ids outside the GPU or CPU
+                cache.
         """
         if not isinstance(gpu_spec, GPULoadStoreSpec):
             raise TypeError(f"expected a GPULoadStoreSpec, got {type(gpu_spec).__name__}")
@@ -288,7 +300,8 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
             True once queued.
 
         Raises:
-            TypeError, ValueError: see :meth:`plan`; nothing is queued.
+            TypeError: see [`plan`][]; nothing is queued.
+            ValueError: see [`plan`][]; nothing is queued.
         """
         return self._submit(job_id, src_spec, dst_spec, store=True)
 
@@ -296,7 +309,7 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
                     dst_spec: GPULoadStoreSpec) -> bool:
         """Queue CPU -> GPU copies of ``src_spec``'s chunks into ``dst_spec``'s blocks.
 
-        Returns / Raises: as :meth:`submit_store`.
+        Returns / Raises: as [`submit_store`][].
         """
         return self._submit(job_id, dst_spec, src_spec, store=False)
 
@@ -328,7 +341,7 @@ class KVSwitchOffloadingWorker(OffloadingWorker):
 
     def wait(self, job_ids: set[int]) -> None:
         """Block (GIL released) until the given jobs are done; unknown ids are ignored.
-        Failures are reported by :meth:`get_finished`, not raised."""
+        Failures are reported by [`get_finished`][], not raised."""
         for job_id in job_ids:
             job = self._jobs.get(job_id)
             if job is None:
