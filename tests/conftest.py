@@ -5,6 +5,10 @@
 the run: there the engine is installed on purpose, so a test module that cannot import it
 (an engine API that moved, a broken install) must not pass as "skipped". Without it (the
 main suite, where vLLM and SGLang are absent) those modules skip as usual.
+
+Hypothesis profile ``mutants`` (used by .ci/mutants.py): derandomized and without the
+example database, so that which planted bug a test catches does not depend on earlier
+runs, and without shrinking (only whether a bug is caught matters there).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import Phase, settings
+
+settings.register_profile("mutants", derandomize=True, database=None,
+                          phases=[Phase.explicit, Phase.generate])
 
 _import_skips: list[str] = []
 

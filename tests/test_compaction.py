@@ -317,11 +317,17 @@ def test_the_cap_on_moved_blocks_is_respected() -> None:
 
 
 def test_a_failed_migration_fails_the_moved_sequences() -> None:
-    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0)
+    """The moved sequences fail; no block-table report names them (red-team round 2,
+    repro_5: the callback and take_block_table_changes named the failed ones)."""
+    seen = []
+    m, kv, kept = _fragmented_manager(compaction=True, compaction_max_moved=4.0,
+                                      on_block_tables_changed=seen.append)
+    before = {s: m.block_table(s).tolist() for s in kept}
     m.engine._engine._fail_next_jobs(1, "injected copy failure")
     m.swap_in(0)
-    moved = set(m.take_block_table_changes())
+    moved = {s for s in kept if m.block_table(s).tolist() != before[s]}
     assert moved
+    assert seen == [{}] and m.take_block_table_changes() == {}
     failed = m.take_failed()
     assert set(failed) == moved
     for s, error in failed.items():

@@ -318,6 +318,7 @@ void bind_swap(nb::module_& m) {
                  d["migration_seconds"] = s.migration_seconds;
                  return d;
              })
+        .def("_release_held", &AsyncSwapEngine::release_held, "job_id"_a)
         .def("_fail_next_jobs", &AsyncSwapEngine::fail_next_jobs, "n"_a, "message"_a)
         .def("_set_paused", &AsyncSwapEngine::set_paused, "paused"_a)
         .def("_set_max_poll_us", &AsyncSwapEngine::set_max_poll_us, "us"_a)

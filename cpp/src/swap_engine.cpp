@@ -48,6 +48,7 @@ struct SwapJob {
     // Set at submission (fail_next_jobs(), or prepare() failed): the worker fails the job
     // with it instead of issuing it.
     std::string fail_before_issue;
+    bool released = false;  // guarded by the engine's mu_: release_held() let it run
 
     mutable std::mutex mu;
     mutable std::condition_variable cv;
@@ -625,6 +626,31 @@ void AsyncSwapEngine::fail_next_jobs(int n, std::string message) {
     fail_message_ = std::move(message);
 }
 
+std::vector<std::uint64_t> AsyncSwapEngine::release_held(std::uint64_t id) {
+    std::vector<std::uint64_t> ids;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        // Newest first: a queued job's dependencies are older, so they come later in the
+        // walk. A job still queued is not a worker's yet: its deps are safe to read here.
+        std::vector<const SwapJob*> wanted;
+        for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
+            SwapJob& j = **it;
+            if (id != 0 && j.id != id &&
+                std::find(wanted.begin(), wanted.end(), &j) == wanted.end())
+                continue;
+            j.released = true;
+            for (const SwapJob::Dep& d : j.deps) wanted.push_back(d.job.get());
+        }
+        // Released jobs first, in submission order: a worker takes the front job only.
+        std::stable_partition(queue_.begin(), queue_.end(),
+                              [](const std::shared_ptr<SwapJob>& j) { return j->released; });
+        for (const auto& j : queue_)
+            if (j->released) ids.push_back(j->id);
+    }
+    work_cv_.notify_all();
+    return ids;
+}
+
 namespace {
 
 /// Waits until every dependency of `job` has left the queue (issued or finished); returns
@@ -762,7 +788,9 @@ void AsyncSwapEngine::run_worker() {
         bool wait_on_gpu = false;
         {
             std::unique_lock<std::mutex> lock(mu_);
-            auto can_take = [&] { return !queue_.empty() && (!paused_ || closing_); };
+            auto can_take = [&] {
+                return !queue_.empty() && (!paused_ || closing_ || queue_.front()->released);
+            };
             if (pending.empty()) {
                 work_cv_.wait(lock, [&] { return can_take() || closing_; });
             } else if (pending.size() < max_pending && !closing_) {

@@ -294,8 +294,9 @@ class BlockGroupAllocator:
         Args:
             num_blocks: size of the free group wanted, in blocks (int > 0).
             max_moved: most table blocks to move (int >= 0); None: no limit.
-            pinned: sequences whose blocks must not move (e.g. copies still in flight);
-                unknown ids are ignored.
+            pinned: an iterable of sequence ids (not a ``str`` or ``bytes``, which would be
+                taken character by character) whose blocks must not move (e.g. copies
+                still in flight); unknown ids (unhashable ones included) are ignored.
 
         Returns:
             The moves (possibly none, when releasing reserved tails was enough), or None
@@ -303,7 +304,8 @@ class BlockGroupAllocator:
             every window would move more than ``max_moved`` blocks or holds a pinned block.
 
         Raises:
-            TypeError: a count is not an int.
+            TypeError: a count is not an int; ``pinned`` is a str or bytes, or not
+                iterable.
             ValueError: ``num_blocks`` <= 0, ``max_moved`` < 0, or per-block mode.
             OutOfBlocksError: fewer than ``num_blocks`` blocks lie outside all block tables. (All:
                 nothing changes.)
@@ -311,6 +313,10 @@ class BlockGroupAllocator:
         num_blocks = as_count(num_blocks, "num_blocks")
         max_moved = (INT32_MAX if max_moved is None
                      else min(as_count(max_moved, "max_moved", minimum=0), INT32_MAX))
+        if isinstance(pinned, (str, bytes)):
+            raise TypeError(f"compact: pinned must be an iterable of sequence ids, not a "
+                            f"{type(pinned).__name__} ({pinned!r})")
+        pinned = list(pinned)  # a generator is read once, before anything changes
         with self._lock:
             if self._core.per_block_mode:
                 raise ValueError("compact: compaction is off in per-block mode")

@@ -33,7 +33,6 @@ paged attention read the new ids ([`SwapManager.take_block_table_changes`][] or 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections import deque
@@ -44,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from kvswitch._validate import INT32_MAX, as_count
+from kvswitch._validate import INT32_MAX, as_count, as_flag, as_fraction
 from kvswitch.allocator import BlockGroupAllocator
 from kvswitch.reuse import ReuseTracker, SwapPlan
 from kvswitch.swap import AsyncSwapEngine, SwapError, SwapHandle
@@ -120,6 +119,15 @@ class _SwappedOut(_Swap):
     num_tokens: int = 0
 
 
+@dataclass
+class _SwappingIn(_Swap):
+    """A swap-in, with the sequence's swap-out it was queued behind while that was still
+    in flight (None: none was): if that one fails, the engine fails this one too, and the
+    CPU copy's blocks it was to write must then be marked invalid as well."""
+
+    swap_out: _SwappedOut | None = None
+
+
 def _quiet_wait(handle: SwapHandle) -> None:
     """Block until the job ends; a failure is read from ``handle.error`` afterwards."""
     with contextlib.suppress(SwapError):
@@ -188,14 +196,18 @@ class SwapManager:
             A swap-in needing more falls back to several groups.
         on_block_tables_changed: called (under the manager's lock, from [`swap_in`][])
             with ``{seq_id: int32 block table}`` of the running sequences a compaction
-            moved: their new tables in full. Paged attention must read these ids from then
-            on. The same changes are also kept for [`take_block_table_changes`][].
+            moved: their new tables in full (moved sequences its failed migration made
+            ``"failed"`` are left out, possibly leaving it empty). Paged attention must read
+            these ids from then on. The same changes are also kept for
+            [`take_block_table_changes`][].
         clock: the clock the wait times of [`stats`][] are read from (seconds; default
             ``time.perf_counter``). ``kvswitch bench`` passes its virtual clock, whose time
             a wait on a ``VirtualSwapEngine`` (``kvswitch.bench.virtual_clock``) advances.
 
     Raises:
-        TypeError: ``block_size`` or ``window`` not an int.
+        TypeError: ``block_size`` or ``window`` not an int; ``reuse``, ``async_swap_out``,
+            ``coalesce`` or ``compaction`` not a bool; ``compaction_max_moved`` not a real
+            number (a bool or a str is refused).
         ValueError: non-empty allocators, pool sizes that disagree with the engine, a bad policy,
             block size or window, ``compaction`` with a per-block GPU allocator, a negative or
             non-finite ``compaction_max_moved``.
@@ -243,12 +255,13 @@ class SwapManager:
                              f"allocator {host_allocator.num_blocks}")
         if swap_in not in ("adaptive", "async", "sync"):
             raise ValueError(f"swap_in must be 'adaptive', 'async' or 'sync', got {swap_in!r}")
+        reuse = as_flag(reuse, "reuse")
+        async_swap_out = as_flag(async_swap_out, "async_swap_out")
+        coalesce = as_flag(coalesce, "coalesce")
+        compaction = as_flag(compaction, "compaction")
+        compaction_max_moved = as_fraction(compaction_max_moved, "compaction_max_moved")
         if compaction and gpu_allocator.per_block_mode:
             raise ValueError("compaction needs a block-group GPU allocator, not per-block mode")
-        compaction_max_moved = float(compaction_max_moved)
-        if not 0.0 <= compaction_max_moved < math.inf:
-            raise ValueError(
-                f"compaction_max_moved must be finite and >= 0, got {compaction_max_moved}")
         self.gpu = gpu_allocator
         self.engine = engine
         self.tracker = ReuseTracker(host_allocator, block_size=block_size)
@@ -257,7 +270,7 @@ class SwapManager:
         self.async_swap_out = async_swap_out
         self.swap_in_policy: SwapInPolicy = swap_in
         self.coalesce = coalesce
-        self.compaction = bool(compaction)
+        self.compaction = compaction
         self.compaction_max_moved = compaction_max_moved
         self.on_block_tables_changed = on_block_tables_changed
         self._clock: Callable[[], float] = clock if clock is not None else time.perf_counter
@@ -272,7 +285,7 @@ class SwapManager:
         self._block_bytes = engine.device_layout.bytes_per_block
         self._swapped: dict[Hashable, _SwappedOut] = {}
         self._outs_in_flight: dict[Hashable, _SwappedOut] = {}  # handle not yet seen done
-        self._swapping_in: dict[Hashable, _Swap] = {}  # in submission order
+        self._swapping_in: dict[Hashable, _SwappingIn] = {}  # in submission order
         self._failed: dict[Hashable, SwapError] = {}
         self._unreported: dict[Hashable, SwapError] = {}  # for take_failed()
         self._recent: deque[SwapHandle] = deque(maxlen=window)  # r_info of Algorithm 1
@@ -350,9 +363,16 @@ class SwapManager:
             after: CUDA only: the compute stream (or an event) whose queued writes the
                 copies must follow; passed to [`AsyncSwapEngine.swap_out`][].
 
+        A migration that moved the sequence's blocks (compaction) and failed before its
+        next [`poll`][] (CUDA: [`swap_in`][] with ``before`` returns with the migration
+        pending) left them unwritten: whenever it ended, the swap-out is not committed and
+        the sequence becomes ``"failed"`` with the migration's [`SwapError`][]
+        (``direction == "migrate"``), keeping its GPU blocks until [`free`][]; async
+        mode reports it by [`take_failed`][], blocking mode raises it.
+
         Returns:
-            The committed [`SwapPlan`][] (``copied_blocks``, ``reused_blocks``,
-            ``pairs``).
+            The [`SwapPlan`][] (``copied_blocks``, ``reused_blocks``, ``pairs``): committed,
+            unless a failed migration failed the sequence (above).
 
         Raises:
             KeyError: unknown sequence.
@@ -360,7 +380,8 @@ class SwapManager:
             TypeError: bad argument types.
             OutOfBlocksError: the host pool cannot hold the copy even after reclaiming every backup.
             EngineClosedError: the engine is closed. (All: nothing changes.)
-            SwapError: blocking mode only: the copies failed; the sequence stays running. Or the
+            SwapError: blocking mode only: the copies failed; the sequence stays running (or is
+                ``"failed"`` when a failed migration was their cause, above). Or the
                 sequence had failed and that was not reported yet (reported now).
         """
         with self._lock:
@@ -383,15 +404,34 @@ class SwapManager:
             except BaseException:
                 self.tracker.cancel(plan)  # nothing was queued
                 raise
-            if handle is not None and not self.async_swap_out:
+            # A migration into its blocks that failed and ended before this job was queued
+            # (CUDA: swap_in(before=) returns with it pending) did not order the job: the
+            # copies read blocks it never wrote.
+            migration = self._failed_migration(seq_id)
+            if migration is None and handle is not None and not self.async_swap_out:
                 t0 = self._clock()
                 _quiet_wait(handle)
                 self._t["swap_out_wait_s"] += self._clock() - t0
-                if handle.error:
-                    self.tracker.fail(plan)
-                    self._n["swap_failures"] += 1
-                    raise self._error(seq_id, "out", handle)
-                handle = None
+                if not handle.error:
+                    handle = None
+                else:  # it failed with such a migration still in flight, or on its own
+                    migration = self._failed_migration(seq_id)
+                    if migration is None:
+                        self.tracker.fail(plan)
+                        self._n["swap_failures"] += 1
+                        raise self._error(seq_id, "out", handle)
+            if migration is not None:
+                # Its KV is lost: not committed, the sequence fails with the migration's
+                # error (blocking: raised; async: reported by take_failed, like a failed
+                # copy of an async swap-out), keeping its GPU blocks until free().
+                if handle is not None:
+                    _quiet_wait(handle)
+                self.tracker.fail(plan)
+                error = self._fail_migrated(seq_id, migration)
+                if self.async_swap_out:
+                    return plan
+                del self._unreported[seq_id]
+                raise error
             self.tracker.commit(plan)
             self.gpu.free(seq_id)
             self._forget_moves(seq_id)
@@ -415,7 +455,11 @@ class SwapManager:
         The sequence is ``"swapping_in"`` until [`poll`][], [`decide`][] or
         [`wait_swap_in`][] reports it running (or failed); do not read its blocks before.
         Its swap-out may still be in flight: the engine orders the copies after it, and if
-        it fails, so does this swap-in.
+        it fails, so does this swap-in (the sequence becomes ``"failed"``). Should it fail
+        and end while this call runs, before the copies are queued behind it, the sequence
+        is ``"failed"`` on return all the same (reported by [`take_failed`][], holding
+        the returned GPU blocks until [`free`][]): no copy of never-written host blocks
+        is ever reported running.
 
         With ``compaction``: when the GPU pool's free blocks suffice but no free group holds
         the whole table, it first compacts the pool to make a free group of its blocks
@@ -511,6 +555,18 @@ class SwapManager:
             except BaseException:
                 self.gpu.free(seq_id)
                 raise
+            out = record.handle  # its swap-out, in flight at the check above (or None)
+            if out is not None and out.done() and out.error:
+                # It failed and ended after that check but before this job was queued, so
+                # the engine did not order this job after it: the host blocks it reads were
+                # never written. The sequence fails as its swap-out did (reported once, by
+                # take_failed), and holds its new GPU blocks until free(), as any failed
+                # sequence does; the job is waited for, so nothing of it is left in flight.
+                if handle is not None:
+                    _quiet_wait(handle)
+                self.tracker.fail(plan)
+                self._fail_swap_out(seq_id, record)
+                return table
             self.tracker.commit(plan)
             if reserve_blocks and self.compaction:
                 self.gpu.reserve(seq_id, reserve_blocks)
@@ -518,13 +574,14 @@ class SwapManager:
                 # The engine orders this job's host reads before any later write to the blocks.
                 self.tracker.drop(seq_id)
             # A swap-out still in flight is not lost track of: this swap-in is ordered after
-            # it and fails with it.
+            # it and fails with it (_fail_swap_in then invalidates what it was to write).
             del self._swapped[seq_id]
             self._outs_in_flight.pop(seq_id, None)
             n = self._n
             n["swap_ins"] += 1
             n["swap_in_blocks"] += plan.copied_blocks
-            self._swapping_in[seq_id] = _Swap(plan, handle)
+            self._swapping_in[seq_id] = _SwappingIn(
+                plan, handle, record if out is not None else None)
             return table
 
     # -- step 1 and step 4 ---------------------------------------------------------------
@@ -606,8 +663,9 @@ class SwapManager:
         """Block tables that compaction changed since the last call: ``{seq_id: int32
         table}``, each the sequence's full GPU block table as it is now, at this call
         (blocks allocated since the compaction included; sequences no longer holding GPU
-        blocks, freed or swapped out since, are left out). Paged attention must read these
-        ids; the old ids of a moved block may already hold another sequence's KV.
+        blocks, freed or swapped out since, and failed ones are left out). Paged attention
+        must read these ids; the old ids of a moved block may already hold another
+        sequence's KV.
         """
         with self._lock:
             ids, self._table_changes = self._table_changes, {}
@@ -798,8 +856,12 @@ class SwapManager:
                 + t["migrate_wait_s"])
 
     def close(self) -> None:
-        """Finish queued copies and close the engine."""
-        self.engine.close()
+        """Finish queued copies and close the engine. Serialised with the other methods
+        (it takes the manager's lock): a call running in another thread finishes first, and
+        a later call that would queue copies raises
+        [`EngineClosedError`][kvswitch.EngineClosedError] having changed nothing."""
+        with self._lock:
+            self.engine.close()
 
     def __enter__(self) -> SwapManager:
         return self
@@ -854,6 +916,7 @@ class SwapManager:
         size = min(num_blocks + reserve, gpu.num_free_blocks)
         streams = {k: v for k, v in (("before", before), ("after", after)) if v is not None}
         self.engine.check_migrate(**streams)
+        self._reap_migrations()  # sequences an ended migration failed stay put (pinned)
         # Sequences swapping in (their copies write their blocks) and failed ones stay put.
         pinned = [*self._swapping_in, *self._failed]
         max_moved = int(min(self.compaction_max_moved * size, INT32_MAX))
@@ -887,6 +950,7 @@ class SwapManager:
             self._t["migrate_wait_s"] += self._clock() - t0
             self._reap_migrations()
         if self.on_block_tables_changed is not None:
+            # Running ones only: a failed migration (waited for above) failed the others.
             self.on_block_tables_changed(self._current_tables(moved))
 
     def _fail_unmigrated(self, moved: list[Hashable], cause: BaseException) -> None:
@@ -903,9 +967,10 @@ class SwapManager:
             self._mark_failed(s, error)
 
     def _current_tables(self, seq_ids: Any) -> dict[Hashable, npt.NDArray[np.int32]]:
-        """``{seq_id: its GPU block table now}`` for those still holding GPU blocks."""
-        gpu = self.gpu
-        return {s: gpu.block_table(s) for s in seq_ids if s in gpu}
+        """``{seq_id: its GPU block table now}`` for those still holding GPU blocks and not
+        failed (a failed sequence is never run again)."""
+        gpu, failed = self.gpu, self._failed
+        return {s: gpu.block_table(s) for s in seq_ids if s in gpu and s not in failed}
 
     def _forget_moves(self, seq_id: Hashable) -> None:
         """The sequence no longer holds its GPU blocks (freed or swapped out): no pending
@@ -932,9 +997,19 @@ class SwapManager:
             for s in moved:
                 if s in self._failed or s not in self.gpu:
                     continue
-                self._n["migrate_failures"] += 1
-                self._mark_failed(s, self._error(s, "migrate", handle))
+                self._fail_migrated(s, handle)
         self._migrations = still
+
+    def _failed_migration(self, seq_id: Hashable) -> SwapHandle | None:
+        """A migration not yet reaped that moved the sequence's blocks and ended failed."""
+        for handle, moved in self._migrations:
+            if seq_id in moved and handle.done() and handle.error:
+                return handle
+        return None
+
+    def _fail_migrated(self, seq_id: Hashable, handle: SwapHandle) -> SwapError:
+        self._n["migrate_failures"] += 1
+        return self._mark_failed(seq_id, self._error(seq_id, "migrate", handle))
 
     def _refresh_recent(self) -> None:
         still = []
@@ -979,11 +1054,16 @@ class SwapManager:
         self.tracker.fail(record.plan)  # its copies are invalid; the rest is reclaimable
         return self._mark_failed(seq_id, error)
 
-    def _fail_swap_in(self, seq_id: Hashable, record: _Swap) -> SwapError:
+    def _fail_swap_in(self, seq_id: Hashable, record: _SwappingIn) -> SwapError:
         assert record.handle is not None
         error = self._error(seq_id, "in", record.handle)
         if seq_id in self.tracker:
             self.tracker.fail(record.plan)
+            out = record.swap_out
+            if out is not None and out.handle is not None and out.handle.error:
+                # It failed because its swap-out did (the engine ordered it after that one):
+                # the CPU copy's blocks that one was to write were never written.
+                self.tracker.fail(out.plan)
         return self._mark_failed(seq_id, error)
 
     def _mark_failed(self, seq_id: Hashable, error: SwapError) -> SwapError:

@@ -200,6 +200,15 @@ class AsyncSwapEngine {
     /// construction; host memory the backend page-locked is released by close().
     const HostMemory& host_memory() const { return host_memory_; }
 
+    /// Test hook (paused engine): lets the workers take the queued job `id` and the queued
+    /// jobs it depends on, directly or through others (every queued job when `id` is 0),
+    /// ahead of the rest, in submission order; the others stay held. Returns the ids it
+    /// released (none when the job is not queued). What runs is exactly what the engine
+    /// orders before the job, so a dependency it failed to record shows as a job that runs
+    /// before one it must follow (kvswitch.testing holds jobs this way and releases each
+    /// when the code under test waits for it).
+    std::vector<std::uint64_t> release_held(std::uint64_t id);
+
     /// Test hook: the next `n` jobs submitted fail when a worker would issue them, with
     /// `message` (nothing copied). Counted at submission, so which jobs fail does not
     /// depend on thread timing. n = 0 disarms.
