@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm.v1.core.block_pool")
 torch = pytest.importorskip("torch")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
@@ -283,6 +283,11 @@ class _Twin:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, num_blocks=st.integers(12, 48), hybrid=st.booleans())
+# A connector evicts the prefix of a free cached block (a's first): vLLM leaves the block
+# where it was in its free queue, behind the older cached blocks, so the last admission
+# evicts a's last cached block (a BlockRemoved event) and the uncached block stays free.
+@example(ops=[("admit", 2, 1), ("finish", 0), ("admit", 0, 1), ("evict", 0, 0),
+              ("admit", 2, 1)], num_blocks=12, hybrid=False)
 def test_prefix_cache_matches_vllm_without_lead(ops, num_blocks, hybrid):
     """With reuse_window_blocks=0 every prefix hit, admission and decode slot equals vLLM's,
     the pool holds as many free and cached blocks, the KV cache events are vLLM's, and the

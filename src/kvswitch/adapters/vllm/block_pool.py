@@ -14,14 +14,16 @@ group (reserved tail, growth quantum, tails split under pressure).
 least recently used one; a block group wants the free blocks next to it. The policy: a free
 block that holds a cached prefix (or that a reader still watches, ``unpin_blocks``) is
 *retained*, in the allocator's table of the request that wrote it, out of reach of block
-groups. Block groups are cut from vLLM's uncached free blocks while these suffice. When the
-free groups fall short of a request plus ``reuse_window_blocks`` (the pool is full of
-cache), the least recently used retained blocks, in vLLM's order, join the allocator's free
-space: the *reuse window*. Groups and reserved tails may cover them, yet they stay in the
-prefix cache, hit like any cached block, until a request's growth actually takes one (then
-its prefix is evicted, as vLLM evicts at reuse). So a window block may go before an older
-one (counted as ``reused_out_of_order``), and the window's runs are taken from their lowest
-id. ``reuse_window_blocks=0`` opens the window only by what a request lacks and reuses
+groups; it stays retained if a connector evicts its prefix meanwhile (``evict_blocks``), as
+vLLM leaves such a block at its place in the free queue. Block groups are cut from vLLM's
+uncached free blocks while these suffice. When the free groups fall short of a request plus
+``reuse_window_blocks`` (the pool is full of cache), the least recently used retained
+blocks, in vLLM's order, join the allocator's free space: the *reuse window*. Groups and
+reserved tails may cover them, yet they stay in the prefix cache, hit like any cached
+block, until a request's growth actually takes one (then its prefix is evicted, as vLLM
+evicts at reuse). So a window block may go before an older one (counted as
+``reused_out_of_order``), and the window's runs are taken from their lowest id.
+``reuse_window_blocks=0`` opens the window only by what a request lacks and reuses
 cached blocks in exactly vLLM's order (same hits, same KV cache events); both sides are
 measured in docs/benchmarks.md.
 """
@@ -146,10 +148,13 @@ class BlockGroupPool(BlockPool):
     ``get_new_blocks`` share one sequence.
 
     Invariants ([`check_block_groups`][]): a block with ``ref_cnt > 0``, or retained
-    (free, and cached or watched), is in exactly one allocator table; every other block but
-    the null block is in no table and in vLLM's free queue; the free queue holds exactly
-    the allocator's free blocks (free groups and reserved tails) and the retained blocks;
-    the reuse window's blocks are free in the allocator, and cached or watched.
+    (free, and cached, watched, or stripped of its prefix by ``evict_blocks`` while
+    retained), is in exactly one allocator table; every other block but the null block is
+    in no table and in vLLM's free queue; the free queue holds exactly the allocator's free
+    blocks (free groups and reserved tails) and the retained blocks, these last, in the
+    retained order (so vLLM's ``popleft`` order would take every allocator-free block
+    before the first retained one); the reuse window's blocks are free in the allocator,
+    and cached or watched.
 
     Thread safety: as vLLM's pool, one scheduler thread calls it.
     """
@@ -213,8 +218,9 @@ class BlockGroupPool(BlockPool):
         # The owner sequence of each block in an allocator table (None: allocator-free).
         self._owner: list[Hashable | None] = [None] * self.num_gpu_blocks
         self._held: dict[Hashable, int] = {}  # blocks in each sequence's table
-        # Free blocks kept out of the allocator (cached or watched), least recently freed
-        # first: the order vLLM's free queue evicts them in.
+        # Free blocks kept out of the allocator (cached or watched, or evicted by a
+        # connector while kept), least recently freed first: the tail of vLLM's free
+        # queue, in the order it evicts them.
         self._retained: OrderedDict[int, None] = OrderedDict()
         # The reuse window: cached (or watched) free blocks in the allocator's free space,
         # oldest first; all older than every retained block.
@@ -299,9 +305,10 @@ class BlockGroupPool(BlockPool):
         into the allocator's free space, still cached."""
         retained = self._retained
         ids = [retained.popitem(last=False)[0] for _ in range(count)]
-        window = self._window
+        window, blocks = self._window, self.blocks
         for b in ids:
-            window[b] = None
+            if blocks[b].block_hash is not None or b in self._reuse_watchers:
+                window[b] = None  # (else a connector evicted its prefix: plain free space)
         self._release(ids)
 
     def _reuse(self, ids: list[int]) -> None:
@@ -475,19 +482,15 @@ class BlockGroupPool(BlockPool):
                 self._retained[block.block_id] = None
 
     def evict_blocks(self, block_ids: set[int]) -> None:
-        """vLLM's ``evict_blocks`` (a connector invalidating cached blocks); a free block
-        left without a prefix and not watched returns to the allocator (or leaves the
-        reuse window: it is plain free space)."""
+        """vLLM's ``evict_blocks`` (a connector invalidating cached blocks). A retained
+        block left without a prefix stays retained: vLLM leaves it where it was in its
+        free queue, behind older cached blocks, so handing it out first would spare a
+        prefix that vLLM evicts (other hits, other KV cache events). A reuse-window block
+        left without a prefix and not watched leaves the window (plain free space)."""
         super().evict_blocks(block_ids)
-        plain = [b for b in block_ids if self.blocks[b].block_hash is None
-                 and b not in self._reuse_watchers]
-        freed = [b for b in plain if b in self._retained]
-        for b in freed:
-            del self._retained[b]
-        if freed:
-            self._release(freed)
-        for b in plain:
-            self._window.pop(b, None)
+        for b in block_ids:
+            if self.blocks[b].block_hash is None and b not in self._reuse_watchers:
+                self._window.pop(b, None)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's ``reset_prefix_cache``; on success the allocator starts empty too."""
@@ -526,8 +529,11 @@ class BlockGroupPool(BlockPool):
             AssertionError: naming the first one broken.
         """
         self.allocator.check_invariants()
-        in_queue = {b.block_id for b in self.free_block_queue.get_all_free_blocks()}
+        queue = [b.block_id for b in self.free_block_queue.get_all_free_blocks()]
+        in_queue = set(queue)
         retained, window = self._retained, self._window
+        assert queue[len(queue) - len(retained):] == list(retained), (
+            "the retained blocks are not the free queue's tail in its order")
         tables: dict[int, Hashable] = {}
         for seq in self.allocator.sequences():
             for b in self.allocator.block_table(seq).tolist():
@@ -544,8 +550,6 @@ class BlockGroupPool(BlockPool):
                     f"block {b} in use but free or unowned")
             elif b in retained:
                 assert owner is not None and b in in_queue, f"retained block {b} lost"
-                assert block.block_hash is not None or b in self._reuse_watchers, (
-                    f"retained block {b} holds no prefix and no reader watches it")
             else:
                 assert owner is None and b in in_queue, (
                     f"free block {b} is in a table or not in the free queue")
