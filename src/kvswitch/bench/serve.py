@@ -918,15 +918,18 @@ class RunEstimate:
     queued: int = 0  #: waiting turns summed over iterations (the scheduler scans them)
 
 
-#: Wall seconds of the virtual-clock loop on the reference machine (the 2-core AMD EPYC VM
-#: of docs/benchmarks.md, shared with other jobs at a load average of 6 to 9): per
-#: generated token times the mean batch (the loop's work per iteration grows with the
-#: running sequences, and so does the preemption and compaction work it does for them),
-#: and per waiting turn per iteration (the scheduler's scans, and the preemptions a queue
-#: brings at priority updates). Fitted on the bundled trace at 200, 700 and 1,000
-#: conversations; a machine's ``speed`` ([`machine_speed`][]) scales them.
-WALL_PER_TOKEN_BATCH_S = 0.54e-6
-WALL_PER_QUEUED_S = 1.0e-6
+#: Wall seconds of the virtual-clock loop at the reference speed (``machine_speed() ==
+#: 1``): per generated token (the decode step's bookkeeping), per generated token times the
+#: mean batch (the loop's work per iteration grows with the running sequences, and so does
+#: the preemption and compaction work it does for them), and per waiting turn per
+#: iteration (the scheduler's scans, and the preemptions a queue brings at priority
+#: updates). Least-squares fit over the four configurations of six ``kvswitch bench`` runs
+#: of the bundled trace (200, 700 and 1,000 conversations; 700 at loads from idle to four
+#: CPU-bound processes on the 2-core VM), each run's speed measured beside it
+#: (docs/benchmarks.md, "The estimate").
+WALL_PER_TOKEN_S = 13.6e-6
+WALL_PER_TOKEN_BATCH_S = 0.16e-6
+WALL_PER_QUEUED_S = 11.0e-6
 #: Wall clock: seconds of Python work per loop iteration (scheduling, bookkeeping) on a slow
 #: core; the loop sleeps ``step / time_scale`` per iteration unless this is longer.
 ITERATION_OVERHEAD_S = 25e-6
@@ -1075,8 +1078,8 @@ def machine_speed(repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2] / REFERENCE_SPEED_S
 
 
-#: [`machine_speed`][]'s workload on the reference machine (the median of five, at the
-#: load of the ``WALL_PER_*`` fits), seconds.
+#: [`machine_speed`][]'s workload at the reference speed, seconds (the ``WALL_PER_*``
+#: fits scale each run's measured speed by it).
 REFERENCE_SPEED_S = 0.090
 
 
@@ -1091,9 +1094,9 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig,
     the turn-boundary swaps (every turn after the first swaps the history out and back
     in; per block and region without block groups, about one extent per region with them).
     Blocking swaps (``mechanisms`` without asynchronous swaps) stall the replay for their
-    link-modelled time, so their queueing shows. Wall time on the virtual clock: tokens
-    times mean batch and queued turns times the ``WALL_PER_*`` figures, times ``speed``
-    ([`machine_speed`][]); on the wall clock: the makespan over the time scale, or the
+    link-modelled time, so their queueing shows. Wall time on the virtual clock: tokens,
+    tokens times mean batch, and queued turns times the ``WALL_PER_*`` figures, times
+    ``speed`` ([`machine_speed`][]); on the wall clock: the makespan over the time scale, or the
     loop's Python overhead where it is longer, plus the pools' setup.
     """
     if not conversations:
@@ -1126,7 +1129,8 @@ def estimate_run(conversations: list[Conversation], config: ServeConfig,
     swaps = 2 * boundaries
     if config.clock == "virtual":
         batch = tokens / max(iterations, 1)
-        wall = speed * (tokens * batch * WALL_PER_TOKEN_BATCH_S + queued * WALL_PER_QUEUED_S)
+        wall = speed * (tokens * WALL_PER_TOKEN_S + tokens * batch * WALL_PER_TOKEN_BATCH_S
+                        + queued * WALL_PER_QUEUED_S)
     else:
         if config.backend == "cuda":
             block_bytes = model.region_block_bytes(config.block_size) * regions
