@@ -22,8 +22,13 @@ bookkeeping on vLLM's block order, the control) and ``vllm+kvswitch-link99`` (th
 slower: a perturbation that changes nothing but transfer times, to size run-to-run
 divergence).
 
+``--fixed-think``: each (conversation, turn) draws its think time from its own stream
+instead of the bench's one stream in the order turns end, so that every configuration
+replays the same think times (the bench as shipped does not: from the first turn that ends
+at another time, configurations get other think times).
+
 Run: python benchmarks/vllm_preemption_probe.py [--conversations 40] [--gpu-blocks 1000]
-[--seeds 0 1 2] [--configs ...] [--json PATH]
+[--seeds 0 1 2] [--configs ...] [--fixed-think] [--json PATH]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import contextlib
 import json
 import logging
+import random
 import statistics
 import sys
 from collections.abc import Iterator
@@ -48,6 +54,7 @@ from kvswitch.bench.link_model import LINK_PRESETS
 from kvswitch.bench.serve import ServeConfig
 from kvswitch.bench.vllm import VLLM_CONFIGURATIONS, serve_vllm
 from kvswitch.bench.vllm.runner import RunnerStandIn
+from kvswitch.bench.vllm.serve import _Loop
 from kvswitch.trace import load_trace, sample
 
 _GROUPS = VLLM_CONFIGURATIONS["vllm+kvswitch+groups"]
@@ -70,9 +77,10 @@ class _Probe:
         self.busy_s = 0.0
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, fixed_think: bool) -> Iterator[None]:
         probe = self
         preempt = Scheduler._preempt_request
+        finish = _Loop._finish
         lookup = KVCacheManager.get_computed_blocks
         execute = RunnerStandIn.execute
 
@@ -103,16 +111,25 @@ class _Probe:
 
         Scheduler._preempt_request = _preempt_request  # type: ignore[method-assign]
         KVCacheManager.get_computed_blocks = get_computed_blocks  # type: ignore[method-assign]
+        def finish_turn(loop: _Loop, req_id: str, reason: Any) -> None:
+            i = loop.conversation_of[req_id]
+            loop.think = random.Random(f"{loop.cfg.seed}-{i}-{loop.turn[i]}")
+            finish(loop, req_id, reason)
+
         RunnerStandIn.execute = run_step  # type: ignore[method-assign]
+        if fixed_think:
+            _Loop._finish = finish_turn  # type: ignore[method-assign]
         try:
             yield
         finally:
             Scheduler._preempt_request = preempt  # type: ignore[method-assign]
             KVCacheManager.get_computed_blocks = lookup  # type: ignore[method-assign]
             RunnerStandIn.execute = execute  # type: ignore[method-assign]
+            _Loop._finish = finish  # type: ignore[method-assign]
 
 
-def probe_run(name: str, conversations: list, config: ServeConfig) -> dict[str, Any]:
+def probe_run(name: str, conversations: list, config: ServeConfig, *,
+              fixed_think: bool = False) -> dict[str, Any]:
     """One configuration's run with the probes; its figures as a dict."""
     conf, groups, link_factor = CONFIGS[name]
     if link_factor != 1.0:
@@ -125,7 +142,7 @@ def probe_run(name: str, conversations: list, config: ServeConfig) -> dict[str, 
     try:
         if groups is not None:
             BlockGroupPool.default_config = groups
-        with probe.installed():
+        with probe.installed(fixed_think):
             r = serve_vllm(conversations, config, conf)
     finally:
         BlockGroupPool.default_config = default
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=[
         "vllm+kvswitch", "vllm+kvswitch+groups", "groups-window0", "groups-vllm-order",
         "vllm+kvswitch-link99"], choices=list(CONFIGS))
+    ap.add_argument("--fixed-think", action="store_true",
+                    help="think times per (conversation, turn), the same in every configuration")
     ap.add_argument("--json", help="also write every run's figures to this file")
     args = ap.parse_args(argv)
     logging.getLogger("vllm").setLevel(logging.ERROR)  # as kvswitch bench does
@@ -163,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         convs = sample(trace, args.conversations, seed)
         config = ServeConfig(gpu_blocks=args.gpu_blocks, seed=seed)
         for name in args.configs:
-            row = probe_run(name, convs, config)
+            row = probe_run(name, convs, config, fixed_think=args.fixed_think)
             rows.append(row)
             print("\t".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c])
                             for c in cols), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"conversations": args.conversations, "gpu_blocks": args.gpu_blocks,
-                       "runs": rows}, f, indent=1)
+                       "fixed_think": args.fixed_think, "runs": rows}, f, indent=1)
     return 0
 
 
