@@ -124,6 +124,20 @@ def test_vllm_0_32_deadlocks_retrying_a_failed_load_that_needs_over_half_the_poo
                    fail_load=2)
 
 
+@pytest.mark.parametrize("name", OFFLOADING)
+def test_a_turn_loaded_from_the_cpu_into_an_idle_engine_is_served(name):
+    """Conversation a's first turn ends, b's long turn evicts part of a's history from
+    vLLM's GPU prefix cache and ends, and a's second turn arrives at an idle engine: vLLM
+    admits it with an asynchronous load from the CPU cache and schedules it once the load
+    is reported. Those are two steps that compute nothing after a jump of the clock; the
+    loop once counted them as a stall and stopped the run."""
+    convs = [Conversation("a", (Turn(300, 20), Turn(40, 20)), arrival_s=0.0),
+             Conversation("b", (Turn(1000, 20),), arrival_s=0.5)]
+    r = serve_vllm(convs, replace(CONFIG, think_s=5.0, seed=0), VLLM_CONFIGURATIONS[name])
+    assert (r.turns_served, r.failed_requests) == (3, 0)
+    assert r.transfers.loads == 1 and r.cpu_prefix_hits > 0  # the load happened
+
+
 def test_injected_load_failure_under_policy_fail_aborts_that_request_only(runs):
     r = serve_vllm(CONVERSATIONS, CONFIG, VLLM_CONFIGURATIONS["vllm+kvswitch"], fail_load=2,
                    kv_load_failure_policy="fail")

@@ -424,11 +424,15 @@ class _Loop:
                     nexts = [t for t in (self.events[0][0] if self.events else None,
                                          self.worker.next_end() if self.worker else None)
                              if t is not None and t > clock.now]
-                    idle += 1
-                    if not nexts and idle > 2:
-                        raise RuntimeError(self._stall_reason())
                     if nexts:
                         clock.advance_to(min(nexts))
+                        # an arrival or a finished transfer: vLLM may admit a request only
+                        # a step later (a finished load is reported, then scheduled)
+                        idle = 0
+                    else:
+                        idle += 1
+                        if idle > 2:  # steps that did nothing, with nothing to wait for
+                            raise RuntimeError(self._stall_reason())
                 iteration += 1
                 if self.on_progress is not None:
                     self.on_progress(clock.now - self.start)
