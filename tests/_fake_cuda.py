@@ -3,13 +3,10 @@
 The fake is an asynchronous driver model (see the header comment of fake_cuda.cpp): it is
 loaded by the dynamic linker in place of the real driver, so every test that uses it runs
 its body in a subprocess whose LD_LIBRARY_PATH points at the folder build_fake_driver()
-returns. Typical use::
+returns. Tests take that folder from the session fixture ``fake`` (tests/conftest.py:
+built once, skipped without a C++ compiler). Typical use::
 
-    from _fake_cuda import PRELUDE_CTYPES, build_fake_driver, run_with_fake
-
-    @pytest.fixture(scope="module")
-    def fake(tmp_path_factory):
-        return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
+    from _fake_cuda import run_with_fake
 
     def test_copy(fake):
         run_with_fake(fake, '''

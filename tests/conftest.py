@@ -24,6 +24,17 @@ settings.register_profile("mutants", derandomize=True, database=None,
 _import_skips: list[str] = []
 
 
+@pytest.fixture(scope="session")
+def fake(tmp_path_factory):
+    """The folder holding the fake libcuda.so.1 (tests/_fake_cuda.py), built once per
+    session; skips the test without a C++ compiler."""
+    from _fake_cuda import CXX, build_fake_driver
+
+    if CXX is None:
+        pytest.skip("needs a C++ compiler to build the fake CUDA driver")
+    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
+
+
 def _required() -> bool:
     return os.environ.get("KVSWITCH_NO_IMPORT_SKIPS", "") not in ("", "0")
 

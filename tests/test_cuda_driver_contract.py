@@ -24,15 +24,11 @@ widen races; results do not depend on thread timing.
 from __future__ import annotations
 
 import pytest
-from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, run_with_fake
 from test_cuda_ordering import PRELUDE  # the fake's ctypes, kvswitch, vllm(), wait_idle()
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 def run(fake, body: str, timeout: float = 120, **env: str) -> None:
@@ -175,7 +171,8 @@ def test_page_locked_memory_is_judged_for_each_host_region(fake):
         assert "cuMemHostRegister" in detail, detail  # the overlapping page refused it
         assert any("pageable" in str(x.message) for x in w), [str(x.message) for x in w]
         assert eng.swap_out([(0, 0, 8)]).wait(30)  # still correct, only synchronous
-        assert (raw[base - raw.ctypes.data + 2048:][:bb] == views[1][0].view(np.uint8).reshape(-1)).all()
+        second = raw[base - raw.ctypes.data + 2048:][:bb]
+        assert (second == views[1][0].view(np.uint8).reshape(-1)).all()
         eng.close()
         # the page-aligned case: the second region in a page of its own is registered
         r1 = dataclasses.replace(r1, base=base + 4096)

@@ -12,15 +12,11 @@ ended), so its copies would read device blocks the migration never wrote.
 from __future__ import annotations
 
 import pytest
-from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, run_with_fake
 from test_cuda_ordering import PRELUDE
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 @pytest.mark.parametrize("blocking", [False, True])

@@ -13,15 +13,11 @@ races: with the rules in place the results do not depend on thread timing.
 from __future__ import annotations
 
 import pytest
-from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, run_with_fake
 from test_cuda_ordering import PRELUDE
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 def run(fake, body: str, timeout: float = 90, **env: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from _fake_cuda import CXX, PRELUDE_CTYPES, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, PRELUDE_CTYPES, run_with_fake
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
@@ -55,10 +55,6 @@ PRELUDE = PRELUDE_CTYPES + textwrap.dedent('''
         return out
 ''')
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 def run(fake, body: str, timeout: float = 90, **env: str) -> None:

@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _fake_cuda import CXX, build_fake_driver
+from _fake_cuda import CXX
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
@@ -49,21 +49,17 @@ PRELUDE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def fake_driver(tmp_path_factory) -> Path:
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
-
-def run(fake_driver: Path, body: str, **env: str) -> None:
-    e = dict(os.environ, LD_LIBRARY_PATH=str(fake_driver), **env)
+def run(fake: Path, body: str, **env: str) -> None:
+    e = dict(os.environ, LD_LIBRARY_PATH=str(fake), **env)
     code = PRELUDE + textwrap.dedent(body) + "\nprint('FAKE-OK')\n"
     r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "FAKE-OK" in r.stdout, r.stdout + r.stderr
 
 
-def test_driver_loads_and_auto_picks_cuda(fake_driver):
-    run(fake_driver, '''
+def test_driver_loads_and_auto_picks_cuda(fake):
+    run(fake, '''
         info = K._core.cuda_driver_info()
         assert info["available"] and info["batch_copy"], info
         assert info["driver_version"] == 12080 and info["device_count"] == 1
@@ -79,8 +75,8 @@ def test_driver_loads_and_auto_picks_cuda(fake_driver):
     ''')
 
 
-def test_contiguous_regions_go_out_in_one_batch_per_job(fake_driver):
-    run(fake_driver, '''
+def test_contiguous_regions_go_out_in_one_batch_per_job(fake):
+    run(fake, '''
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 10)
         for a in pool.arrays:
@@ -103,8 +99,8 @@ def test_contiguous_regions_go_out_in_one_batch_per_job(fake_driver):
     ''')
 
 
-def test_strided_regions_use_2d_copies(fake_driver):
-    run(fake_driver, '''
+def test_strided_regions_use_2d_copies(fake):
+    run(fake, '''
         ts, views, layout = vllm(1)
         pool = K.HostKVPool(layout, 10)
         with K.AsyncSwapEngine(layout, pool, num_workers=1) as eng:
@@ -118,8 +114,8 @@ def test_strided_regions_use_2d_copies(fake_driver):
     ''')
 
 
-def test_without_batch_api_each_copy_is_one_memcpy_async(fake_driver):
-    run(fake_driver, '''
+def test_without_batch_api_each_copy_is_one_memcpy_async(fake):
+    run(fake, '''
         assert not K._core.cuda_driver_info()["batch_copy"]
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 10)
@@ -132,8 +128,8 @@ def test_without_batch_api_each_copy_is_one_memcpy_async(fake_driver):
     ''', FAKE_CUDA_NO_BATCH="1")
 
 
-def test_after_and_before_streams(fake_driver):
-    run(fake_driver, '''
+def test_after_and_before_streams(fake):
+    run(fake, '''
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 10)
         with K.AsyncSwapEngine(layout, pool, num_workers=2) as eng:
@@ -172,11 +168,11 @@ def test_after_and_before_streams(fake_driver):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stream_error_at_submit_fails_the_job_on_its_handle(fake_driver, workers):
+def test_stream_error_at_submit_fails_the_job_on_its_handle(fake, workers):
     """A driver error while ordering the job after the caller's stream (prepare) is not
     raised by swap_out: the job is queued as failed, reported on its handle, and the engine
     goes on. (With worker threads this dereferenced the missing job sync.)"""
-    run(fake_driver, f'''
+    run(fake, f'''
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 8)
         with K.AsyncSwapEngine(layout, pool, num_workers={workers}) as eng:
@@ -191,8 +187,8 @@ def test_stream_error_at_submit_fails_the_job_on_its_handle(fake_driver, workers
     ''', FAKE_CUDA_FAIL_RECORD_ON="0xBAD")
 
 
-def test_copy_error_surfaces_from_wait_and_engine_recovers(fake_driver):
-    run(fake_driver, '''
+def test_copy_error_surfaces_from_wait_and_engine_recovers(fake):
+    run(fake, '''
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 10)
         for a in pool.arrays:
@@ -213,8 +209,8 @@ def test_copy_error_surfaces_from_wait_and_engine_recovers(fake_driver):
     ''', FAKE_CUDA_FAIL_COPY_AFTER="0")
 
 
-def test_cuda_array_interface_and_many_jobs_with_sync_every(fake_driver):
-    run(fake_driver, '''
+def test_cuda_array_interface_and_many_jobs_with_sync_every(fake):
+    run(fake, '''
         t = np.arange(32 * 64, dtype=np.float32).reshape(32, 64)
         class CAI:
             def __init__(self, a):
@@ -233,8 +229,8 @@ def test_cuda_array_interface_and_many_jobs_with_sync_every(fake_driver):
     ''')
 
 
-def test_primary_context_retains_are_balanced(fake_driver):
-    run(fake_driver, '''
+def test_primary_context_retains_are_balanced(fake):
+    run(fake, '''
         ts, views, layout = vllm(0)
         pool = K.HostKVPool(layout, 4)
         eng = K.AsyncSwapEngine(layout, pool)

@@ -20,7 +20,6 @@ import pytest
 from _fake_cuda import (
     CXX,
     PRELUDE_CTYPES,
-    build_fake_driver,
     fake_env,
     run_expecting_hang,
     run_with_fake,
@@ -28,10 +27,6 @@ from _fake_cuda import (
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 @pytest.mark.parametrize("delay_us", [0, 3000])

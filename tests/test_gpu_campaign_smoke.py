@@ -296,18 +296,8 @@ def test_scenarios_list_and_skip_cleanly_without_a_gpu(monkeypatch):
 
 # -- the measurement drivers against the fake driver ------------------------------------------
 
-@pytest.fixture(scope="module")
-def fake_driver(tmp_path_factory) -> Path:
-    if CXX is None:
-        pytest.skip("needs a C++ compiler to build the fake CUDA driver")
-    out = tmp_path_factory.mktemp("fake_cuda_campaign")
-    src = ROOT / "tests" / "fake_cuda" / "fake_cuda.cpp"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-o",
-                    str(out / "libcuda.so.1"), str(src)], check=True)
-    return out
 
-
-def run_fake(fake_driver: Path, body: str, **env: str) -> str:
+def run_fake(fake: Path, body: str, **env: str) -> str:
     prelude = textwrap.dedent(f'''
         import dataclasses, importlib.util, json, sys
         import numpy as np
@@ -336,7 +326,7 @@ def run_fake(fake_driver: Path, body: str, **env: str) -> str:
         p = numpy_pools(g)
         rng = np.random.default_rng(0)
     ''')
-    e = dict(os.environ, LD_LIBRARY_PATH=str(fake_driver), **env)
+    e = dict(os.environ, LD_LIBRARY_PATH=str(fake), **env)
     e.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
     r = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)
                         + "\nprint('FAKE-OK')\n"], env=e, capture_output=True, text=True,
@@ -345,8 +335,8 @@ def run_fake(fake_driver: Path, body: str, **env: str) -> str:
     return r.stdout
 
 
-def test_timing_helper_against_the_fake_driver(fake_driver):
-    run_fake(fake_driver, '''
+def test_timing_helper_against_the_fake_driver(fake):
+    run_fake(fake, '''
         from kvswitch import _core
         src = np.arange(1 << 16, dtype=np.uint8)
         dst = np.zeros_like(src)
@@ -384,8 +374,8 @@ def test_timing_helper_against_the_fake_driver(fake_driver):
     ''')
 
 
-def test_batch_mode_without_the_batch_api_is_a_clear_error(fake_driver):
-    run_fake(fake_driver, '''
+def test_batch_mode_without_the_batch_api_is_a_clear_error(fake):
+    run_fake(fake, '''
         from kvswitch import _core
         a = np.zeros(64, np.uint8)
         one = lambda x: np.array([x], np.uint64)
@@ -401,8 +391,8 @@ def test_batch_mode_without_the_batch_api_is_a_clear_error(fake_driver):
     ''', FAKE_CUDA_NO_BATCH="1")
 
 
-def test_measurement_drivers_end_to_end_on_the_fake_driver(fake_driver, tmp_path):
-    out = run_fake(fake_driver, f'''
+def test_measurement_drivers_end_to_end_on_the_fake_driver(fake, tmp_path):
+    out = run_fake(fake, f'''
         results = {{"raw_api": {{"rows": [], "seq_blocks": g.seq_blocks}},
                    "engine": {{"rows": [], "jobs": g.jobs, "seq_blocks": g.seq_blocks,
                               "rounds": 2}}, "bidirectional": {{"rows": []}},
@@ -485,7 +475,7 @@ def test_measurement_drivers_end_to_end_on_the_fake_driver(fake_driver, tmp_path
     assert "| ok |" in md
 
 
-def test_the_dry_run_runs_every_step_end_to_end_on_the_fake_driver(fake_driver, tmp_path):
+def test_the_dry_run_runs_every_step_end_to_end_on_the_fake_driver(fake, tmp_path):
     """``gpu_campaign.py --dry-run``: the whole campaign as on a GPU machine (versions line,
     tests/cuda, ceiling, pools, raw APIs, engine, migrate, both directions, call time,
     GEMMs beside swaps, pageable pool, outputs), at toy sizes, torch CPU tensors standing
@@ -495,7 +485,7 @@ def test_the_dry_run_runs_every_step_end_to_end_on_the_fake_driver(fake_driver, 
     timed is checked."""
     pytest.importorskip("torch")
     out_dir = tmp_path / "out"
-    env = dict(os.environ, LD_LIBRARY_PATH=str(fake_driver))
+    env = dict(os.environ, LD_LIBRARY_PATH=str(fake))
     env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
     try:
         r = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out_dir)],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from _fake_cuda import CXX, build_fake_driver, run_with_fake
+from _fake_cuda import CXX, run_with_fake
 from test_cuda_ordering import PRELUDE as CUDA_PRELUDE  # on_cuda(), wait_idle()
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler to build the fake")
@@ -46,10 +46,6 @@ PRELUDE = CUDA_PRELUDE + textwrap.dedent('''
         return dev, host, g
 ''')
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return build_fake_driver(tmp_path_factory.mktemp("fake_cuda"))
 
 
 def run(fake, body: str) -> None:
